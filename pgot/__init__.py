@@ -1,0 +1,62 @@
+"""pgot: Pareto-Guided Optimal Transport (PG-OT) for multi-reward alignment of text-to-image models.
+
+``import pgot`` is light: the public functions below are imported on first use, so no model
+library (diffusers, transformers, open_clip) loads until it is needed.
+
+    >>> import pgot
+    >>> mask = pgot.pareto_mask(scores)          # (..., N, M) -> (..., N)
+    >>> loss = pgot.ot_loss(source, target, epsilon=0.05, max_iter=200, tol=1e-6)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "Config": "pgot.config",
+    "ConfigError": "pgot.config",
+    "load_config": "pgot.config",
+    "save_config": "pgot.config",
+    "dominance_matrix": "pgot.pareto",
+    "pareto_mask": "pgot.pareto",
+    "dominated_by": "pgot.pareto",
+    "dominating_sets": "pgot.pareto",
+    "ot_loss": "pgot.ot_loss",
+    "pgot_offline": "pgot.objectives",
+    "pgot_online": "pgot.objectives",
+    "single_reward": "pgot.objectives",
+    "weighted_sum": "pgot.objectives",
+    "hetero_weighted_sum": "pgot.objectives",
+    "separate_constraints": "pgot.objectives",
+    "win_rate": "pgot.metrics",
+    "jdr": "pgot.metrics",
+    "jcr": "pgot.metrics",
+    "REWARDS": "pgot.rewards",
+    "build_rewards": ("pgot.rewards", "build"),
+    "score": "pgot.rewards",
+    "load_model": "pgot.model",
+    "sample": "pgot.generate",
+    "decode": "pgot.generate",
+    "load_prompts": "pgot.prompts",
+    "load_store": "pgot.frontier",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'pgot' has no attribute {name!r}")
+    module_name, attr = target if isinstance(target, tuple) else (target, name)
+    value = getattr(importlib.import_module(module_name), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

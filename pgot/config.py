@@ -1,0 +1,669 @@
+"""Typed configuration for every pgot stage.
+
+A config is a tree of dataclasses. YAML files and ``key=value`` overrides are read with
+:func:`load_config`, which coerces values by field type, rejects unknown keys with a "did you
+mean", checks ranges, and reports every problem at once in one :class:`ConfigError`.
+
+Keys equal the keyword names of the functions they feed (``ot.epsilon`` -> ``epsilon=``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "AgentConfig",
+    "Config",
+    "ConfigError",
+    "DraftConfig",
+    "EvalConfig",
+    "EvalModelConfig",
+    "ModelConfig",
+    "OTConfig",
+    "PrecomputeConfig",
+    "PromptsConfig",
+    "RewardConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config; ``problems`` lists them, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The SD3 / SD3.5 base model and its LoRA."""
+
+    path: str = ""
+    """Local diffusers folder of SD3 / SD3.5 (or a hub id where the hub is reachable). Ignored when ``tiny``."""
+    tiny: bool = False
+    """Build a small random SD3 (no weights needed) for tests and the CPU demo."""
+    tiny_seed: int = 0
+    """Seed of the tiny model's random weights."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype of the frozen model: ``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda[:i]``; accelerate picks the device in training."""
+    resolution: int = 1024
+    """Image height and width in pixels (a multiple of 16)."""
+    use_t5: bool = True
+    """Load the T5 text encoder (SD3 works without it, at some cost in prompt following)."""
+    max_sequence_length: int = 256
+    """Token length of the T5 prompt embedding."""
+    lora_rank: int = 32
+    """LoRA rank r."""
+    lora_alpha: float = 64.0
+    """LoRA alpha (scale = alpha / r)."""
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: [
+            "attn.to_q",
+            "attn.to_k",
+            "attn.to_v",
+            "attn.to_out.0",
+            "attn.add_q_proj",
+            "attn.add_k_proj",
+            "attn.add_v_proj",
+            "attn.to_add_out",
+        ]
+    )
+    """Module names of the transformer that get LoRA adapters."""
+    lora_init: Literal["gaussian", "zeros"] = "gaussian"
+    """LoRA B init: ``gaussian`` as in diffusers' SD3 examples; A is always random."""
+    lora_path: str = ""
+    """A diffusers LoRA file or folder to load before training or sampling (empty: none)."""
+    gradient_checkpointing: bool = True
+    """Recompute transformer activations in the backward pass to save memory."""
+    vae_gradient_checkpointing: bool = False
+    """Recompute VAE decoder activations in the backward pass (large images)."""
+    embedding_cache: str = ""
+    """Folder for cached prompt embeddings (empty: in memory only)."""
+
+
+@dataclass
+class DraftConfig:
+    """The sampler and how gradients flow through it (DRaFT-K, Clark et al. 2024; ReFL, Xu et al. 2023)."""
+
+    num_steps: int = 4
+    """Number of Euler steps of the flow-matching sampler (SD3.5-Large-Turbo: 4)."""
+    k: int = 1
+    """Number of final steps run with gradients (DRaFT-K); 0 means no gradient at all."""
+    guidance_scale: float = 0.0
+    """Classifier-free guidance; 0 or 1 disables it (Turbo models are trained for 0)."""
+    method: Literal["draft_k", "refl"] = "draft_k"
+    """``draft_k``: backprop through the last ``k`` steps. ``refl``: stop at a random late step and backprop through a one-step clean-latent prediction."""
+    refl_min_step: int = -1
+    """ReFL: earliest step at which to stop (default -1: ``num_steps // 2``)."""
+    shift: float = -1.0
+    """Override of the scheduler's time shift (default -1: the model's scheduler config)."""
+
+
+@dataclass
+class RewardConfig:
+    """One reward model."""
+
+    name: str = ""
+    """Registry name: clip, ict, hp, hps, pickscore, imagereward, aesthetic, colorfulness, contrast, saturation, brightness, sharpness."""
+    path: str = ""
+    """Checkpoint file or folder; ``tiny`` for a random-init tiny build; empty for analytic rewards."""
+    arch: str = ""
+    """Architecture override (e.g. ``ViT-L-14`` for clip); empty for the reward's default."""
+    strength: Literal["strong", "weak"] = "strong"
+    """Whether the reward tracks human judgement (strong) or is prone to hacking (weak); the agent may only remove weak ones unless told otherwise."""
+    weight: float = 1.0
+    """Weight w_k in weighted baselines."""
+    target: float | None = None
+    """Global target C_k of the weighted-sum baseline (eq. 1); default: the store's maximum of this reward."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype: ``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute the reward towers' activations in the backward pass."""
+    tiny_seed: int = 0
+    """Seed of the tiny random build."""
+
+
+@dataclass
+class OTConfig:
+    """Entropic optimal transport (log-domain Sinkhorn, POT)."""
+
+    epsilon: float = 0.05
+    """Entropic regularisation, in the units of the (normalised) squared reward distances."""
+    max_iter: int = 200
+    """Sinkhorn iterations at most."""
+    tol: float = 1e-6
+    """Marginal error above which a warning names ot.epsilon and ot.max_iter."""
+    normalize: Literal["none", "frontier"] = "frontier"
+    """``frontier``: divide rewards by the per-reward standard deviation stored with the frontier before the cost; ``none``: raw rewards."""
+
+
+@dataclass
+class PromptsConfig:
+    """Where prompts come from."""
+
+    path: str = "builtin:demo"
+    """A .txt (one per line), .csv, .jsonl or .parquet file; ``builtin:demo`` for the prompts shipped with pgot."""
+    column: str = "prompt"
+    """Column holding the prompt text in .csv, .jsonl and .parquet files."""
+    limit: int = 0
+    """Use only the first ``limit`` prompts (0: all)."""
+    eval_fraction: float = 0.0
+    """Fraction of prompts held out as the eval split."""
+    split_seed: int = 0
+    """Seed of the train/eval split."""
+
+
+@dataclass
+class PrecomputeConfig:
+    """The offline Pareto frontier of the base model (``pgot-precompute``)."""
+
+    store: str = "runs/frontier"
+    """Output folder of the frontier store (samples.parquet + meta.json)."""
+    samples_per_prompt: int = 50
+    """N: base-model samples per prompt (paper: 50)."""
+    batch_size: int = 8
+    """Images generated per forward pass."""
+    seed: int = 0
+    """Seed of the initial noise: sample (prompt_id, i) uses noise from (seed, prompt_id, i)."""
+    save_images: bool = False
+    """Also save every sample as a PNG in the store."""
+
+
+@dataclass
+class TrainConfig:
+    """LoRA training (``pgot-train``)."""
+
+    output_dir: str = "runs/train"
+    """Run folder: config.yaml, metrics.jsonl, checkpoints/, agent/, final/."""
+    objective: Literal["pgot", "single_reward", "weighted_sum", "hetero_weighted_sum", "separate_constraints"] = "pgot"
+    """The loss: PG-OT or one of the paper's baselines."""
+    strategy: Literal["offline", "online", "auto"] = "offline"
+    """PG-OT strategy: offline (precomputed fronts), online (gathered dominating sets), auto (offline, then the agent may switch)."""
+    active_rewards: list[str] = field(default_factory=list)
+    """Rewards that drive the loss (empty: all); the others are still scored and logged."""
+    reduction: Literal["mean", "sum"] = "mean"
+    """How per-prompt (offline) or per-sample (online) costs are combined; the paper sums online costs."""
+    prompts_per_step: int = 2
+    """P: prompts per process per optimizer micro-step."""
+    samples_per_prompt: int = 4
+    """N: samples per prompt per process."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    max_steps: int = 1000
+    """Optimizer steps."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """accelerate mixed precision."""
+    seed: int = 0
+    """Seed of prompts order and sample noise."""
+    store: str = ""
+    """Frontier store for the offline strategy and heterogeneous baselines (default: precompute.store)."""
+    precompute_if_missing: bool = False
+    """Run pgot-precompute first when the store does not exist."""
+    log_every: int = 1
+    """Steps between metrics.jsonl lines."""
+    probe_every: int = 100
+    """Steps between probes (JDR/JCR vs the step-0 model on fixed prompts and seeds); 0: off."""
+    probe_prompts: int = 8
+    """Number of probe prompts (the first ones of the prompt set)."""
+    probe_samples: int = 2
+    """Samples per probe prompt."""
+    reward_sets: dict[str, list[str]] = field(default_factory=dict)
+    """Named reward sets for probe JDR/JCR (default: all rewards as ``all``)."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (0: only the final weights)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept (older ones are deleted; agent-approved ones are kept)."""
+    resume: str = ""
+    """``latest`` or a checkpoint folder to continue from (empty: start fresh)."""
+    max_bad_steps: int = 5
+    """Consecutive steps with a NaN/inf loss or reward after which training stops."""
+    log_with: list[str] = field(default_factory=list)
+    """accelerate trackers: tensorboard, wandb."""
+    final_eval: bool = True
+    """At the end, print a JDR / JCR / win-rate table of the tuned model against the base model on the probe prompts."""
+
+
+@dataclass
+class AgentConfig:
+    """The VLM decision agent (paper section 3.3, appendix D)."""
+
+    backend: Literal["none", "openai", "scripted"] = "none"
+    """``openai``: an OpenAI-compatible chat-completions endpoint; ``scripted``: decisions from a YAML file; ``none``: off."""
+    every: int = 100
+    """Steps between decisions."""
+    act: bool = True
+    """Apply decisions (true) or only log them (false)."""
+    base_url: str = "https://api.openai.com/v1"
+    """Chat-completions endpoint root."""
+    model: str = "gpt-4o"
+    """Model name sent to the endpoint."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (the key itself never goes in a config)."""
+    timeout: float = 60.0
+    """Seconds per request."""
+    max_retries: int = 3
+    """Retries with exponential backoff after an HTTP error or timeout."""
+    cost_limit: float = 10.0
+    """Dollars per run after which the agent stops calling the endpoint (0: no limit)."""
+    price_per_1k_input: float = 0.0025
+    """Dollars per 1000 input tokens (for the cost limit)."""
+    price_per_1k_output: float = 0.01
+    """Dollars per 1000 output tokens."""
+    script: str = ""
+    """YAML file of scripted decisions keyed by step."""
+    knowledge: dict[str, str] = field(default_factory=dict)
+    """Collapse signature per reward, overriding the paper's D.1 texts."""
+    diagnostic_prompts: int = 4
+    """Number of diagnostic prompts (the first ones of the prompt set)."""
+    diagnostic_seed: int = 1234
+    """Seed of the diagnostic samples."""
+    allow_remove_strong: bool = False
+    """Let the agent remove rewards marked strong."""
+
+
+@dataclass
+class EvalModelConfig:
+    """One model to evaluate."""
+
+    name: str = ""
+    """Label used in tables and figures."""
+    lora: str = ""
+    """A diffusers LoRA file, a folder holding one, or a pgot run folder (uses final/); empty: the base model."""
+    soup: dict[str, float] = field(default_factory=dict)
+    """Reward soup: LoRA path -> weight, merged at inference (overrides ``lora``)."""
+    lora_scale: float = 1.0
+    """Scale applied to the LoRA."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (``pgot-eval``)."""
+
+    output_dir: str = "runs/eval"
+    """Evaluation folder: scores.parquet, results.md/.csv/.tex, figures/."""
+    models: list[EvalModelConfig] = field(default_factory=list)
+    """Models to compare."""
+    baseline: str = ""
+    """Name of the baseline model (default: the first one)."""
+    samples_per_prompt: int = 1
+    """Samples per prompt and model."""
+    seed: int = 0
+    """Seed of the shared initial noise."""
+    batch_size: int = 4
+    """Images per forward pass (identical for every model)."""
+    manifest: str = ""
+    """Rescore images on disk: a .csv/.jsonl/.parquet with columns model, prompt, seed, path (instead of generating)."""
+    reward_sets: dict[str, list[str]] = field(
+        default_factory=lambda: {"JDR2": ["ict", "hp"], "JDR4": ["ict", "hp", "clip", "hps"]}
+    )
+    """Named reward sets for JDR and JCR (sets naming unconfigured rewards are an error)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples (over prompts) for confidence intervals (0: none)."""
+    confidence: float = 0.95
+    """Confidence level of the intervals."""
+    scatter_rewards: list[str] = field(default_factory=list)
+    """Two rewards for the per-prompt Pareto scatter (default: the first two)."""
+    figure_prompts: int = 4
+    """Prompts shown in per-prompt figures."""
+    runs: list[str] = field(default_factory=list)
+    """Training run folders whose metrics.jsonl gives JDR/JCR curves."""
+    save_images: bool = False
+    """Save generated images under the evaluation folder."""
+    preference_data: str = ""
+    """Pairs with a human choice (parquet or manifest) for reward preference accuracy (Table 1)."""
+    study_pairs: int = 0
+    """Write a user-study page with this many randomised pairs per candidate (0: none)."""
+    votes: list[str] = field(default_factory=list)
+    """Vote files downloaded from the user-study page, to tally."""
+
+
+@dataclass
+class Config:
+    """A whole pgot configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    rewards: list[RewardConfig] = field(default_factory=list)
+    """The reward models, in the order of the reward-vector columns."""
+    ot: OTConfig = field(default_factory=OTConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def reward_names(self) -> list[str]:
+        return [r.name for r in self.rewards]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation beyond types
+# --------------------------------------------------------------------------------------------
+
+
+def _check_ranges(cfg: Config) -> list[str]:
+    p: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            p.append(msg)
+
+    m, d, t, o = cfg.model, cfg.draft, cfg.train, cfg.ot
+    need(m.tiny or bool(m.path), "model.path is empty. Set model.path to a local SD3/SD3.5 diffusers folder, or model.tiny=true for the tiny random model.")
+    need(m.resolution > 0 and m.resolution % 16 == 0, f"model.resolution must be a positive multiple of 16, got {m.resolution}.")
+    need(m.lora_rank >= 1, f"model.lora_rank must be >= 1, got {m.lora_rank}.")
+    need(m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}.")
+    need(d.num_steps >= 1, f"draft.num_steps must be >= 1, got {d.num_steps}.")
+    need(0 <= d.k <= max(d.num_steps, 0), f"draft.k must be in [0, draft.num_steps={d.num_steps}], got {d.k}. Lower draft.k or raise draft.num_steps.")
+    need(d.guidance_scale >= 0, f"draft.guidance_scale must be >= 0, got {d.guidance_scale}.")
+    need(d.refl_min_step < d.num_steps, f"draft.refl_min_step must be < draft.num_steps={d.num_steps}, got {d.refl_min_step}.")
+    need(o.epsilon > 0, f"ot.epsilon must be > 0, got {o.epsilon}.")
+    need(o.max_iter >= 1, f"ot.max_iter must be >= 1, got {o.max_iter}.")
+    need(o.tol > 0, f"ot.tol must be > 0, got {o.tol}.")
+    need(cfg.prompts.limit >= 0, f"prompts.limit must be >= 0, got {cfg.prompts.limit}.")
+    need(0.0 <= cfg.prompts.eval_fraction < 1.0, f"prompts.eval_fraction must be in [0, 1), got {cfg.prompts.eval_fraction}.")
+    need(cfg.precompute.samples_per_prompt >= 1, f"precompute.samples_per_prompt must be >= 1, got {cfg.precompute.samples_per_prompt}.")
+    need(cfg.precompute.batch_size >= 1, f"precompute.batch_size must be >= 1, got {cfg.precompute.batch_size}.")
+    need(t.prompts_per_step >= 1, f"train.prompts_per_step must be >= 1, got {t.prompts_per_step}.")
+    need(t.samples_per_prompt >= 1, f"train.samples_per_prompt must be >= 1, got {t.samples_per_prompt}.")
+    need(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}.")
+    need(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}.")
+    need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}.")
+    need(t.gradient_accumulation_steps >= 1, f"train.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}.")
+    need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}.")
+    need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}.")
+    need(t.probe_every >= 0, f"train.probe_every must be >= 0, got {t.probe_every}.")
+    need(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}.")
+    need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}.")
+    need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}.")
+    for tracker in t.log_with:
+        need(tracker in ("tensorboard", "wandb"), f"train.log_with may name tensorboard or wandb, got {tracker!r}.")
+    need(cfg.agent.every >= 1, f"agent.every must be >= 1, got {cfg.agent.every}.")
+    need(cfg.agent.timeout > 0, f"agent.timeout must be > 0, got {cfg.agent.timeout}.")
+    need(cfg.agent.max_retries >= 0, f"agent.max_retries must be >= 0, got {cfg.agent.max_retries}.")
+    need(cfg.agent.cost_limit >= 0, f"agent.cost_limit must be >= 0, got {cfg.agent.cost_limit}.")
+    if cfg.agent.backend == "scripted":
+        need(bool(cfg.agent.script), "agent.backend=scripted needs agent.script, a YAML file of decisions keyed by step.")
+    e = cfg.eval
+    need(e.samples_per_prompt >= 1, f"eval.samples_per_prompt must be >= 1, got {e.samples_per_prompt}.")
+    need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}.")
+    need(e.bootstrap >= 0, f"eval.bootstrap must be >= 0, got {e.bootstrap}.")
+    need(0 < e.confidence < 1, f"eval.confidence must be in (0, 1), got {e.confidence}.")
+
+    names = cfg.reward_names
+    for i, r in enumerate(cfg.rewards):
+        need(bool(r.name), f"rewards.{i}.name is empty. Name a reward, e.g. rewards.{i}.name=clip.")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    need(not dup, f"rewards lists {', '.join(dup)} more than once; each reward may appear once.")
+    for n in t.active_rewards:
+        need(n in names, f"train.active_rewards names {n!r}, which is not in rewards ({', '.join(names) or 'none'}).{_did_you_mean(n, names)}")
+    for set_name, members in t.reward_sets.items():
+        for n in members:
+            need(n in names, f"train.reward_sets.{set_name} names {n!r}, which is not in rewards ({', '.join(names) or 'none'}).{_did_you_mean(n, names)}")
+    model_names = [mm.name for mm in e.models]
+    if e.baseline and model_names:
+        need(e.baseline in model_names, f"eval.baseline is {e.baseline!r}, not one of eval.models ({', '.join(model_names)}).")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Coerce ``value`` to the annotated type ``tp``; on failure append a problem and return None."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            problems.append(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}.")
+            return None
+        return _build(tp, value, key, problems)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        for a in args:
+            if a is type(None):
+                continue
+            sub: list[str] = []
+            out = _coerce(value, a, key, sub)
+            if not sub:
+                return out
+        problems.append(f"{key} must be {_type_name(tp)}, got {value!r}.")
+        return None
+    if origin is Literal:
+        if value in args:
+            return value
+        if isinstance(value, str):
+            for a in args:
+                if isinstance(a, str) and a == value.strip():
+                    return a
+        problems.append(f"{key} must be {_type_name(tp)}, got {value!r}.{_did_you_mean(str(value), [str(a) for a in args])}")
+        return None
+    if origin is list:
+        (item_tp,) = args
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()] if text else []
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key} must be a list, got {value!r}.")
+            return None
+        return [_coerce(v, item_tp, f"{key}.{i}", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = args
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            problems.append(f"{key} must be a mapping, got {value!r}.")
+            return None
+        return {_coerce(k, k_tp, key, problems): _coerce(v, v_tp, f"{key}.{k}", problems) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        problems.append(f"{key} must be true or false, got {value!r}.")
+        return None
+    if tp is int:
+        if isinstance(value, bool):
+            problems.append(f"{key} must be an integer, got {value!r}.")
+            return None
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+        problems.append(f"{key} must be an integer, got {value!r}.")
+        return None
+    if tp is float:
+        if isinstance(value, bool):
+            problems.append(f"{key} must be a number, got {value!r}.")
+            return None
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{key} must be a number, got {value!r}.")
+        return None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+        problems.append(f"{key} must be a string, got {value!r}.")
+        return None
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            problems.append(f"unknown key {full!r}.{_did_you_mean(str(key), fields)}")
+            continue
+        kwargs[key] = _coerce(value, hints[key], full, problems)
+    return cls(**{k: v for k, v in kwargs.items() if v is not None or typing.get_origin(hints[k]) in (typing.Union, types.UnionType)})
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, problems: list[str]) -> None:
+    """Set ``a.b.c=value`` in nested dicts/lists; list items are addressed by index (``rewards.0.weight``)."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                problems.append(f"override {dotted}: {'.'.join(parts[: i + 1])} is not an item of the list (it has {len(node)} items).")
+                return
+            node = node[int(part)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) > len(node):
+            problems.append(f"override {dotted}: index {last} is outside the list (it has {len(node)} items).")
+            return
+        if int(last) == len(node):
+            node.append(value)
+        else:
+            node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _parse_override(text: str) -> tuple[str, Any] | None:
+    if "=" not in text:
+        return None
+    key, raw = text.split("=", 1)
+    raw = raw.strip()
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply dotted ``key=value`` overrides, coerce and validate.
+
+    Args:
+        path: YAML file; None for the defaults.
+        overrides: strings such as ``train.max_steps=10`` or ``rewards.0.weight=2``.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ConfigError: listing every problem found (missing file, bad YAML, unknown keys, wrong types,
+            out-of-range values), one per line.
+    """
+    problems: list[str] = []
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file {str(p)!r} does not exist."])
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}."])
+        data = loaded
+    for ov in overrides:
+        parsed = _parse_override(ov)
+        if parsed is None:
+            problems.append(f"override {ov!r} is not of the form key=value (e.g. train.max_steps=10).")
+            continue
+        _set_dotted(data, parsed[0], parsed[1], problems)
+    cfg = _build(Config, data, "", problems)
+    if not problems:
+        problems.extend(_check_ranges(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The config as plain dicts and lists (what :func:`save_config` writes)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML; :func:`load_config` reads it back unchanged."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
