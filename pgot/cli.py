@@ -100,5 +100,17 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     return _main("pgot-eval", eval_main.__doc__ or "", stage, argv)
 
 
+_STAGES = {"precompute": precompute_main, "train": train_main, "eval": eval_main}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pgot STAGE ...``: dispatch to one of the three commands (used by ``accelerate launch -m pgot``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in _STAGES:
+        print(f"usage: python -m pgot {{{','.join(_STAGES)}}} --config FILE [key=value ...]", file=sys.stderr)
+        return 2
+    return _STAGES[argv[0]](argv[1:])
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(train_main())
+    sys.exit(main())

@@ -140,6 +140,8 @@ class RewardConfig:
     """Recompute the reward towers' activations in the backward pass."""
     tiny_seed: int = 0
     """Seed of the tiny random build."""
+    text_cache: int = 1024
+    """Prompt text embeddings kept in memory per reward and reused across steps (0: recompute every call)."""
 
 
 @dataclass
@@ -256,8 +258,8 @@ class TrainConfig:
 class AgentConfig:
     """The VLM decision agent (paper section 3.3, appendix D)."""
 
-    backend: Literal["none", "openai", "scripted"] = "none"
-    """``openai``: an OpenAI-compatible chat-completions endpoint; ``scripted``: decisions from a YAML file; ``none``: off."""
+    backend: Literal["none", "openai", "scripted", "heuristic"] = "none"
+    """``openai``: an OpenAI-compatible chat-completions endpoint; ``scripted``: decisions from a YAML file; ``heuristic``: a probe-score z-score detector (no VLM; a weak fallback, paper D.4); ``none``: off."""
     every: int = 100
     """Steps between decisions."""
     act: bool = True
@@ -272,6 +274,16 @@ class AgentConfig:
     """Seconds per request."""
     max_retries: int = 3
     """Retries with exponential backoff after an HTTP error or timeout."""
+    retry_backoff: float = 1.0
+    """Seconds before the first retry; doubled after each one (a 429's Retry-After is honoured up to 60 s)."""
+    temperature: float = 0.0
+    """Sampling temperature sent to the endpoint."""
+    max_tokens: int = 1024
+    """Reply length limit sent to the endpoint (0: leave it to the server; raise it for thinking models)."""
+    image_size: int = 512
+    """Pixel size of each image tile in the diagnostic grids sent to the VLM."""
+    heuristic_z: float = 3.0
+    """``heuristic`` backend: remove the weak reward whose latest probe mean moved more than this many standard deviations of its earlier probe means."""
     cost_limit: float = 10.0
     """Dollars per run after which the agent stops calling the endpoint (0: no limit)."""
     price_per_1k_input: float = 0.0025
@@ -342,6 +354,8 @@ class EvalConfig:
     """Pairs with a human choice (parquet or manifest) for reward preference accuracy (Table 1)."""
     study_pairs: int = 0
     """Write a user-study page with this many randomised pairs per candidate (0: none)."""
+    study_image_size: int = 512
+    """Longest side in pixels of the images embedded in the user-study page (JPEG); 0: embed the files unchanged."""
     votes: list[str] = field(default_factory=list)
     """Vote files downloaded from the user-study page, to tally."""
 
@@ -583,9 +597,11 @@ def _set_dotted(data: dict, dotted: str, value: Any, problems: list[str]) -> Non
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                problems.append(f"override {dotted}: {'.'.join(parts[: i + 1])} is not an item of the list (it has {len(node)} items).")
+            if not part.isdigit() or int(part) > len(node):
+                problems.append(f"override {dotted}: {'.'.join(parts[: i + 1])} is not an item of the list (it has {len(node)} items; use index {len(node)} to add one).")
                 return
+            if int(part) == len(node):  # one past the end adds an item
+                node.append([] if nxt.isdigit() else {})
             node = node[int(part)]
             continue
         if part not in node or node[part] is None:
