@@ -294,6 +294,8 @@ class AgentConfig:
     """YAML file of scripted decisions keyed by step."""
     knowledge: dict[str, str] = field(default_factory=dict)
     """Collapse signature per reward, overriding the paper's D.1 texts."""
+    references: dict[str, str] = field(default_factory=dict)
+    """Reference image (PNG/JPEG path) of each reward's mild collapse, shown to the VLM next to its signature (paper D.2 (ii))."""
     diagnostic_prompts: int = 4
     """Number of diagnostic prompts (the first ones of the prompt set)."""
     diagnostic_seed: int = 1234
@@ -333,7 +335,7 @@ class EvalConfig:
     batch_size: int = 4
     """Images per forward pass (identical for every model)."""
     manifest: str = ""
-    """Rescore images on disk: a .csv/.jsonl/.parquet with columns model, prompt, seed, path (instead of generating)."""
+    """Rescore images on disk instead of generating: a .csv/.jsonl/.parquet (or a folder holding manifest.*) with columns model, prompt (or prompt_id), seed and/or sample_index, path (relative to the manifest)."""
     reward_sets: dict[str, list[str]] = field(
         default_factory=lambda: {"JDR2": ["ict", "hp"], "JDR4": ["ict", "hp", "clip", "hps"]}
     )

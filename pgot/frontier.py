@@ -1,0 +1,579 @@
+"""The precomputed Pareto-frontier store: write shards, merge them, load, look up fronts by prompt.
+
+A store is a folder::
+
+    <store>/
+      meta.json              schema version, rewards, model fingerprint, sampler settings, N, seed, stats
+      samples.parquet        one row per base-model sample (written by the merge)
+      shards/                shard-<rank>-<n>.parquet, written during precompute, removed by the merge
+      images/<prompt_id>/<sample_index>.png   (optional)
+
+``samples.parquet`` has the columns ``prompt_id`` (int64), ``prompt`` (str), ``seed`` (int64),
+``sample_index`` (int64), one float32 column per reward (named after the reward, in config order)
+and ``on_frontier`` (bool), sorted by ``(prompt_id, sample_index)``. Each prompt has exactly N rows,
+and ``on_frontier`` marks the non-dominated rows among its N (maximisation, DESIGN.md conventions).
+It is readable with ``pandas.read_parquet``.
+
+Every file is written atomically (a temporary file, then ``os.replace``), so a killed precompute
+leaves only whole shards behind and a rerun skips the prompts they complete.
+
+This is the store module, so it reads and writes files; it does not print and does not use
+accelerate (the runner, :mod:`pgot.precompute`, does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Frontier",
+    "RewardStats",
+    "StoreNotFoundError",
+    "build_rows",
+    "check_compatible",
+    "completed_prompts",
+    "load_store",
+    "merge_shards",
+    "next_shard_index",
+    "read_meta",
+    "read_rows",
+    "remove_stale_temporaries",
+    "reward_stats",
+    "write_meta",
+    "write_shard",
+]
+
+SCHEMA_VERSION = 1
+SAMPLES_FILE = "samples.parquet"
+META_FILE = "meta.json"
+SHARDS_DIR = "shards"
+IMAGES_DIR = "images"
+KEY_COLUMNS = ["prompt_id", "prompt", "seed", "sample_index"]
+_SHARD_RE = re.compile(r"^shard-(\d+)-(\d+)\.parquet$")
+
+
+class StoreNotFoundError(FileNotFoundError, ValueError):
+    """The store folder or one of its files is missing (a user error: both a FileNotFoundError and a ValueError)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Low-level writing
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _normalise_rows(df: pd.DataFrame, reward_names: Sequence[str]) -> pd.DataFrame:
+    """Fixed column order and dtypes, so that shards, merges and reruns compare equal."""
+    cols = [*KEY_COLUMNS, *reward_names, "on_frontier"]
+    missing = [c for c in cols if c not in df.columns]
+    assert not missing, f"rows lack columns {missing}"
+    out = df[cols].copy()
+    out["prompt_id"] = out["prompt_id"].astype("int64")
+    out["prompt"] = out["prompt"].astype(str)
+    out["seed"] = out["seed"].astype("int64")
+    out["sample_index"] = out["sample_index"].astype("int64")
+    for name in reward_names:
+        out[name] = out[name].astype("float32")
+    out["on_frontier"] = out["on_frontier"].astype(bool)
+    return out.reset_index(drop=True)
+
+
+def build_rows(
+    prompt_id: int,
+    prompt: str,
+    seed: int,
+    sample_indices: Sequence[int] | torch.Tensor,
+    scores: torch.Tensor,
+    on_frontier: torch.Tensor,
+    reward_names: Sequence[str],
+) -> pd.DataFrame:
+    """The store rows of one prompt.
+
+    Args:
+        prompt_id: the prompt's stable id.
+        prompt: its text.
+        seed: ``precompute.seed``.
+        sample_indices: (N,) sample indices.
+        scores: (N, M) reward vectors, columns in ``reward_names`` order.
+        on_frontier: (N,) bool, the Pareto mask of ``scores``.
+        reward_names: the M reward names.
+
+    Returns:
+        A DataFrame with N rows in the ``samples.parquet`` layout.
+    """
+    scores = scores.detach().to("cpu", torch.float32)
+    n, m = scores.shape
+    assert m == len(reward_names), f"scores have {m} columns for {len(reward_names)} rewards"
+    idx = torch.as_tensor(sample_indices).tolist()
+    data: dict[str, Any] = {
+        "prompt_id": [int(prompt_id)] * n,
+        "prompt": [prompt] * n,
+        "seed": [int(seed)] * n,
+        "sample_index": idx,
+    }
+    arr = scores.numpy()
+    for j, name in enumerate(reward_names):
+        data[name] = arr[:, j]
+    data["on_frontier"] = on_frontier.detach().to("cpu", torch.bool).numpy()
+    return _normalise_rows(pd.DataFrame(data), reward_names)
+
+
+def write_meta(store: str | Path, meta: dict) -> Path:
+    """Write ``meta.json`` atomically; returns its path."""
+    path = Path(store) / META_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path, (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode())
+    return path
+
+
+def read_meta(store: str | Path) -> dict | None:
+    """``meta.json`` of a store, or None when there is none yet."""
+    path = Path(store) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path} is not valid JSON ({exc}). The store is damaged: delete {Path(store)} and rerun pgot-precompute."
+        ) from None
+
+
+def _shard_paths(store: Path) -> list[Path]:
+    folder = store / SHARDS_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _SHARD_RE.match(p.name))
+
+
+def next_shard_index(store: str | Path, rank: int) -> int:
+    """One past the largest shard index of process ``rank`` in the store (0 when it has none)."""
+    folder = Path(store) / SHARDS_DIR
+    if not folder.is_dir():
+        return 0
+    taken = [int(m.group(2)) for p in folder.iterdir() if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) == rank]
+    return max(taken, default=-1) + 1
+
+
+def write_shard(store: str | Path, rows: pd.DataFrame, rank: int, index: int | None = None) -> Path:
+    """Write the rows of some completed prompts as a new shard of process ``rank``, atomically.
+
+    Shards are named ``shards/shard-<rank>-<index>.parquet``. Processes of one run have distinct
+    ranks, so they never collide; ``index`` defaults to :func:`next_shard_index`, so a rerun never
+    overwrites an earlier shard (a writer of many shards passes a running counter started there).
+
+    Args:
+        store: the store folder.
+        rows: complete prompts in the ``samples.parquet`` layout (see :func:`build_rows`).
+        rank: the writing process's rank.
+        index: the shard's index (default: the next free one of this rank).
+
+    Returns:
+        The shard's path.
+    """
+    folder = Path(store) / SHARDS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    index = next_shard_index(store, rank) if index is None else index
+    path = folder / f"shard-{rank:05d}-{index:06d}.parquet"
+    assert not path.exists(), f"shard {path} exists already"
+    _atomic_write_parquet(rows.reset_index(drop=True), path)
+    return path
+
+
+def remove_stale_temporaries(store: str | Path) -> int:
+    """Delete the ``.*.tmp`` files a killed writer left behind; returns how many."""
+    store = Path(store)
+    n = 0
+    for folder in (store, store / SHARDS_DIR):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and merging
+# --------------------------------------------------------------------------------------------
+
+
+def read_rows(store: str | Path) -> pd.DataFrame:
+    """Every row of a store: ``samples.parquet`` plus any shards, without duplicates.
+
+    Rows are deduplicated on ``(prompt_id, sample_index)`` (a merge killed after writing
+    ``samples.parquet`` but before removing the shards leaves both) and sorted by that key.
+
+    Returns:
+        The rows, or an empty DataFrame when the store has none.
+    """
+    store = Path(store)
+    parts = []
+    if (store / SAMPLES_FILE).is_file():
+        parts.append(pd.read_parquet(store / SAMPLES_FILE))
+    parts += [pd.read_parquet(p) for p in _shard_paths(store)]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.DataFrame(columns=[*KEY_COLUMNS, "on_frontier"])
+    df = pd.concat(parts, ignore_index=True)
+    df = df.drop_duplicates(subset=["prompt_id", "sample_index"], keep="first")
+    return df.sort_values(["prompt_id", "sample_index"], kind="stable").reset_index(drop=True)
+
+
+def completed_prompts(store: str | Path, samples_per_prompt: int) -> dict[int, str]:
+    """Prompts whose ``samples_per_prompt`` samples are all in the store (merged file or shards).
+
+    Returns:
+        prompt_id -> prompt text, for the complete prompts.
+    """
+    df = read_rows(store)
+    if not len(df):
+        return {}
+    counts = df.groupby("prompt_id")["sample_index"].nunique()
+    done = counts.index[counts >= samples_per_prompt]
+    first = df.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"]
+    return {int(pid): str(first[pid]) for pid in done}
+
+
+def reward_stats(df: pd.DataFrame, reward_names: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
+    """Per-reward statistics over all samples, ignoring NaN: mean, std (population, ddof=0), min, max, count, nan_count.
+
+    These feed the OT normalisation (``ot.normalize=frontier`` divides rewards by ``std``).
+    """
+    out: dict[str, dict[str, float | int | None]] = {}
+    for name in reward_names:
+        x = df[name].to_numpy(dtype=np.float64)
+        finite = x[~np.isnan(x)]
+        some = finite.size > 0
+        out[name] = {
+            "mean": float(finite.mean()) if some else None,
+            "std": float(finite.std(ddof=0)) if some else None,
+            "min": float(finite.min()) if some else None,
+            "max": float(finite.max()) if some else None,
+            "count": int(finite.size),
+            "nan_count": int(x.size - finite.size),
+        }
+    return out
+
+
+def merge_shards(store: str | Path, reward_names: Sequence[str], samples_per_prompt: int) -> pd.DataFrame:
+    """Merge ``samples.parquet`` and every shard into ``samples.parquet``, then remove the shards.
+
+    The merged file is written atomically before any shard is removed, so a merge killed halfway
+    loses nothing (see :func:`read_rows`).
+
+    Args:
+        store: the store folder.
+        reward_names: the reward columns, in order.
+        samples_per_prompt: N; every prompt must have exactly N rows.
+
+    Returns:
+        The merged rows, sorted by ``(prompt_id, sample_index)``.
+    """
+    store = Path(store)
+    shards = _shard_paths(store)
+    df = _normalise_rows(read_rows(store), reward_names)
+    counts = df.groupby("prompt_id")["sample_index"].nunique()
+    bad = counts[counts != samples_per_prompt]
+    assert bad.empty, f"prompts {bad.index.tolist()[:5]} have {bad.tolist()[:5]} samples, expected {samples_per_prompt}"
+    _atomic_write_parquet(df, store / SAMPLES_FILE)
+    for p in shards:
+        p.unlink(missing_ok=True)
+    folder = store / SHARDS_DIR
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    return df
+
+
+# --------------------------------------------------------------------------------------------
+# The loaded store
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardStats:
+    """Per-reward statistics over all samples of a store, each (M,) float32, columns in ``reward_names`` order.
+
+    ``std`` is safe to divide by: a reward with zero or undefined spread gets 1 (the raw values
+    are in ``Frontier.meta["stats"]``).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    min: torch.Tensor
+    max: torch.Tensor
+
+
+def _stats_from_meta(meta: dict, reward_names: Sequence[str]) -> RewardStats:
+    raw = meta.get("stats") or {}
+
+    def col(key: str, default: float) -> torch.Tensor:
+        vals = []
+        for name in reward_names:
+            v = (raw.get(name) or {}).get(key)
+            vals.append(default if v is None else float(v))
+        return torch.tensor(vals, dtype=torch.float32)
+
+    std = col("std", 1.0)
+    std = torch.where(torch.isfinite(std) & (std > 0), std, torch.ones_like(std))
+    return RewardStats(mean=col("mean", 0.0), std=std, min=col("min", math.nan), max=col("max", math.nan))
+
+
+@dataclass
+class Frontier:
+    """A loaded frontier store: every prompt's Pareto front of base-model reward vectors.
+
+    Attributes:
+        reward_names: the M reward columns, in order.
+        prompt_ids: the prompts in the store, sorted.
+        meta: the contents of ``meta.json``.
+        stats: per-reward mean, std, min, max over all samples, each (M,).
+        path: the store folder.
+        samples: every sample row (the ``samples.parquet`` table).
+        fronts: prompt_id -> (F_p, M) float32 front points, in sample order.
+        texts: prompt_id -> prompt text.
+    """
+
+    reward_names: list[str]
+    prompt_ids: list[int]
+    meta: dict
+    stats: RewardStats
+    path: Path
+    samples: pd.DataFrame = field(repr=False)
+    fronts: dict[int, torch.Tensor] = field(repr=False)
+    texts: dict[int, str] = field(repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """The model fingerprint the store was computed with."""
+        return str(self.meta.get("model", {}).get("fingerprint", ""))
+
+    def lookup(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        device: torch.device | str | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fronts of some prompts, padded to the largest front among them.
+
+        Args:
+            prompt_ids: (P,) prompt ids.
+            device: where the returned tensors live (default CPU).
+            prompts: optional (P,) prompt texts; when given, each must equal the stored text of its id
+                (catches a prompt file edited since the precompute).
+
+        Returns:
+            front: (P, F, M) float32 front points, zero where padded; F = max front size among the P prompts.
+            front_mask: (P, F) bool, True on real points.
+
+        Raises:
+            ValueError: a prompt is not in the store, or its text differs from the stored one.
+        """
+        ids = [int(i) for i in torch.as_tensor(prompt_ids).reshape(-1).tolist()]
+        missing = [pid for pid in ids if pid not in self.fronts]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(
+                f"prompt id {missing[0]}{more} is not in the frontier store {self.path}, which holds "
+                f"{len(self.prompt_ids)} prompts. Rerun pgot-precompute with the same prompts config as training "
+                "(prompts.path, prompts.limit) and precompute.store pointing there, or point train.store at a store "
+                "computed for these prompts."
+            )
+        for j, pid in enumerate(ids):
+            if prompts is not None and self.texts[pid] != prompts[j]:
+                raise ValueError(
+                    f"prompt id {pid} is {prompts[j]!r} in the prompt set but {self.texts[pid]!r} in the frontier store "
+                    f"{self.path}. The prompts file changed since the precompute: rerun pgot-precompute with a new "
+                    "precompute.store and point train.store at it."
+                )
+        m = len(self.reward_names)
+        sizes = [self.fronts[pid].shape[0] for pid in ids]
+        f = max(sizes, default=0)
+        front = torch.zeros(len(ids), f, m, dtype=torch.float32)
+        mask = torch.zeros(len(ids), f, dtype=torch.bool)
+        for j, pid in enumerate(ids):
+            front[j, : sizes[j]] = self.fronts[pid]
+            mask[j, : sizes[j]] = True
+        return front.to(device or "cpu"), mask.to(device or "cpu")
+
+    def select(self, reward_names: Sequence[str]) -> Frontier:
+        """The store seen through a subset or reordering of its rewards.
+
+        A reordering keeps every front. A strict subset recomputes each prompt's front among its N
+        samples on those rewards only (the projection of an M-reward front is not the front of
+        fewer rewards). Stats are reordered accordingly.
+
+        Args:
+            reward_names: rewards of this store, in the wanted column order.
+
+        Returns:
+            A new Frontier whose columns follow ``reward_names``.
+        """
+        unknown = [n for n in reward_names if n not in self.reward_names]
+        if unknown or not reward_names or len(set(reward_names)) != len(reward_names):
+            raise ValueError(
+                f"cannot select rewards {list(reward_names)} from the frontier store {self.path}, which has "
+                f"{self.reward_names}. Name each of the store's rewards at most once."
+            )
+        names = list(reward_names)
+        samples = self.samples.copy()
+        if set(names) != set(self.reward_names):
+            from pgot.pareto import pareto_mask
+
+            n = int(self.meta.get("precompute", {}).get("samples_per_prompt", 0)) or int(
+                samples.groupby("prompt_id").size().max()
+            )
+            scores = torch.tensor(samples[names].to_numpy(dtype=np.float32, copy=True)).reshape(-1, n, len(names))
+            samples["on_frontier"] = pareto_mask(scores).reshape(-1).numpy()
+        perm = [self.reward_names.index(n) for n in names]
+        stats = RewardStats(*(getattr(self.stats, k)[perm] for k in ("mean", "std", "min", "max")))
+        meta = dict(self.meta, reward_names=names)
+        return _frontier_from(samples, names, meta, stats, self.path)
+
+
+def _frontier_from(
+    samples: pd.DataFrame, reward_names: list[str], meta: dict, stats: RewardStats, path: Path
+) -> Frontier:
+    on = samples[samples["on_frontier"]]
+    values = torch.tensor(on[reward_names].to_numpy(dtype=np.float32, copy=True))  # (rows on a front, M)
+    pids = on["prompt_id"].to_numpy()
+    prompt_ids = sorted(int(p) for p in samples["prompt_id"].unique())
+    m = len(reward_names)
+    fronts = {pid: torch.zeros(0, m) for pid in prompt_ids}  # prompts whose rows are all NaN have F = 0
+    if len(on):
+        starts = np.flatnonzero(np.r_[True, pids[1:] != pids[:-1]])
+        ends = np.r_[starts[1:], len(pids)]
+        for s, e in zip(starts, ends, strict=True):
+            fronts[int(pids[s])] = values[s:e]
+    first = samples.drop_duplicates("prompt_id")
+    texts = {int(p): str(t) for p, t in zip(first["prompt_id"], first["prompt"], strict=True)}
+    return Frontier(
+        reward_names=list(reward_names),
+        prompt_ids=prompt_ids,
+        meta=meta,
+        stats=stats,
+        path=path,
+        samples=samples,
+        fronts=fronts,
+        texts=texts,
+    )
+
+
+def load_store(path: str | Path) -> Frontier:
+    """Load a frontier store written by ``pgot-precompute``.
+
+    Args:
+        path: the store folder (``precompute.store`` / ``train.store``).
+
+    Returns:
+        The :class:`Frontier`.
+
+    Raises:
+        StoreNotFoundError: the folder, ``meta.json`` or ``samples.parquet`` is missing.
+        ValueError: the store has another schema version, or its files disagree with each other.
+    """
+    store = Path(path)
+    how = "Run pgot-precompute with precompute.store pointing there, or set train.store to an existing store."
+    if not store.is_dir():
+        raise StoreNotFoundError(f"frontier store {store} does not exist. {how}")
+    meta = read_meta(store)
+    if meta is None:
+        raise StoreNotFoundError(
+            f"frontier store {store} has no {META_FILE}, so it is not a pgot frontier store. {how}"
+        )
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"frontier store {store} has schema version {version!r}, but this pgot reads version {SCHEMA_VERSION}. "
+            "Rerun pgot-precompute with a new precompute.store to rebuild it with this pgot."
+        )
+    if not (store / SAMPLES_FILE).is_file():
+        shards = len(_shard_paths(store))
+        raise StoreNotFoundError(
+            f"frontier store {store} has no {SAMPLES_FILE}"
+            + (f" (only {shards} unmerged shards: the precompute was interrupted)" if shards else "")
+            + ". Rerun pgot-precompute with the same config to finish it."
+        )
+    reward_names = list(meta.get("reward_names", []))
+    samples = pd.read_parquet(store / SAMPLES_FILE)
+    missing = [c for c in [*KEY_COLUMNS, *reward_names, "on_frontier"] if c not in samples.columns]
+    if missing:
+        raise ValueError(
+            f"frontier store {store}: {SAMPLES_FILE} lacks columns {missing} named by {META_FILE}. "
+            "The store is damaged: rerun pgot-precompute with a new precompute.store."
+        )
+    samples = _normalise_rows(samples, reward_names)
+    if not meta.get("stats"):
+        meta = dict(meta, stats=reward_stats(samples, reward_names))
+    if _shard_paths(store):
+        log.warning(
+            "frontier store %s has unmerged shards; rerun pgot-precompute to merge them (they are ignored here)", store
+        )
+    return _frontier_from(samples, reward_names, meta, _stats_from_meta(meta, reward_names), store)
+
+
+def check_compatible(frontier: Frontier, reward_names: Sequence[str], fingerprint: str) -> None:
+    """Refuse a store computed with other rewards or another base model.
+
+    Reward order matters: reward vectors are positional (column k is ``rewards.k``) everywhere in
+    pgot, so a store whose columns are the same rewards in another order is refused rather than
+    silently permuted. Use :meth:`Frontier.select` to reorder or subset a store deliberately.
+
+    Args:
+        frontier: a loaded store.
+        reward_names: the rewards of the config, in order (``Config.reward_names``).
+        fingerprint: the base model's fingerprint (``SD3Model.fingerprint``).
+
+    Raises:
+        ValueError: naming both sides and how to fix it.
+    """
+    store_names = list(frontier.reward_names)
+    names = list(reward_names)
+    fix = (
+        "Rerun pgot-precompute with this config and a new precompute.store, "
+        "or point train.store at a store computed for it."
+    )
+    if store_names != names:
+        if sorted(store_names) == sorted(names):
+            raise ValueError(
+                f"the frontier store {frontier.path} has rewards in the order {store_names}, but the config lists "
+                f"{names}. Reward columns are positional: list rewards in the store's order ({', '.join(store_names)}). {fix}"
+            )
+        raise ValueError(
+            f"the frontier store {frontier.path} was computed for rewards {store_names}, but the config has {names}. {fix}"
+        )
+    if frontier.fingerprint != fingerprint:
+        model_path = frontier.meta.get("model", {}).get("path", "")
+        raise ValueError(
+            f"the frontier store {frontier.path} was computed with model fingerprint {frontier.fingerprint!r}"
+            f"{f' ({model_path})' if model_path else ''}, but the configured model has fingerprint {fingerprint!r}. "
+            f"Its fronts describe another base model. {fix}"
+        )

@@ -1,0 +1,925 @@
+"""SD3 / SD3.5 base models, their LoRA adapters and cached prompt embeddings.
+
+:func:`load_model` returns an :class:`SD3Model`: the diffusers modules (MMDiT transformer, VAE, flow-match
+scheduler, CLIP-L / CLIP-G / optional T5 text encoders) plus a ``fingerprint`` that frontier stores and runs
+record. ``model.tiny=true`` builds a small random SD3 from ``model.tiny_seed`` (no weights, a fraction of a second
+per sample on CPU) for tests and the CPU demo; :func:`save_tiny` writes it as a diffusers folder that
+:func:`load_model` and ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``
+read back.
+
+LoRA goes through peft on the attention projections (``transformer.add_adapter(LoraConfig)``), trainable
+parameters in float32. :func:`save_lora` writes ``pytorch_lora_weights.safetensors`` in the diffusers format
+(keys ``transformer.<module>.lora_A.weight``, plus the peft ``LoraConfig`` as metadata so ``lora_alpha`` survives),
+which ``StableDiffusion3Pipeline.load_lora_weights`` loads unchanged. :func:`load_lora` and
+:func:`load_lora_soup` load such files as frozen adapters; a soup activates several adapters at once with
+``set_adapters(names, weights)``, which in peft adds ``sum_i w_i * (alpha_i / r_i) * B_i A_i x`` to every target
+layer: exactly the weighted sum of the LoRA deltas, without merging them into the base weights.
+
+Prompt embeddings are computed once by the pipeline's own ``encode_prompt`` (so they match diffusers exactly),
+kept in memory on the CPU and optionally on disk as ``<cache_dir>/<sha1>.safetensors``, where the sha1 covers the
+prompt, the model fingerprint and the text settings. After encoding, :func:`offload_text_encoders` frees the
+text encoders so training never holds them on the GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusion3Pipeline
+
+    from pgot.config import ModelConfig
+
+__all__ = [
+    "LORA_WEIGHT_NAME",
+    "PromptEmbeds",
+    "SD3Model",
+    "add_lora",
+    "encode_prompts",
+    "load_lora",
+    "load_lora_soup",
+    "load_model",
+    "lora_state_dict",
+    "offload_text_encoders",
+    "pipeline",
+    "resolve_device",
+    "resolve_dtype",
+    "save_lora",
+    "save_tiny",
+]
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+"""File name of a diffusers LoRA (what ``load_lora_weights`` looks for in a folder)."""
+
+TRAIN_ADAPTER = "default"
+"""Name of the trainable peft adapter that :func:`add_lora` creates."""
+
+_GET_WEIGHTS = (
+    "Get the weights with `huggingface-cli download stabilityai/stable-diffusion-3.5-large-turbo "
+    "--local-dir <folder>` (a gated model: accept the Stability Community License on its hub page and "
+    "`huggingface-cli login` first), then set model.path=<folder>; or use model.tiny=true for a small random "
+    "model that needs no weights."
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# Containers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning of SD3, one row per prompt (or per image once expanded).
+
+    Attributes:
+        prompt_embeds: (P, L, D) CLIP-L/CLIP-G penultimate states (padded to D) followed by T5 states.
+        pooled: (P, D_pool) pooled CLIP-L and CLIP-G projections, concatenated.
+        negative_prompt_embeds: (P, L, D) the same for the empty prompt (classifier-free guidance), or None.
+        negative_pooled: (P, D_pool) or None.
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def _map(self, fn: Any) -> PromptEmbeds:
+        neg = self.negative_prompt_embeds
+        negp = self.negative_pooled
+        return PromptEmbeds(
+            fn(self.prompt_embeds),
+            fn(self.pooled),
+            None if neg is None else fn(neg),
+            None if negp is None else fn(negp),
+        )
+
+    def select(self, index: torch.Tensor | list[int]) -> PromptEmbeds:
+        """Rows ``index`` (e.g. ``torch.arange(P).repeat_interleave(N)`` to give each of N samples its prompt)."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.prompt_embeds.device)
+        return self._map(lambda t: t.index_select(0, idx.to(t.device)))
+
+    def repeat_interleave(self, n: int) -> PromptEmbeds:
+        """Each prompt row repeated ``n`` times in a row: (P, ...) -> (P*n, ...), the ``B = P*N`` layout."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        """Moved / cast copy."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype))
+
+    @staticmethod
+    def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
+        """Concatenate along the row dimension (negatives kept only when every item has them)."""
+        has_neg = all(e.negative_prompt_embeds is not None for e in items)
+        return PromptEmbeds(
+            torch.cat([e.prompt_embeds for e in items]),
+            torch.cat([e.pooled for e in items]),
+            torch.cat([e.negative_prompt_embeds for e in items]) if has_neg else None,
+            torch.cat([e.negative_pooled for e in items]) if has_neg else None,
+        )
+
+
+@dataclass
+class SD3Model:
+    """An SD3 / SD3.5 model as pgot uses it (the diffusers modules, frozen, plus bookkeeping).
+
+    Attributes:
+        transformer: ``SD3Transformer2DModel`` (gets the LoRA adapters).
+        vae: ``AutoencoderKL`` with 16 latent channels.
+        scheduler: ``FlowMatchEulerDiscreteScheduler`` (only its config is used; see ``pgot.generate.sigmas``).
+        text_encoder, text_encoder_2: CLIP-L and CLIP-G ``CLIPTextModelWithProjection`` (None once offloaded).
+        text_encoder_3: T5 encoder or None (``model.use_t5=false``, tiny models, or offloaded).
+        tokenizer, tokenizer_2, tokenizer_3: the matching tokenizers.
+        fingerprint: identifies the base weights (not the LoRA); recorded in frontier stores and runs.
+        path: the folder it came from (``tiny`` for a built tiny model).
+        dtype: weights dtype of the frozen modules.
+        device: where the modules live.
+        max_sequence_length: T5 token length used by :func:`encode_prompts`.
+        resolution: default image size in pixels (``model.resolution``).
+        embed_cache: in-memory prompt-embedding cache, key -> (prompt_embeds (L, D), pooled (D_pool,)) on CPU.
+        adapter_weights: the active LoRA adapters and their weights (what ``set_adapters`` was given).
+    """
+
+    transformer: Any
+    vae: Any
+    scheduler: Any
+    text_encoder: Any = None
+    text_encoder_2: Any = None
+    text_encoder_3: Any = None
+    tokenizer: Any = None
+    tokenizer_2: Any = None
+    tokenizer_3: Any = None
+    fingerprint: str = ""
+    path: str = ""
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    max_sequence_length: int = 256
+    resolution: int = 1024
+    embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    adapter_weights: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def transformer_config(self) -> Any:
+        """The transformer's diffusers config, also when the transformer is wrapped (DDP ``.module``, ``torch.compile``)."""
+        m = self.transformer
+        while not hasattr(m, "config") and (hasattr(m, "module") or hasattr(m, "_orig_mod")):
+            m = getattr(m, "module", None) or m._orig_mod
+        return m.config
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels C of the latent (16 for SD3)."""
+        return int(self.transformer_config.in_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for SD3; 4 for the tiny model)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latent of a ``resolution`` x ``resolution`` image.
+
+        Raises:
+            ValueError: if the resolution is not a multiple of ``vae_scale_factor * patch_size``.
+        """
+        mult = self.vae_scale_factor * int(self.transformer_config.patch_size)
+        if resolution <= 0 or resolution % mult:
+            raise ValueError(
+                f"model.resolution={resolution} must be a positive multiple of {mult} (VAE scale factor "
+                f"{self.vae_scale_factor} x patch size {self.transformer_config.patch_size}) for this model. "
+                f"Use e.g. model.resolution={max(mult, round(resolution / mult) * mult)}."
+            )
+        s = resolution // self.vae_scale_factor
+        return (self.latent_channels, s, s)
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and dtypes
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/None -> CUDA when available, else CPU; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``/None -> bfloat16 on CUDA, float32 elsewhere; a name from ``model.dtype`` otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}.")
+    return _DTYPES[dtype]
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny random SD3
+# --------------------------------------------------------------------------------------------
+
+TINY_TEXT_LENGTH = 77
+"""CLIP token length of the tiny tokenizers (as the real ones; one token per character, so prompts longer than 75 characters are truncated)."""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte -> printable unicode table (what byte-level BPE vocabularies are written in)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def _tiny_tokenizer() -> Any:
+    """A CLIP tokenizer over single bytes: every byte and every byte + ``</w>`` is a token, no merges.
+
+    514 tokens; any text tokenizes (one token per character), and distinct prompts give distinct ids.
+    """
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_TEXT_LENGTH)
+
+
+def _tiny_components(seed: int) -> dict[str, Any]:
+    """Random tiny SD3 modules, deterministic in ``seed`` (float32, CPU).
+
+    Transformer: 2 MMDiT blocks of width 32 (2 heads of 16, RMS qk-norm as SD3.5), patch 2, 16 latent channels.
+    VAE: 3 blocks (scale factor 4), 16 latent channels, SD3's scaling and shift factors. Text: two 2-layer CLIP
+    encoders of width 16 with 16-d projections (joint width 32 = 16 + 16, pooled 32); no T5.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = _tiny_tokenizer()
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=32,
+            pooled_projection_dim=32,
+            out_channels=16,
+            pos_embed_max_size=32,
+            qk_norm="rms_norm",
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=4,
+            sample_size=32,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            mid_block_add_attention=False,
+        )
+        encoders = []
+        for _ in range(2):
+            te_cfg = CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=TINY_TEXT_LENGTH,
+                projection_dim=16,
+                hidden_act="gelu",
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+            encoders.append(CLIPTextModelWithProjection(te_cfg))
+    finally:
+        torch.random.set_rng_state(gen_state)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": scheduler,
+        "text_encoder": encoders[0],
+        "text_encoder_2": encoders[1],
+        "tokenizer": tokenizer,
+        "tokenizer_2": _tiny_tokenizer(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------
+
+
+def _config_json(module: Any) -> str:
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        return "null"
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    d = {
+        k: v
+        for k, v in d.items()
+        if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")
+    }
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _tiny_fingerprint(parts: dict[str, Any], seed: int) -> str:
+    h = hashlib.sha1(f"tiny:{seed}".encode())
+    for name in sorted(parts):
+        module = parts[name]
+        h.update(name.encode())
+        h.update(_config_json(module).encode())
+        if isinstance(module, torch.nn.Module):
+            for pname, p in sorted(module.state_dict().items()):
+                h.update(pname.encode())
+                h.update(p.detach().float().cpu().numpy().tobytes())
+    return "tiny-" + h.hexdigest()[:16]
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """sha1 of every small config/json file's content and every other file's relative path and size."""
+    h = hashlib.sha1()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts and ".git" not in p.parts):
+        rel = f.relative_to(folder).as_posix()
+        h.update(rel.encode())
+        if f.suffix in (".json", ".txt", ".model") and f.stat().st_size < 4_000_000:
+            h.update(f.read_bytes())
+        else:
+            h.update(str(f.stat().st_size).encode())
+    return "sd3-" + h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and saving
+# --------------------------------------------------------------------------------------------
+
+
+def _not_sd3(path: str, why: str) -> ValueError:
+    return ValueError(f"model.path={path!r} {why}, so it is not an SD3 / SD3.5 diffusers folder. {_GET_WEIGHTS}")
+
+
+def _check_folder(path: str) -> Path:
+    if not path:
+        raise ValueError(f"model.path is empty and model.tiny is false. {_GET_WEIGHTS}")
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+        if looks_like_hub_id:
+            return Path(path)  # a hub id; from_pretrained says what is wrong when the hub is unreachable
+        raise ValueError(f"model.path={path!r} does not exist. {_GET_WEIGHTS}")
+    if not folder.is_dir():
+        raise _not_sd3(path, "is a file, not a folder")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise _not_sd3(path, "has no model_index.json")
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _not_sd3(path, "has an unreadable model_index.json") from None
+    if "StableDiffusion3" not in cls:
+        raise _not_sd3(path, f"holds a {cls or 'unknown'} pipeline")
+    for sub in ("transformer", "vae", "scheduler"):
+        if not (folder / sub).is_dir():
+            raise _not_sd3(path, f"has no {sub}/ subfolder")
+    return folder
+
+
+def _finish(model: SD3Model, cfg: ModelConfig) -> SD3Model:
+    for m in (model.transformer, model.vae, model.text_encoder, model.text_encoder_2, model.text_encoder_3):
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+    if cfg.vae_gradient_checkpointing:
+        model.vae.enable_gradient_checkpointing()
+    if cfg.lora_path:
+        load_lora(model, cfg.lora_path)
+    return model
+
+
+def load_model(
+    cfg: ModelConfig, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> SD3Model:
+    """Load SD3 / SD3.5 from a diffusers folder (``model.path``) or build the tiny random model (``model.tiny``).
+
+    Every module is frozen and in eval mode. The transformer's gradient checkpointing is switched on by
+    :func:`add_lora` (``model.gradient_checkpointing``); in diffusers it acts whenever gradients are enabled,
+    whatever the train/eval mode.
+
+    Args:
+        cfg: the ``model`` section.
+        device: overrides ``model.device``.
+        dtype: overrides ``model.dtype``.
+
+    Returns:
+        The :class:`SD3Model`; ``cfg.lora_path``, when set, is loaded as a frozen adapter.
+
+    Raises:
+        ValueError: a missing folder or one that is not an SD3 model (the message says how to get the weights).
+    """
+    dev = resolve_device(device if device is not None else cfg.device)
+    dt = resolve_dtype(dtype if dtype is not None else cfg.dtype, dev)
+    if cfg.tiny:
+        parts = _tiny_components(cfg.tiny_seed)
+        fp = _tiny_fingerprint(parts, cfg.tiny_seed)
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+            parts[name] = parts[name].to(dev) if dt == torch.float32 else parts[name].to(device=dev, dtype=dt)
+        model = SD3Model(
+            **parts,
+            fingerprint=fp,
+            path="tiny",
+            dtype=dt,
+            device=dev,
+            max_sequence_length=cfg.max_sequence_length,
+            resolution=cfg.resolution,
+        )
+        return _finish(model, cfg)
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = _check_folder(cfg.path)
+    src = str(folder)
+    fp = _folder_fingerprint(folder) if folder.is_dir() else "hub-" + hashlib.sha1(src.encode()).hexdigest()[:16]
+    logger.info("loading SD3 from %s (%s, %s)", src, dev, dt)
+    kw = {"torch_dtype": dt}
+    if not folder.is_dir():  # a hub id: fail early, with the how-to, when the hub is unreachable or the id wrong
+        try:
+            from huggingface_hub import hf_hub_download
+
+            hf_hub_download(src, "model_index.json")
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"model.path={cfg.path!r} is not a local folder and could not be fetched from the hub ({first}). "
+                f"{_GET_WEIGHTS}"
+            ) from None
+    transformer = SD3Transformer2DModel.from_pretrained(src, subfolder="transformer", **kw)
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
+    te = CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder", **kw)
+    te2 = CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **kw)
+    tok = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
+    tok2 = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2")
+    te3 = tok3 = None
+    has_t5 = not folder.is_dir() or (folder / "text_encoder_3").is_dir()
+    if cfg.use_t5 and has_t5:
+        from transformers import T5EncoderModel, T5TokenizerFast
+
+        te3 = T5EncoderModel.from_pretrained(src, subfolder="text_encoder_3", **kw)
+        tok3 = T5TokenizerFast.from_pretrained(src, subfolder="tokenizer_3")
+    elif cfg.use_t5:
+        logger.warning("model.use_t5=true but %s has no text_encoder_3/; encoding prompts without T5", src)
+    model = SD3Model(
+        transformer=transformer.to(dev),
+        vae=vae.to(dev),
+        scheduler=scheduler,
+        text_encoder=te.to(dev),
+        text_encoder_2=te2.to(dev),
+        text_encoder_3=None if te3 is None else te3.to(dev),
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        tokenizer_3=tok3,
+        fingerprint=fp,
+        path=src,
+        dtype=dt,
+        device=dev,
+        max_sequence_length=cfg.max_sequence_length,
+        resolution=cfg.resolution,
+    )
+    return _finish(model, cfg)
+
+
+def pipeline(model: SD3Model) -> StableDiffusion3Pipeline:
+    """A ``StableDiffusion3Pipeline`` sharing the model's modules (oracle for tests, ``encode_prompt``).
+
+    The text encoders must still be loaded for ``encode_prompt``; sampling from precomputed embeddings works
+    without them.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=model.transformer,
+        scheduler=model.scheduler,
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        text_encoder_2=model.text_encoder_2,
+        tokenizer_2=model.tokenizer_2,
+        text_encoder_3=model.text_encoder_3,
+        tokenizer_3=model.tokenizer_3,
+    )
+
+
+def save_tiny(model: SD3Model, folder: str | Path) -> Path:
+    """Write the model (without LoRA adapters) as a diffusers folder that :func:`load_model` reads.
+
+    The tiny model has no T5, so diffusers loads the folder as it loads any SD3 folder without T5:
+    ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``.
+
+    Args:
+        model: normally a tiny model (any model works, but a real one is large).
+        folder: destination; created if needed.
+
+    Returns:
+        The folder.
+    """
+    if model.text_encoder is None or model.text_encoder_2 is None:
+        raise ValueError("save_tiny needs the text encoders; call it before offload_text_encoders(model).")
+    if getattr(model.transformer, "peft_config", None):
+        raise ValueError(
+            "save_tiny writes the base model only; save it before add_lora / load_lora (use save_lora for adapters)."
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = pipeline(model)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # diffusers leaves absent components (no T5) out of model_index.json; [null, null] entries record them
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
+        if getattr(pipe, name, None) is None:
+            index.setdefault(name, [None, None])
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def _embed_key(model: SD3Model, prompt: str) -> str:
+    text = json.dumps(
+        [
+            prompt,
+            model.fingerprint,
+            model.max_sequence_length,
+            model.text_encoder_3 is not None or model.tokenizer_3 is not None,
+        ],
+        ensure_ascii=False,
+    )
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _encode_uncached(model: SD3Model, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    if model.text_encoder is None or model.text_encoder_2 is None:
+        raise ValueError(
+            f"{len(prompts)} prompt(s) (e.g. {prompts[0]!r}) have no cached embedding and the text encoders were "
+            "offloaded. Encode every prompt with encode_prompts before offload_text_encoders(model), or point "
+            "model.embedding_cache at a folder that holds them."
+        )
+    pipe = pipeline(model)
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=model.text_encoder.device,  # the CPU after offload_text_encoders(keep_on_cpu=True)
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=model.max_sequence_length,
+        )
+    return pe, pooled
+
+
+def encode_prompts(
+    model: SD3Model,
+    prompts: list[str],
+    cache_dir: str | Path | None = None,
+    *,
+    negative: bool = True,
+    batch_size: int = 16,
+) -> PromptEmbeds:
+    """Text embeddings of ``prompts``, each computed once (memory cache, then the disk cache, then the encoders).
+
+    The embeddings are those of ``StableDiffusion3Pipeline.encode_prompt`` (CLIP-L and CLIP-G penultimate
+    states padded to the joint width, T5 states or zeros without T5). The disk cache holds
+    ``<cache_dir>/<sha1(prompt, fingerprint, text settings)>.safetensors`` with tensors ``prompt_embeds`` (L, D)
+    and ``pooled`` (D_pool,).
+
+    Args:
+        model: the model; its text encoders are needed only for prompts not cached yet.
+        prompts: P prompt texts.
+        cache_dir: optional folder for the disk cache.
+        negative: also return the empty prompt's embeddings expanded to P rows (for guidance).
+        batch_size: prompts per text-encoder call.
+
+    Returns:
+        :class:`PromptEmbeds` with (P, L, D) and (P, D_pool) tensors on ``model.device`` in ``model.dtype``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    texts = list(prompts) + ([""] if negative else [])
+    keys = [_embed_key(model, p) for p in texts]
+    folder = Path(cache_dir) if cache_dir else None
+    missing: dict[str, str] = {}
+    for text, key in zip(texts, keys, strict=True):
+        if key in model.embed_cache or key in missing:
+            continue
+        f = folder / f"{key}.safetensors" if folder else None
+        if f is not None and f.is_file():
+            t = load_file(str(f))
+            model.embed_cache[key] = (t["prompt_embeds"], t["pooled"])
+        else:
+            missing[key] = text
+    if missing:
+        items = list(missing.items())
+        logger.debug("encoding %d prompt(s)", len(items))
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        for s in range(0, len(items), batch_size):
+            chunk = items[s : s + batch_size]
+            pe, pooled = _encode_uncached(model, [t for _, t in chunk])
+            for j, (key, _) in enumerate(chunk):
+                row = (pe[j].detach().cpu().clone(), pooled[j].detach().cpu().clone())
+                model.embed_cache[key] = row
+                if folder is not None:
+                    save_file(
+                        {"prompt_embeds": row[0].contiguous(), "pooled": row[1].contiguous()},
+                        str(folder / f"{key}.safetensors"),
+                    )
+    rows = [model.embed_cache[k] for k in keys[: len(prompts)]]
+    pe = torch.stack([r[0] for r in rows]).to(model.device, model.dtype)
+    pooled = torch.stack([r[1] for r in rows]).to(model.device, model.dtype)
+    neg = negp = None
+    if negative:
+        ne, np_ = model.embed_cache[keys[-1]]
+        neg = ne.to(model.device, model.dtype).unsqueeze(0).expand(len(prompts), -1, -1)
+        negp = np_.to(model.device, model.dtype).unsqueeze(0).expand(len(prompts), -1)
+    return PromptEmbeds(pe, pooled, neg, negp)
+
+
+def offload_text_encoders(model: SD3Model, keep_on_cpu: bool = False) -> None:
+    """Free the text encoders (or move them to the CPU) once every prompt is encoded; cached prompts still work."""
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        m = getattr(model, name)
+        if m is None:
+            continue
+        setattr(model, name, m.to("cpu") if keep_on_cpu else None)
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------
+
+
+def add_lora(model: SD3Model, cfg: ModelConfig, init_from: str | Path | None = None) -> list[torch.nn.Parameter]:
+    """Add the trainable LoRA adapter (``default``) to the transformer's attention projections.
+
+    ``LoraConfig(r=model.lora_rank, lora_alpha=model.lora_alpha, target_modules=model.lora_target_modules,
+    init_lora_weights=model.lora_init)``; B starts at zero with ``gaussian`` init too (peft's gaussian init
+    draws A only), so the tuned model starts as the base model. Trainable parameters are cast to float32;
+    gradient checkpointing is switched on when ``model.gradient_checkpointing`` (and the transformer put in
+    train mode, which changes no output since SD3 has no dropout).
+
+    Args:
+        model: the model (modified in place).
+        cfg: the ``model`` section.
+        init_from: a diffusers LoRA file or folder whose weights initialise the adapter (resume).
+
+    Returns:
+        The trainable LoRA parameters (float32).
+    """
+    from peft import LoraConfig
+
+    if TRAIN_ADAPTER in (getattr(model.transformer, "peft_config", None) or {}):
+        raise ValueError("the model already has a trainable LoRA adapter; call add_lora once per model.")
+    lcfg = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        init_lora_weights="gaussian" if cfg.lora_init == "gaussian" else True,
+        target_modules=list(cfg.lora_target_modules),
+    )
+    try:
+        model.transformer.add_adapter(lcfg, adapter_name=TRAIN_ADAPTER)
+    except ValueError as exc:
+        raise ValueError(
+            f"model.lora_target_modules={cfg.lora_target_modules} does not match the transformer's modules ({exc}). "
+            "Use names such as attn.to_q, attn.to_k, attn.to_v, attn.to_out.0, attn.add_q_proj."
+        ) from None
+    active = [TRAIN_ADAPTER] + [a for a in _adapter_names(model) if a != TRAIN_ADAPTER and a in _active(model)]
+    _set_active(model, active, [1.0] + [_adapter_weight(model, a) for a in active[1:]])
+    if init_from is not None:
+        from peft.utils import set_peft_model_state_dict
+
+        sd = _read_lora(init_from)
+        res = set_peft_model_state_dict(model.transformer, sd, adapter_name=TRAIN_ADAPTER)
+        unexpected = getattr(res, "unexpected_keys", None) or []
+        if unexpected:
+            raise ValueError(
+                f"LoRA {str(init_from)!r} has weights for modules this adapter lacks, e.g. {unexpected[0]!r}; check model.lora_target_modules and model.lora_rank."
+            )
+    params = []
+    for name, p in model.transformer.named_parameters():
+        if "lora_" in name and f".{TRAIN_ADAPTER}." in name + ".":
+            p.requires_grad_(True)
+            p.data = p.data.float()
+            params.append(p)
+        else:
+            p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+        # diffusers 0.42 checkpoints whenever gradients are on; some versions (and peft wrappers) also require
+        # training mode. SD3 has no dropout (p=0 everywhere), so train mode changes no output.
+        model.transformer.train()
+    return params
+
+
+def _adapter_names(model: SD3Model) -> list[str]:
+    return list((getattr(model.transformer, "peft_config", None) or {}).keys())
+
+
+def _active(model: SD3Model) -> list[str]:
+    if not _adapter_names(model):
+        return []
+    return list(model.transformer.active_adapters())
+
+
+def _adapter_weight(model: SD3Model, name: str) -> float:
+    return float(model.adapter_weights.get(name, 1.0))
+
+
+def lora_state_dict(model: SD3Model, adapter_name: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
+    """The adapter's weights in peft naming (``transformer_blocks.0.attn.to_q.lora_A.weight``), detached."""
+    from peft.utils import get_peft_model_state_dict
+
+    if adapter_name not in _adapter_names(model):
+        raise ValueError(
+            f"the model has no LoRA adapter {adapter_name!r} (it has: {', '.join(_adapter_names(model)) or 'none'}); call add_lora first."
+        )
+    sd = get_peft_model_state_dict(model.transformer, adapter_name=adapter_name)
+    return {k: v.detach() for k, v in sd.items()}
+
+
+def save_lora(
+    model: SD3Model, folder: str | Path, adapter_name: str = TRAIN_ADAPTER, dtype: torch.dtype | None = None
+) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` in the diffusers SD3 LoRA format.
+
+    Keys are ``transformer.<module>.lora_A.weight`` / ``lora_B.weight``; the peft ``LoraConfig`` is stored as
+    safetensors metadata (so ``lora_alpha`` and the target modules survive). ``StableDiffusion3Pipeline
+    .load_lora_weights(folder)`` and :func:`load_lora` read it.
+
+    Args:
+        model: a model with the adapter.
+        folder: destination folder (created).
+        adapter_name: which adapter (default: the trainable one).
+        dtype: cast the weights (default: as stored, float32 for the trainable adapter).
+
+    Returns:
+        The path of the written file.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    sd = lora_state_dict(model, adapter_name)
+    sd = {k: (v.to(dtype) if dtype is not None else v).contiguous().cpu() for k, v in sd.items()}
+    meta = model.transformer.peft_config[adapter_name].to_dict()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusion3Pipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=sd,
+        transformer_lora_adapter_metadata=meta,
+        weight_name=LORA_WEIGHT_NAME,
+    )
+    return folder / LORA_WEIGHT_NAME
+
+
+def _lora_file(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / LORA_WEIGHT_NAME, p / "final" / LORA_WEIGHT_NAME):
+            if cand.is_file():
+                return cand
+        raise ValueError(
+            f"LoRA folder {str(p)!r} has no {LORA_WEIGHT_NAME} (nor final/{LORA_WEIGHT_NAME}). Point at a diffusers LoRA "
+            "file, a folder holding one, or a pgot run folder."
+        )
+    if not p.is_file():
+        raise ValueError(f"LoRA {str(p)!r} does not exist. Check model.lora_path / eval.models.*.lora / soup paths.")
+    return p
+
+
+def _read_lora(path: str | Path) -> dict[str, torch.Tensor]:
+    """A diffusers SD3 LoRA file as a peft state dict of the transformer (``transformer.`` prefix removed)."""
+    from safetensors.torch import load_file
+
+    f = _lora_file(path)
+    sd = load_file(str(f))
+    out = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
+    if not out:
+        raise ValueError(
+            f"LoRA {str(f)!r} holds no transformer weights (keys start with {next(iter(sd), 'nothing')!r}); pgot loads SD3 transformer LoRAs only."
+        )
+    return out
+
+
+def _load_adapter(model: SD3Model, path: str | Path, name: str) -> None:
+    if name in _adapter_names(model):
+        raise ValueError(f"a LoRA adapter named {name!r} is already loaded; pass another adapter_name.")
+    f = _lora_file(path)
+    trainable = _trainable_state(model)
+    from diffusers import StableDiffusion3Pipeline
+
+    # read through the pipeline's loader, as load_lora_weights does: it returns the LoraConfig metadata
+    # (lora_alpha, targets) that load_lora_adapter(path) alone would ignore (alpha would default to r)
+    sd, metadata = StableDiffusion3Pipeline.lora_state_dict(str(f), return_lora_metadata=True)
+    model.transformer.load_lora_adapter(sd, prefix="transformer", adapter_name=name, metadata=metadata)
+    _restore_trainable(model, trainable)
+
+
+def _trainable_state(model: SD3Model) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.transformer.named_parameters()}
+
+
+def _restore_trainable(model: SD3Model, before: dict[str, bool]) -> None:
+    """peft marks loaded / activated adapters trainable: keep only what was trainable before (the add_lora adapter)."""
+    for n, p in model.transformer.named_parameters():
+        p.requires_grad_(before.get(n, False))
+
+
+def _set_active(model: SD3Model, names: list[str], weights: list[float]) -> None:
+    trainable = _trainable_state(model)
+    model.transformer.set_adapters(names, weights)
+    _restore_trainable(model, trainable)
+    model.adapter_weights = dict(zip(names, weights, strict=True))
+
+
+def load_lora(model: SD3Model, path: str | Path, scale: float = 1.0, adapter_name: str = "pgot_lora") -> str:
+    """Load a diffusers LoRA (file, folder, or pgot run folder) as a frozen adapter and activate it with ``scale``.
+
+    Other loaded adapters are deactivated (the trainable ``default`` adapter, when present, stays active).
+
+    Returns:
+        The adapter name.
+    """
+    _load_adapter(model, path, adapter_name)
+    names, weights = [adapter_name], [float(scale)]
+    if TRAIN_ADAPTER in _adapter_names(model):
+        names, weights = [TRAIN_ADAPTER, *names], [1.0, *weights]
+    _set_active(model, names, weights)
+    return adapter_name
+
+
+def load_lora_soup(model: SD3Model, loras: dict[str, float], prefix: str = "soup") -> list[str]:
+    """Reward soup: load several LoRAs and activate them together with weights.
+
+    peft sums active adapters, so every target layer computes ``W x + sum_i w_i (alpha_i / r_i) B_i A_i x``:
+    the weighted sum of the LoRA deltas (weights need not sum to one). Adapters may differ in rank.
+
+    Args:
+        model: the model.
+        loras: LoRA path -> weight.
+        prefix: adapter names are ``<prefix>_<i>``.
+
+    Returns:
+        The adapter names, in the order of ``loras``.
+    """
+    if not loras:
+        raise ValueError("eval.models.*.soup is empty; give at least one LoRA path: weight.")
+    names = []
+    for i, path in enumerate(loras):
+        name = f"{prefix}_{i}"
+        _load_adapter(model, path, name)
+        names.append(name)
+    _set_active(model, names, [float(w) for w in loras.values()])
+    return names

@@ -1,0 +1,317 @@
+"""``pgot-precompute``: the offline Pareto frontier of every prompt under the base model.
+
+For each prompt: N = ``precompute.samples_per_prompt`` samples of the base model (no LoRA training, no
+gradient), with the noise of sample i drawn from ``(precompute.seed, prompt_id, i)`` only; their reward
+vectors; the prompt's Pareto front among its N samples. Everything goes to a frontier store
+(:mod:`pgot.frontier`) that ``pgot-train`` reads for the offline strategy and the per-prompt baselines.
+
+Single process::
+
+    pgot-precompute --config configs/precompute_debug.yaml
+
+Several processes (GPUs, or CPU processes with gloo)::
+
+    accelerate launch --multi_gpu --num_processes 2 -m pgot precompute --config configs/precompute_debug.yaml
+
+Prompts are dealt round-robin to the processes. Each process generates ``precompute.batch_size``
+images per pass from a flat list of (prompt, sample) work items and writes a prompt's rows to its own
+shard only once all N samples of that prompt are scored, so a killed run loses at most the prompts in
+flight: a rerun with the same config skips complete prompts and produces the same ``samples.parquet``.
+The main process merges the shards and computes the per-reward statistics at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from pgot import frontier as store_io
+from pgot.config import Config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run", "store_meta"]
+
+# RewardConfig fields that change a reward's scores (weight, target and strength only matter in training)
+_REWARD_SCORE_KEYS = ("name", "path", "arch", "dtype", "tiny_seed")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def store_meta(cfg: Config, fingerprint: str, model_path: str, dtype: str, sigmas: list[float]) -> dict[str, Any]:
+    """The ``meta.json`` of a store built from ``cfg`` (stats and counts are filled in by the merge).
+
+    Args:
+        cfg: the config.
+        fingerprint: ``SD3Model.fingerprint``.
+        model_path: ``SD3Model.path``.
+        dtype: the model's weights dtype, e.g. ``float32``.
+        sigmas: (T+1,) the sampler's sigma schedule.
+    """
+    import pgot
+
+    return {
+        "schema_version": store_io.SCHEMA_VERSION,
+        "pgot_version": pgot.__version__,
+        "created": _now(),
+        "completed": None,
+        "reward_names": list(cfg.reward_names),
+        "rewards": [dataclasses.asdict(r) for r in cfg.rewards],
+        "model": {
+            "path": model_path,
+            "fingerprint": fingerprint,
+            "tiny": cfg.model.tiny,
+            "dtype": dtype,
+            "use_t5": cfg.model.use_t5,
+            "max_sequence_length": cfg.model.max_sequence_length,
+            "lora_path": cfg.model.lora_path,
+        },
+        "sampler": {
+            "num_steps": cfg.draft.num_steps,
+            "guidance_scale": cfg.draft.guidance_scale,
+            "resolution": cfg.model.resolution,
+            "shift": None if cfg.draft.shift < 0 else cfg.draft.shift,
+            "sigmas": [float(s) for s in sigmas],
+        },
+        "precompute": {"samples_per_prompt": cfg.precompute.samples_per_prompt, "seed": cfg.precompute.seed},
+        "prompts": {"path": cfg.prompts.path, "column": cfg.prompts.column, "limit": cfg.prompts.limit},
+        "num_prompts": None,
+        "num_samples": None,
+        "front_size": None,
+        "stats": None,
+    }
+
+
+def _identity(meta: dict) -> dict[str, Any]:
+    """The parts of a store's meta that its samples depend on (what a resumed run must match)."""
+    return {
+        "rewards": [{k: r.get(k) for k in _REWARD_SCORE_KEYS} for r in meta.get("rewards", [])],
+        "model.fingerprint": meta.get("model", {}).get("fingerprint"),
+        "model.dtype": meta.get("model", {}).get("dtype"),
+        "model.use_t5": meta.get("model", {}).get("use_t5"),
+        "model.max_sequence_length": meta.get("model", {}).get("max_sequence_length"),
+        "model.lora_path": meta.get("model", {}).get("lora_path"),
+        **{f"sampler.{k}": v for k, v in meta.get("sampler", {}).items()},
+        "precompute.samples_per_prompt": meta.get("precompute", {}).get("samples_per_prompt"),
+        "precompute.seed": meta.get("precompute", {}).get("seed"),
+    }
+
+
+def _check_resume(existing: dict, meta: dict, store: Path) -> None:
+    """Refuse to add samples to a store built with other rewards, model, sampler, N or seed."""
+    if existing.get("schema_version") != store_io.SCHEMA_VERSION:
+        raise ValueError(
+            f"precompute.store={store} holds a frontier store of schema version {existing.get('schema_version')!r}; "
+            f"this pgot writes version {store_io.SCHEMA_VERSION}. Set precompute.store to a new folder or delete {store}."
+        )
+    old, new = _identity(existing), _identity(meta)
+    diffs = [f"{k}: store has {old.get(k)!r}, config gives {new[k]!r}" for k in new if old.get(k) != new[k]]
+    if diffs:
+        raise ValueError(
+            f"precompute.store={store} was built with other settings, so its samples cannot be resumed or extended "
+            f"({'; '.join(diffs)}). Set precompute.store to a new folder, or delete {store} to rebuild it."
+        )
+
+
+def _check_prompt_texts(done: dict[int, str], ids: list[int], prompts: list[str], store: Path) -> None:
+    for pid, text in zip(ids, prompts, strict=True):
+        if pid in done and done[pid] != text:
+            raise ValueError(
+                f"prompt id {pid} is {text!r} in prompts.path but {done[pid]!r} in precompute.store={store}: the prompt "
+                f"set changed since that store was built. Set precompute.store to a new folder or delete {store}."
+            )
+
+
+def _save_images(store: Path, images: torch.Tensor, prompt_ids: list[int], sample_indices: list[int]) -> None:
+    from PIL import Image
+
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for a, pid, i in zip(arr, prompt_ids, sample_indices, strict=True):
+        folder = store / store_io.IMAGES_DIR / str(pid)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(folder / f"{i}.png")
+
+
+def run(cfg: Config) -> Path:
+    """Precompute the per-prompt Pareto frontiers of the base model into ``precompute.store``.
+
+    Works on one process or under ``accelerate launch`` (prompts dealt round-robin to processes; the
+    main process merges the shards after all are done). Resumable: complete prompts already in the
+    store are skipped.
+
+    Args:
+        cfg: the config (sections model, draft, rewards, prompts, precompute).
+
+    Returns:
+        The store folder.
+
+    Raises:
+        ValueError: no rewards configured, or the store was built with other settings or prompts.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from pgot.generate import sigmas
+    from pgot.model import load_model
+    from pgot.prompts import load_prompts
+    from pgot.rewards import build
+
+    if not cfg.rewards:
+        raise ValueError("rewards is empty; list at least one reward, e.g. rewards: [{name: colorfulness}].")
+    pc = cfg.precompute
+    store = Path(pc.store)
+    n = pc.samples_per_prompt
+    cpu = not torch.cuda.is_available() or cfg.model.device == "cpu"
+    owns_state = not AcceleratorState._shared_state  # nobody in this process has set accelerate up yet
+    accelerator = Accelerator(cpu=cpu)  # gloo on CPU, NCCL on GPUs
+    try:
+        rank, world = accelerator.process_index, accelerator.num_processes
+        prompt_set = load_prompts(cfg.prompts)
+        ids, texts = [int(i) for i in prompt_set.ids], list(prompt_set.prompts)
+        if len(set(ids)) != len(ids):
+            raise ValueError(
+                f"prompts.path={cfg.prompts.path} yields duplicate prompt ids; each prompt must appear once."
+            )
+
+        model = load_model(cfg.model, device=accelerator.device)
+        shift = None if cfg.draft.shift < 0 else cfg.draft.shift
+        sig = sigmas(model, cfg.draft.num_steps, shift=shift, resolution=cfg.model.resolution)
+        dtype = str(model.dtype).removeprefix("torch.")
+        meta = store_meta(cfg, model.fingerprint, model.path, dtype, sig.tolist())
+        existing = store_io.read_meta(store)
+        done = store_io.completed_prompts(store, n)  # every process reads the same files before anyone writes
+        if existing is not None:
+            _check_resume(existing, meta, store)
+            meta["created"] = existing.get("created", meta["created"])
+        elif done:
+            raise ValueError(
+                f"precompute.store={store} holds samples but no {store_io.META_FILE}, so their settings are unknown. "
+                f"Set precompute.store to a new folder, or delete {store} to rebuild it."
+            )
+        _check_prompt_texts(done, ids, texts, store)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            store_io.remove_stale_temporaries(store)
+            if existing is None:  # an existing meta stays as it is (it describes samples.parquet) until the merge
+                store_io.write_meta(store, meta)
+        accelerator.wait_for_everyone()  # meta.json exists before any shard
+
+        pending = [j for j, pid in enumerate(ids) if pid not in done]
+        mine = pending[rank::world]
+        if accelerator.is_main_process:
+            log.info(
+                "precompute: %d prompts, %d already in %s, %d to do on %d process(es); N=%d, %d images",
+                len(ids), len(ids) - len(pending), store, len(pending), world, n, len(pending) * n,
+            )  # fmt: skip
+        rewards = build(cfg.rewards, device=accelerator.device)
+        _generate_shards(cfg, model, rewards, ids, texts, mine, rank, accelerator.is_main_process)
+
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _merge(store, cfg, meta)
+        accelerator.wait_for_everyone()
+    finally:
+        accelerator.end_training()  # destroys the process group; without it gloo processes abort at exit
+        if owns_state:  # leave no accelerate state behind for a later Accelerator in this process (train, tests)
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return store
+
+
+def _generate_shards(
+    cfg: Config,
+    model: Any,
+    rewards: list,
+    ids: list[int],
+    texts: list[str],
+    mine: list[int],
+    rank: int,
+    is_main: bool,
+) -> None:
+    """Generate and score this process's prompts; write each batch's completed prompts as one shard."""
+    from pgot.generate import generate
+    from pgot.pareto import pareto_mask
+    from pgot.rewards import score
+
+    pc = cfg.precompute
+    store, n, names = Path(pc.store), pc.samples_per_prompt, cfg.reward_names
+    items = [(j, i) for j in mine for i in range(n)]  # flat (prompt index, sample index) work list
+    partial: dict[int, dict[int, torch.Tensor]] = {}  # prompt index -> sample index -> (M,) scores
+    shard_index = store_io.next_shard_index(store, rank)
+    bar = tqdm(total=len(items), unit="img", desc="precompute", disable=not is_main, dynamic_ncols=True)
+    start, nan_rows = time.perf_counter(), 0
+    for s in range(0, len(items), pc.batch_size):
+        batch = items[s : s + pc.batch_size]
+        pj = [j for j, _ in batch]
+        prompts = [texts[j] for j in pj]
+        pids = [ids[j] for j in pj]
+        idx = [i for _, i in batch]
+        with torch.no_grad():
+            images = generate(
+                model, prompts, torch.tensor(pids), torch.tensor(idx), pc.seed, cfg.draft, k=0,
+                resolution=cfg.model.resolution, cache_dir=cfg.model.embedding_cache or None,
+            )  # fmt: skip
+            # images: (b, 3, H, W) in [0, 1]
+            scores = score(rewards, images, prompts).float().cpu()  # (b, M)
+        nan_rows += int(scores.isnan().any(dim=1).sum())
+        if pc.save_images:
+            _save_images(store, images, pids, idx)
+        for (j, i), row in zip(batch, scores, strict=True):
+            partial.setdefault(j, {})[i] = row
+        rows = []
+        for j in dict.fromkeys(pj):
+            if len(partial[j]) == n:
+                got = partial.pop(j)
+                vals = torch.stack([got[i] for i in range(n)])  # (N, M)
+                rows.append(
+                    store_io.build_rows(ids[j], texts[j], pc.seed, list(range(n)), vals, pareto_mask(vals), names)
+                )
+        if rows:
+            store_io.write_shard(store, pd.concat(rows, ignore_index=True), rank, shard_index)
+            shard_index += 1
+        if len(model.embed_cache) > 1024:  # bound host memory on large prompt sets
+            model.embed_cache.clear()
+        bar.update(len(batch))
+    bar.close()
+    assert not partial, f"prompts left incomplete: {list(partial)}"
+    if nan_rows:
+        log.warning("process %d: %d samples have a NaN reward (kept in the store, never on a frontier)", rank, nan_rows)
+    elapsed = time.perf_counter() - start
+    if is_main and items:
+        log.info(
+            "process %d: %d images in %.1fs (%.2f img/s)", rank, len(items), elapsed, len(items) / max(elapsed, 1e-9)
+        )
+
+
+def _merge(store: Path, cfg: Config, meta: dict) -> None:
+    """Merge the shards, then record counts and per-reward statistics in meta.json (main process)."""
+    names, n = cfg.reward_names, cfg.precompute.samples_per_prompt
+    df = store_io.merge_shards(store, names, n)
+    sizes = df.groupby("prompt_id")["on_frontier"].sum()
+    meta = dict(meta)
+    meta.update(
+        completed=_now(),
+        num_prompts=int(df["prompt_id"].nunique()),
+        num_samples=len(df),
+        front_size={"mean": float(sizes.mean()), "min": int(sizes.min()), "max": int(sizes.max())}
+        if len(sizes)
+        else None,
+        stats=store_io.reward_stats(df, names),
+    )
+    store_io.write_meta(store, meta)
+    for name, st in meta["stats"].items():
+        if st["nan_count"]:
+            log.warning("reward %s is NaN on %d of %d samples in %s", name, st["nan_count"], len(df), store)
+    log.info(
+        "frontier store %s: %d prompts x %d samples, front size mean %.2f",
+        store, meta["num_prompts"], n, meta["front_size"]["mean"] if meta["front_size"] else 0.0,
+    )  # fmt: skip

@@ -1,0 +1,194 @@
+"""The agent inside training: configs/debug.yaml (tiny SD3, analytic rewards) through pgot.cli.train_main.
+
+A D.3-like schedule scaled to agent.every=1 (remove a weak reward and revert, remove another, switch to
+online) must show in trainer_state.json, metrics.jsonl and agent/ at the right steps, also across a
+resume; an OpenAI-compatible server (127.0.0.1) must have a well-formed decision applied, and an HTTP 500
+must leave training running with the reason logged.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pgot.cli import train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = ["colorfulness", "contrast", "sharpness"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("store") / "frontier"  # precomputed by the first run (precompute_if_missing)
+
+
+def train(out: Path, store: Path, *extra: str) -> int:
+    overrides = [
+        f"train.output_dir={out}",
+        f"train.store={store}",
+        f"precompute.store={store}",
+        "precompute.samples_per_prompt=4",
+        "prompts.limit=2",
+        "model.resolution=16",
+        "train.strategy=auto",
+        "train.probe_every=0",
+        "train.final_eval=false",
+        "rewards.0.strength=weak",  # colorfulness and contrast may be removed; sharpness is strong
+        "rewards.1.strength=weak",
+        "agent.every=1",
+        "agent.diagnostic_prompts=2",
+        "agent.image_size=32",
+        *extra,
+    ]
+    return train_main(["--config", str(ROOT / "configs" / "debug.yaml"), *overrides, "--log-level", "WARNING"])
+
+
+def last_state(out: Path) -> dict:
+    folders = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
+    return json.loads((folders[-1] / "trainer_state.json").read_text())
+
+
+def metrics(out: Path) -> list[tuple[int, str, list[str]]]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(d["step"], d["strategy"], d["active_rewards"]) for d in lines]
+
+
+def decisions(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "agent" / "decisions.jsonl").read_text().splitlines()]
+
+
+def test_scripted_schedule_with_resume(tmp_path, store):
+    script = tmp_path / "schedule.yaml"
+    script.write_text(
+        "2: {action: remove, reward: colorfulness, revert_to: 1}\n"  # D.3's step 200 (HPS, back to 100)
+        "4: {action: remove, reward: contrast}\n"  # step 600 (CLIP), back to the last approved checkpoint
+        "5: {action: switch}\n"  # step 800
+    )
+    out = tmp_path / "run"
+    args = ("agent.backend=scripted", f"agent.script={script}")
+    assert train(out, store, "train.max_steps=3", *args) == 0
+    first = last_state(out)
+    assert first["step"] == 3 and first["active_rewards"] == ["contrast", "sharpness"]
+    assert first["removed"] == [{"step": 2, "reward": "colorfulness", "reverted_to": 1}]
+    assert first["strategy"] == "offline"
+
+    assert train(out, store, "train.max_steps=6", *args) == 0  # debug.yaml has train.resume=latest
+    final = last_state(out)
+    assert final["step"] == 6 and final["active_rewards"] == ["sharpness"] and final["strategy"] == "online"
+    assert final["removed"] == [
+        {"step": 2, "reward": "colorfulness", "reverted_to": 1},
+        {"step": 4, "reward": "contrast", "reverted_to": 3},  # step 3 was the last approved checkpoint
+    ]
+    c, s = "offline", "online"
+    assert metrics(out) == [
+        (1, c, ALL),
+        (2, c, ALL),  # collapse seen at step 2: remove, back to step 1
+        (2, c, ["contrast", "sharpness"]),
+        (3, c, ["contrast", "sharpness"]),
+        (4, c, ["contrast", "sharpness"]),  # remove contrast, back to step 3
+        (4, c, ["sharpness"]),
+        (5, c, ["sharpness"]),  # switch
+        (6, s, ["sharpness"]),
+    ]
+    got = [(d["step"], d["action"], d["reward"]) for d in decisions(out)]
+    assert got == [
+        (1, "continue", None),
+        (2, "remove", "colorfulness"),
+        (2, "continue", None),  # the replayed step meets an entry that no longer applies
+        (3, "continue", None),
+        (4, "remove", "contrast"),
+        (4, "continue", None),
+        (5, "switch", None),
+        (6, "continue", None),
+    ]
+    # both decisions at the replayed step keep their images and records
+    assert json.loads((out / "agent" / "step-000002" / "decision.json").read_text())["decision"]["action"] == "remove"
+    assert (
+        "not active"
+        in json.loads((out / "agent" / "step-000002-2" / "decision.json").read_text())["decision"]["reason"]
+    )
+    assert len(list((out / "agent" / "step-000004").glob("grid-*.png"))) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# An OpenAI-compatible server
+# --------------------------------------------------------------------------------------------
+
+
+def chat(content: str) -> dict:
+    return {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 50},
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        srv.requests.append({"headers": dict(self.headers), "body": body})  # type: ignore[attr-defined]
+        queue = srv.queue  # type: ignore[attr-defined]
+        status, payload = queue.pop(0) if len(queue) > 1 else queue[0]
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_http_agent_applies_decisions_and_survives_500(tmp_path, store, monkeypatch):
+    monkeypatch.setenv("PGOT_TEST_TRAIN_KEY", "sk-train-secret-key")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.block_on_close = False
+    server.requests = []  # type: ignore[attr-defined]
+    server.queue = [  # type: ignore[attr-defined]
+        (200, chat("Images match the base.\nAction: Continue\nStrategy: Offline")),  # step 1
+        (200, chat("Psychedelic rainbow hues.\nAction: Remove Colorfulness\nStrategy: Offline")),  # step 2
+        (200, chat('{"analysis": "stable", "action": "continue", "strategy": "online"}')),  # step 2 again: switch
+        (500, {"error": {"message": "model overloaded"}}),  # step 3
+        (200, chat("Action: Continue\nStrategy: Online")),  # step 4
+    ]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        out = tmp_path / "run"
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        code = train(
+            out, store, "train.max_steps=4", "agent.backend=openai", f"agent.base_url={url}", "agent.model=test-vlm",
+            "agent.api_key_env=PGOT_TEST_TRAIN_KEY", "agent.max_retries=0", "agent.timeout=5",
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0
+    final = last_state(out)
+    assert final["step"] == 4 and final["strategy"] == "online"
+    assert final["active_rewards"] == ["contrast", "sharpness"]
+    assert final["removed"] == [{"step": 2, "reward": "colorfulness", "reverted_to": 1}]
+    assert [m[0] for m in metrics(out)] == [1, 2, 2, 3, 4]  # training went on after the 500
+    assert metrics(out)[-1] == (4, "online", ["contrast", "sharpness"])
+    got = [(d["step"], d["action"], d["reward"], d["error"]) for d in decisions(out)]
+    assert got == [
+        (1, "continue", None, None),
+        (2, "remove", "colorfulness", None),
+        (2, "switch", None, None),
+        (3, "continue", None, "http_500"),
+        (4, "continue", None, None),
+    ]
+    assert "model overloaded" in decisions(out)[3]["reason"]
+    assert any("HTTP 500" in h["reason"] for h in final["agent_history"])
+    assert len(server.requests) == 5  # type: ignore[attr-defined]
+    for req in server.requests:  # type: ignore[attr-defined]
+        assert req["headers"]["Authorization"] == "Bearer sk-train-secret-key"
+        parts = req["body"]["messages"][1]["content"]
+        assert sum(p["type"] == "image_url" for p in parts) == 2  # agent.diagnostic_prompts=2
+    logged = "\n".join(p.read_text() for p in (out / "agent").rglob("*") if p.suffix in (".json", ".jsonl", ".txt"))
+    assert "sk-train-secret-key" not in logged

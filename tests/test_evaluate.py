@@ -1,0 +1,339 @@
+"""End-to-end tests of pgot/evaluate.py on the tiny SD3 with analytic rewards (CPU, no weights).
+
+One module-scoped evaluation (base model, the base model again, a LoRA from a run folder, a reward soup)
+is shared by the tests: tables are recomputed independently from scores.parquet, reruns are checked to
+skip scored models, bad inputs to fail with clear errors that keep computed scores. Rescoring from a
+manifest, preference accuracy and the vote tally reuse the images that evaluation saved.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pgot import evaluate
+from pgot.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "eval_debug.yaml"
+REWARDS = ["colorfulness", "contrast", "sharpness"]
+SETS = {"JDR2": ["colorfulness", "contrast"], "all": REWARDS}
+
+
+def _cfg(out: Path, *overrides: str):
+    base = [
+        f"eval.output_dir={out}",
+        "prompts.limit=3",
+        "eval.samples_per_prompt=2",
+        "eval.batch_size=4",
+        "eval.bootstrap=200",
+    ]
+    base.append("eval.reward_sets=" + json.dumps(SETS))
+    return load_config(DEBUG, [*base, *overrides])
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory) -> Path:
+    """Two LoRAs with non-zero weights (a in a pgot run-folder layout, b as a plain file) and a misfit."""
+    from safetensors.torch import load_file, save_file
+
+    from pgot.model import add_lora, load_model, save_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    cfg = load_config(DEBUG)
+    model = load_model(cfg.model)
+    for i, folder in enumerate([root / "run_a" / "final", root / "b"]):
+        params = add_lora(model, cfg.model)
+        g = torch.Generator().manual_seed(i)
+        for p in params:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        save_lora(model, folder)
+        model.transformer.delete_adapters(["default"])
+    sd = load_file(str(root / "b" / "pytorch_lora_weights.safetensors"))
+    # as if trained on a wider model: lora_A input dims do not match this transformer
+    save_file(
+        {k: torch.zeros(v.shape[0], v.shape[1] + 8) if "lora_A" in k else v for k, v in sd.items()},
+        str(root / "misfit.safetensors"),
+    )
+    run = root / "run_a"
+    lines = [{"step": s, "loss": 1.0, "probe/jdr_all": s / 100, "probe/jcr_all": 0.01} for s in (10, 20, 30)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root
+
+
+def _models(loras: Path) -> str:
+    soup = {str(loras / "run_a"): 0.5, str(loras / "b" / "pytorch_lora_weights.safetensors"): 0.5}
+    models = [
+        {"name": "base"},
+        {"name": "again"},
+        {"name": "tuned", "lora": str(loras / "run_a")},
+        {"name": "soup", "soup": soup},
+    ]
+    return "eval.models=" + json.dumps(models)
+
+
+@pytest.fixture(scope="module")
+def evaluated(loras, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval")
+    cfg = _cfg(out, _models(loras), "eval.study_pairs=2", f"eval.runs=[{loras / 'run_a'}]")
+    assert evaluate.run(cfg) == out
+    return out
+
+
+def test_scores_layout_and_identical_noise(evaluated):
+    df = pd.read_parquet(evaluated / "scores.parquet")
+    for col in ["model", "prompt_id", "prompt", "seed", "sample_index", *REWARDS, "path"]:
+        assert col in df.columns
+    assert df.groupby("model").size().to_dict() == {"base": 6, "again": 6, "tuned": 6, "soup": 6}
+    keys = {
+        m: sorted(map(tuple, g[["prompt_id", "seed", "sample_index"]].to_numpy().tolist()))
+        for m, g in df.groupby("model")
+    }
+    assert all(k == keys["base"] for k in keys.values())
+    by = {m: g.sort_values(["prompt_id", "sample_index"])[REWARDS].to_numpy() for m, g in df.groupby("model")}
+    # the same weights with the same noise and batch layout give the same images, bit for bit
+    assert (by["again"] == by["base"]).all()
+    assert not (by["tuned"] == by["base"]).all() and not (by["soup"] == by["tuned"]).all()
+    for path in df["path"]:
+        assert (evaluated / path).is_file()
+    det = json.loads((evaluated / "determinism.json").read_text())
+    assert det == {"model": "base", "images": 4, "max_abs_diff": 0.0, "jdr": 0.0, "jcr": 0.0}
+    assert (
+        "Determinism check: base's first batch generated again gives max |reward difference| 0"
+        in (evaluated / "results.md").read_text()
+    )
+
+
+def test_tables_recomputed_independently(evaluated):
+    df = pd.read_parquet(evaluated / "scores.parquet")
+    res = pd.read_csv(evaluated / "results.csv")
+    base = df[df["model"] == "base"].set_index(["prompt_id", "seed", "sample_index"]).sort_index()
+    for model in ["base", "again", "tuned", "soup"]:
+        cand = df[df["model"] == model].set_index(["prompt_id", "seed", "sample_index"]).sort_index()
+        expected = {f"win_{r}": (cand[r] > base[r]).mean() for r in REWARDS}
+        for label, members in [("2", SETS["JDR2"]), ("_all", REWARDS)]:
+            expected[f"JDR{label}"] = (cand[members] > base[members]).all(axis=1).mean()
+            expected[f"JCR{label}"] = (cand[members] < base[members]).all(axis=1).mean()
+        got = res[(res["table"] == "joint") & (res["row"] == model)].set_index("metric")
+        for metric, value in expected.items():
+            assert got.loc[metric, "value"] == pytest.approx(value), (model, metric)
+            assert got.loc[metric, "low"] <= value + 1e-12 <= got.loc[metric, "high"] + 2e-12
+        if model in ("base", "again"):  # the sanity rows: 0/0
+            assert (got["value"] == 0).all()
+        means = res[(res["table"] == "mean") & (res["row"] == model)].set_index("metric")
+        for r in REWARDS:
+            assert means.loc[r, "value"] == pytest.approx(cand[r].mean())
+    md = (evaluated / "results.md").read_text()
+    assert "| base (baseline) | 0.00 [0.00, 0.00]" in md and "JDR2 (%)" in md and "JCR_all (%)" in md
+    tex = (evaluated / "results.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == 2 and "JDR\\_all" in tex
+
+
+def test_figures_and_study_written(evaluated):
+    for name in ["pareto_colorfulness_contrast.png", "prompt_boxplots.png", "training_curves.png"]:
+        data = (evaluated / "figures" / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+    key = json.loads((evaluated / "study" / "key.json").read_text())
+    assert sorted(v["candidate"] for v in key["pairs"].values()) == ["again", "again", "soup", "soup", "tuned", "tuned"]
+    assert (evaluated / "study" / "study.html").stat().st_size > 1000
+
+
+def test_rerun_skips_scored_models_and_adds_new_ones(evaluated, loras, caplog):
+    scores = evaluated / "scores.parquet"
+    before = scores.read_bytes()
+    with caplog.at_level(logging.INFO, logger="pgot.evaluate"):
+        evaluate.run(_cfg(evaluated, _models(loras), "eval.study_pairs=2"))
+    text = caplog.text
+    assert text.count("already scored") == 4 and "generating" not in text
+    assert scores.read_bytes() == before
+    caplog.clear()
+    models = json.loads(_models(loras).split("=", 1)[1]) + [
+        {"name": "half", "lora": str(loras / "run_a"), "lora_scale": 0.5}
+    ]
+    with caplog.at_level(logging.INFO, logger="pgot.evaluate"):
+        evaluate.run(_cfg(evaluated, "eval.models=" + json.dumps(models)))
+    assert caplog.text.count("already scored") == 4 and caplog.text.count("generating") == 1
+    new = pd.read_parquet(scores)
+    old = pd.read_parquet(io.BytesIO(before))
+    assert (new["model"] == "half").sum() == 6
+    pd.testing.assert_frame_equal(new[new["model"] != "half"].reset_index(drop=True), old.reset_index(drop=True))
+
+
+def test_misfit_lora_is_a_clear_error_and_keeps_scores(evaluated, loras):
+    before = (evaluated / "scores.parquet").read_bytes()
+    bad = loras / "misfit.safetensors"
+    models = [{"name": "base"}, {"name": "misfit", "lora": str(bad)}]
+    with pytest.raises(
+        ValueError, match=r"LoRA '.*misfit.safetensors' of eval model 'misfit' does not fit the base model 'tiny'"
+    ) as info:
+        evaluate.run(_cfg(evaluated, "eval.models=" + json.dumps(models)))
+    assert "size mismatch" in str(info.value)
+    assert (evaluated / "scores.parquet").read_bytes() == before
+    with pytest.raises(ValueError, match=r"eval.models.1.lora='/nonexistent.safetensors' does not exist"):
+        evaluate.run(_cfg(evaluated, 'eval.models=[{name: base}, {name: x, lora: "/nonexistent.safetensors"}]'))
+
+
+def test_reward_set_naming_unscored_reward(evaluated):
+    before = (evaluated / "scores.parquet").read_bytes()
+    with pytest.raises(ValueError, match=r"eval.reward_sets.JDR4 names 'ict', which is not a scored reward"):
+        evaluate.run(
+            load_config(DEBUG, [f"eval.output_dir={evaluated}", "eval.reward_sets={JDR4: [colorfulness, ict]}"])
+        )
+    assert (evaluated / "scores.parquet").read_bytes() == before
+
+
+def _manifest(evaluated: Path, folder: Path) -> pd.DataFrame:
+    df = pd.read_parquet(evaluated / "scores.parquet")
+    df = df[df["model"].isin(["base", "tuned"])]
+    rows = []
+    for r in df.itertuples():
+        dest = folder / "imgs" / r.model / Path(r.path).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(evaluated / r.path, dest)
+        rows.append(
+            {
+                "model": r.model,
+                "prompt": r.prompt,
+                "seed": r.seed,
+                "sample_index": r.sample_index,
+                "path": str(dest.relative_to(folder)),
+            }
+        )
+    man = pd.DataFrame(rows)
+    man.to_csv(folder / "manifest.csv", index=False)
+    return man
+
+
+def test_rescoring_a_manifest_and_tallying_votes(evaluated, tmp_path):
+    from pgot.rewards import build, score
+
+    man = _manifest(evaluated, tmp_path)
+    out = tmp_path / "out"
+    cfg = _cfg(out, f"eval.manifest={tmp_path}", "eval.study_pairs=3")
+    evaluate.run(cfg)
+    got = pd.read_parquet(out / "scores.parquet")
+    assert len(got) == len(man) and set(got["model"]) == {"base", "tuned"}
+    # oracle: the rewards on the PNG files, computed directly
+    rewards = build(cfg.rewards)
+    for r in got.itertuples():
+        img = torch.from_numpy(np.array(Image.open(r.path).convert("RGB"))).permute(2, 0, 1).float()[None] / 255
+        want = score(rewards, img, [r.prompt])[0].double()
+        assert torch.allclose(torch.tensor([getattr(r, n) for n in REWARDS], dtype=torch.float64), want, atol=1e-6)
+    # prompt ids come from the prompt set when every text is in it
+    gen = pd.read_parquet(evaluated / "scores.parquet")
+    assert set(got["prompt_id"]) == set(gen["prompt_id"])
+    # votes for the page's pairs: the candidate always wins, except one tie
+    key = json.loads((out / "study" / "key.json").read_text())
+    choices = {p: ("left" if v["left"] == "tuned" else "right") for p, v in key["pairs"].items()}
+    first = sorted(choices)[0]
+    choices[first] = "tie"
+    votes = tmp_path / "votes.json"
+    votes.write_text(
+        json.dumps(
+            {
+                "format": "pgot-study-votes",
+                "study_id": key["study_id"],
+                "annotator": "a",
+                "votes": [{"pair": p, "choice": c} for p, c in choices.items()],
+            }
+        )
+    )
+    prefs = tmp_path / "prefs.parquet"
+    vivid, gray = _png((230, 20, 40)), _png((120, 120, 120))
+    pd.DataFrame([{"prompt": "p", "image_0": vivid, "image_1": gray, "label": 0}] * 2).to_parquet(prefs)
+    evaluate.run(
+        _cfg(
+            out,
+            f"eval.manifest={tmp_path}",
+            "eval.study_pairs=3",
+            f"eval.votes=[{votes}]",
+            f"eval.preference_data={prefs}",
+        )
+    )
+    res = pd.read_csv(out / "results.csv")
+    pref = res[res["table"] == "preference"].set_index("row")
+    assert pref.loc["colorfulness", "value"] == 1.0 and pref.loc["colorfulness", "n"] == 2
+    study = res[res["table"] == "user_study"].set_index("row")
+    assert study.loc["tuned", "value"] == pytest.approx(2.5 / 3) and study.loc["tuned", "n"] == 3
+    assert "User study: win rate against base" in (out / "results.md").read_text()
+
+
+def test_manifest_with_missing_images(tmp_path):
+    rows = [{"model": "m", "prompt": "p", "seed": i, "path": f"gone/{i}.png"} for i in range(7)]
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(ValueError, match=r"7 of 7 images do not exist") as info:
+        evaluate.read_manifest(tmp_path / "manifest.csv")
+    msg = str(info.value)
+    assert (
+        str(tmp_path / "gone" / "0.png") in msg and str(tmp_path / "gone" / "4.png") in msg and "gone/5.png" not in msg
+    )
+    pd.DataFrame([{"model": "m", "seed": 0, "path": "x.png"}]).to_csv(tmp_path / "m2.csv", index=False)
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) prompt \(or prompt_id\)"):
+        evaluate.read_manifest(tmp_path / "m2.csv")
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    im = Image.new("RGB", (16, 16), color)
+    im.putpixel((0, 0), (255 - color[0], 255 - color[1], 255 - color[2]))
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_preference_accuracy_by_hand(tmp_path):
+    from pgot.rewards import build
+
+    vivid, gray = _png((230, 20, 40)), _png((120, 120, 120))
+    # the human preferred the vivid image in pairs 0-3 and the gray one in pair 4; pair 5 is a tie (dropped)
+    pairs = [
+        ("a", vivid, gray, 0),
+        ("b", gray, vivid, 1),
+        ("c", vivid, gray, 0),
+        ("d", gray, vivid, 1),
+        ("e", vivid, gray, 1),
+        ("f", vivid, gray, 0.5),
+    ]
+    pd.DataFrame([{"prompt": p, "image_0": a, "image_1": b, "label": lab} for p, a, b, lab in pairs]).to_parquet(
+        tmp_path / "prefs.parquet"
+    )
+    data = evaluate.read_preference_data(tmp_path / "prefs.parquet")
+    assert len(data) == 5
+    rewards = build(load_config(DEBUG).rewards)
+    acc = evaluate.preference_accuracy(rewards, data, num_resamples=100)
+    # colorfulness always prefers the vivid image: right on 4 of 5 pairs
+    assert acc.loc["colorfulness", "accuracy"] == pytest.approx(0.8)
+    assert acc.loc["colorfulness", "low"] <= 0.8 <= acc.loc["colorfulness", "high"]
+    assert (acc["pairs"] == 5).all()
+    # Pick-a-Pic's label_0 column (1: image 0 won) works as well
+    pd.DataFrame([{"prompt": p, "jpg_0": a, "jpg_1": b, "label_0": 1 - lab} for p, a, b, lab in pairs]).to_parquet(
+        tmp_path / "pap.parquet"
+    )
+    acc2 = evaluate.preference_accuracy(
+        rewards, evaluate.read_preference_data(tmp_path / "pap.parquet"), num_resamples=0
+    )
+    assert acc2.loc["colorfulness", "accuracy"] == pytest.approx(0.8)
+    pd.DataFrame([{"prompt": "x", "image_0": "nope.png", "image_1": "nope2.png", "label": 0}]).to_csv(
+        tmp_path / "bad.csv", index=False
+    )
+    with pytest.raises(ValueError, match="2 images do not exist"):
+        evaluate.read_preference_data(tmp_path / "bad.csv")
+
+
+def test_shipped_eval_configs_load():
+    for name in ["eval_debug.yaml", "eval_parti.yaml"]:
+        cfg = load_config(ROOT / "configs" / name)
+        rewards = set(cfg.reward_names)
+        assert all(set(v) <= rewards for v in cfg.eval.reward_sets.values()), name
+    parti = load_config(ROOT / "configs" / "eval_parti.yaml")
+    assert parti.eval.baseline == parti.eval.models[0].name and not parti.eval.models[0].lora
+    assert parti.reward_names == ["ict", "hp", "clip", "hps", "pickscore", "imagereward", "aesthetic"]
+    assert any(m.soup for m in parti.eval.models) and any(m.lora for m in parti.eval.models)
