@@ -1,0 +1,141 @@
+"""pgot.ot_loss against POT's per-problem log-domain Sinkhorn.
+
+Oracle: ``T = ot.sinkhorn(a, b, C, reg, method="sinkhorn_log")`` for each problem on its own, value
+``<T, C>`` with ``C_ij = |x_i - y_j|^2`` and envelope gradient ``dL/dx_i = sum_j T_ij 2 (x_i - y_j)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+ot = pytest.importorskip("ot")  # before pgot: pgot.ot_loss needs POT
+
+from pgot.ot_loss import OTConvergenceWarning, ot_loss  # noqa: E402
+
+EPS = 0.5
+
+
+def _pot_reference(x, y, a=None, b=None, reg=EPS):
+    """Value and envelope gradient of one problem from POT's single-problem sinkhorn_log (float64)."""
+    x, y = x.detach().double(), y.detach().double()
+    a = torch.full((len(x),), 1.0 / len(x), dtype=torch.float64) if a is None else a.double() / a.sum()
+    b = torch.full((len(y),), 1.0 / len(y), dtype=torch.float64) if b is None else b.double() / b.sum()
+    diff = x[:, None, :] - y[None, :, :]
+    cost = diff.square().sum(-1)
+    plan = ot.sinkhorn(a, b, cost, reg, method="sinkhorn_log", numItermax=100_000, stopThr=1e-15)
+    return (plan * cost).sum(), 2 * (plan[..., None] * diff).sum(1)
+
+
+def _batch(dtype, gen, shape=(6, 7, 4), f=5, m=3):
+    x = torch.randn(*shape[:-2], shape[-2], m, generator=gen, dtype=torch.float64)
+    y = torch.randn(*shape[:-2], f, m, generator=gen, dtype=torch.float64) + 1.0
+    return x.to(dtype).requires_grad_(True), y.to(dtype)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-8), (torch.float32, 1e-5)])
+def test_values_and_envelope_gradients_match_pot(dtype, atol):
+    x, y = _batch(dtype, torch.Generator().manual_seed(0), shape=(6, 7, 3))
+    loss = ot_loss(x, y, epsilon=EPS, max_iter=5000, tol=1e-6 if dtype == torch.float32 else 1e-12)
+    assert loss.shape == (6,) and loss.dtype == dtype
+    loss.sum().backward()
+    for i in range(6):
+        value, grad = _pot_reference(x[i], y[i])
+        torch.testing.assert_close(loss[i].double(), value, atol=atol, rtol=0)
+        torch.testing.assert_close(x.grad[i].double(), grad, atol=atol, rtol=0)
+
+
+def test_target_gets_no_gradient_and_batch_dims_are_kept():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 3, 5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    loss = ot_loss(x, y, epsilon=EPS, max_iter=2000, tol=1e-12)
+    assert loss.shape == (2, 3)
+    loss.sum().backward()
+    assert y.grad is None
+    value, grad = _pot_reference(x[1, 2], y[1, 2])
+    torch.testing.assert_close(loss[1, 2], value, atol=1e-8, rtol=0)
+    torch.testing.assert_close(x.grad[1, 2], grad, atol=1e-8, rtol=0)
+
+
+def test_ragged_problems_in_one_call_equal_separate_problems():
+    """Zero weights mark padding: padded coordinates (here huge and NaN) must not matter."""
+    gen = torch.Generator().manual_seed(2)
+    sizes = [(3, 2), (7, 5), (1, 1), (5, 3)]
+    x = torch.full((4, 7, 3), 1e6, dtype=torch.float64)
+    y = torch.full((4, 5, 3), float("nan"), dtype=torch.float64)
+    wx, wy = torch.zeros(4, 7, dtype=torch.float64), torch.zeros(4, 5, dtype=torch.float64)
+    for i, (n, f) in enumerate(sizes):
+        x[i, :n] = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+        y[i, :f] = torch.randn(f, 3, generator=gen, dtype=torch.float64)
+        wx[i, :n] = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5  # non-uniform, unnormalised
+        wy[i, :f] = 1.0
+    x.requires_grad_(True)
+    loss = ot_loss(x, y, wx, wy, epsilon=EPS, max_iter=5000, tol=1e-12)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+    for i, (n, f) in enumerate(sizes):
+        value, grad = _pot_reference(x[i, :n], y[i, :f], wx[i, :n], wy[i, :f])
+        torch.testing.assert_close(loss[i], value, atol=1e-8, rtol=0)
+        torch.testing.assert_close(x.grad[i, :n], grad, atol=1e-8, rtol=0)
+        assert (x.grad[i, n:] == 0).all()
+
+
+def test_empty_problems_give_zero_and_zero_gradient():
+    x = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 3, 2, dtype=torch.float64)
+    wx = torch.tensor([[1.0, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    wy = torch.tensor([[0.0, 0, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.float64)
+    loss = ot_loss(x, y, wx, wy, epsilon=EPS, max_iter=1000, tol=1e-10)
+    loss.sum().backward()
+    assert loss[0] == 0 and loss[1] == 0 and loss[2] > 0
+    assert (x.grad[:2] == 0).all() and torch.isfinite(x.grad).all()
+    # every problem empty: still a graph, backward works, all zero
+    x2 = torch.randn(2, 3, 2, requires_grad=True)
+    loss2 = ot_loss(x2, torch.randn(2, 2, 2), torch.zeros(2, 3), epsilon=EPS, max_iter=10, tol=1e-6)
+    loss2.sum().backward()
+    assert (loss2 == 0).all() and (x2.grad == 0).all()
+    # no target points at all (F = 0), NaN rewards: zeros, a graph, no NaN
+    x3 = torch.full((2, 3, 2), float("nan"), requires_grad=True)
+    loss3 = ot_loss(x3, torch.zeros(2, 0, 2), epsilon=EPS, max_iter=10, tol=1e-6)
+    loss3.sum().backward()
+    assert (loss3 == 0).all() and (x3.grad == 0).all()
+
+
+def test_warning_names_the_knobs_when_not_converged():
+    x, y = _batch(torch.float64, torch.Generator().manual_seed(3))
+    with pytest.warns(OTConvergenceWarning, match=r"ot\.max_iter.*ot\.epsilon"):
+        ot_loss(x, y, epsilon=0.01, max_iter=2, tol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ot_loss(x, y, epsilon=EPS, max_iter=3000, tol=1e-9)
+
+
+def test_small_epsilon_stays_finite_in_float32():
+    """Log-domain only: the kernel-space solver underflows to a zero plan at reg <= 0.01 in float32."""
+    x, y = _batch(torch.float32, torch.Generator().manual_seed(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OTConvergenceWarning)
+        loss = ot_loss(x, y, epsilon=1e-3, max_iter=50, tol=1e-6)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and (loss > 0).all() and torch.isfinite(x.grad).all()
+
+
+def test_bfloat16_input_is_solved_in_float32():
+    x, y = _batch(torch.float64, torch.Generator().manual_seed(5))
+    ref = ot_loss(x.float(), y.float(), epsilon=EPS, max_iter=2000, tol=1e-6)
+    loss = ot_loss(x.bfloat16(), y.bfloat16(), epsilon=EPS, max_iter=2000, tol=1e-6)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=0.1, rtol=0.05)
+
+
+def test_bad_arguments_raise():
+    x, y = torch.zeros(2, 3, 2), torch.zeros(2, 4, 2)
+    with pytest.raises(ValueError, match="ot.epsilon"):
+        ot_loss(x, y, epsilon=0.0, max_iter=10, tol=1e-6)
+    with pytest.raises(ValueError, match="same number of rewards"):
+        ot_loss(x, torch.zeros(2, 4, 3), epsilon=1.0, max_iter=10, tol=1e-6)
+    with pytest.raises(ValueError, match="target_weights"):
+        ot_loss(x, y, None, torch.ones(2, 3), epsilon=1.0, max_iter=10, tol=1e-6)
