@@ -1,0 +1,376 @@
+"""pgot/train.py: the DRaFT-K LoRA loop, its objectives, checkpoints, resume, NaN handling and distribution.
+
+Oracles: the diffusers pipeline (the final LoRA reproduces pgot's samples), a run that was never
+interrupted (SIGKILL + resume ends bit-identical on CPU), the frozen base weights (unchanged).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pgot import cli, train
+from pgot.config import load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "debug.yaml"  # the base of every test config (tiny model, analytic rewards)
+RES = 16
+REWARDS = ["colorfulness", "contrast", "sharpness"]
+TIMING = set(train._TIMING_KEYS)
+
+
+def _overrides(out: Path, store: Path | None, **extra: object) -> list[str]:
+    base = {
+        "model.tiny": True,
+        "model.resolution": RES,
+        "model.device": "cpu",
+        "model.lora_rank": 2,
+        "model.lora_alpha": 2.0,
+        "model.gradient_checkpointing": False,
+        "draft.num_steps": 2,
+        "draft.k": 1,
+        "prompts.limit": 4,
+        "precompute.samples_per_prompt": 4,
+        "precompute.store": str(store) if store else "",
+        "train.store": str(store) if store else "",
+        "train.output_dir": str(out),
+        "train.prompts_per_step": 2,
+        "train.samples_per_prompt": 2,
+        "train.learning_rate": 1e-2,
+        "train.max_steps": 2,
+        "train.probe_every": 0,
+        "train.checkpoint_every": 0,
+        "train.final_eval": False,
+        "train.resume": "",
+        "train.precompute_if_missing": False,
+        "train.keep_checkpoints": 3,
+        "train.warmup_steps": 0,
+        "ot.max_iter": 50,
+    }
+    base.update(extra)
+    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in base.items()]
+
+
+def _cfg(out: Path, store: Path | None, **extra: object):
+    return load_config(DEBUG, _overrides(out, store, **extra))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """Each run creates its Accelerator; forget the previous one's singleton state."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from accelerate.state import AcceleratorState
+
+    from pgot import precompute
+
+    path = tmp_path_factory.mktemp("store") / "frontier"
+    precompute.run(_cfg(path.parent / "unused", path))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return path
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------------
+
+
+def test_debug_config_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's command (shortened): precomputes the missing store, trains, prints the table."""
+    out, store = tmp_path / "run", tmp_path / "frontier"
+    argv = ["--config", str(DEBUG), f"train.output_dir={out}", f"train.store={store}",
+            f"precompute.store={store}", "train.max_steps=3", "train.probe_every=2", "train.checkpoint_every=2",
+            "train.probe_prompts=2", "prompts.limit=2", "model.resolution=16", "precompute.samples_per_prompt=4"]  # fmt: skip
+    assert cli.train_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "precomputing" in printed and "JDR all" in printed and "win rate sharpness" in printed
+    for rel in ["config.yaml", "sigmas.json", "metrics.jsonl", "probes/step0_scores.safetensors", "probes/step-000002.png",
+                "checkpoints/step-000002/trainer_state.json", "checkpoints/step-000003/optimizer.bin",
+                "checkpoints/step-000003/pytorch_lora_weights.safetensors", "final/pytorch_lora_weights.safetensors"]:  # fmt: skip
+        assert (out / rel).is_file(), rel
+    assert (store / "meta.json").is_file()
+    lines = _metrics(out)
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    for key in [
+        "loss",
+        "lr",
+        "grad_norm",
+        "step_time",
+        "n_dominated",
+        "front_size",
+        "bad_steps",
+        "strategy",
+        "active_rewards",
+    ]:
+        assert key in lines[0], key
+    assert {f"reward/{n}" for n in REWARDS} <= set(lines[0])
+    assert {"probe/jdr_all", "probe/jcr_all", "probe/kl_sharpness", "probe/win_contrast"} <= set(lines[1])
+    assert load_config(out / "config.yaml").train.max_steps == 3
+    assert len(json.loads((out / "sigmas.json").read_text())["sigmas"]) == 5
+    # running it again with train.resume=latest (the debug config's) finds the run complete and only reprints the table
+    assert cli.train_main(argv) == 0
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+
+
+def test_trainable_changed_frozen_did_not(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pgot.model as model_mod
+
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    add_lora = model_mod.add_lora
+
+    def recording_add_lora(model, cfg, *a, **kw):
+        params = add_lora(model, cfg, *a, **kw)
+        ids = {id(p) for p in params}
+        named = list(model.transformer.named_parameters())
+        seen["lora"] = {n: p.detach().clone() for n, p in named if id(p) in ids}
+        seen["frozen"] = {n: p.detach().clone() for n, p in named if id(p) not in ids}
+        seen["vae"] = {n: p.detach().clone() for n, p in model.vae.named_parameters()}
+        return params
+
+    monkeypatch.setattr(model_mod, "add_lora", recording_add_lora)
+    _, model = train.fit(_cfg(tmp_path / "run", store, **{"train.max_steps": 2}))
+    now = dict(model.transformer.named_parameters())
+    assert seen["lora"] and all(p.requires_grad for n, p in now.items() if n in seen["lora"])
+    unchanged = {n for n, p in seen["lora"].items() if torch.equal(p, now[n].detach())}
+    # the last block is context_pre_only: its context queries (add_q_proj) only feed the dropped context output,
+    # so their LoRA gets no gradient at all (architecture, not training); every other LoRA tensor moved
+    last = max(int(n.split(".")[1]) for n in seen["lora"])
+    dead = {n for n in seen["lora"] if n.startswith(f"transformer_blocks.{last}.attn.add_q_proj.")}
+    assert unchanged == dead, f"LoRA parameters that did not train: {sorted(unchanged - dead)[:3]}"
+    for n, p in seen["frozen"].items():
+        assert not now[n].requires_grad and torch.equal(p, now[n].detach()), n
+    for n, p in model.vae.named_parameters():
+        assert torch.equal(seen["vae"][n], p.detach()), n
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"train.objective": "pgot", "train.strategy": "offline"},
+        {"train.objective": "pgot", "train.strategy": "online", "train.reduction": "sum"},
+        {"train.objective": "single_reward", "train.active_rewards": ["contrast"]},
+        {"train.objective": "weighted_sum", "rewards.0.weight": 2.0, "rewards.1.target": 0.5},
+        {"train.objective": "hetero_weighted_sum"},
+        {"train.objective": "separate_constraints", "train.active_rewards": ["colorfulness", "sharpness"]},
+        {"train.objective": "pgot", "draft.method": "refl", "train.gradient_accumulation_steps": 2},
+    ],
+    ids=["offline", "online", "single", "weighted", "hetero", "separate", "refl_accum"],
+)
+def test_each_objective_runs_one_step(tmp_path: Path, store: Path, extra: dict) -> None:
+    run, _ = train.fit(_cfg(tmp_path / "run", store, **{"train.max_steps": 1, **extra}))
+    (line,) = _metrics(run)
+    assert line["step"] == 1 and line["loss"] is not None and line["grad_norm"] is not None
+    assert line["skipped_steps"] == 0
+    assert line["active_rewards"] == extra.get("train.active_rewards", REWARDS)
+    assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_two_processes_online_under_accelerate_launch(tmp_path: Path) -> None:
+    """Online PG-OT on 2 CPU processes (gloo): same prompts, pooled reward vectors, one shared LoRA."""
+    cfg = _cfg(tmp_path / "run", None, **{"train.strategy": "online", "train.checkpoint_every": 1})
+    save_config(cfg, tmp_path / "cfg.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "pgot", "train", "--config", str(tmp_path / "cfg.yaml")]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    lines = _metrics(tmp_path / "run")
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(m["front_size"] == 2 * 2 for m in lines)  # the pool: world x N vectors per prompt
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert state["running"][0] == 2 * 2 * 2 * 2  # running std counts: 2 steps x P=2 x world*N=4 gathered vectors
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "random_states_1.pkl").is_file()  # saved on every rank
+
+
+def test_sigkill_and_resume_is_exact(tmp_path: Path, store: Path) -> None:
+    """A run killed after a checkpoint and resumed ends with the same LoRA and metrics as an uninterrupted run."""
+    extra = {"train.max_steps": 6, "train.checkpoint_every": 2, "train.keep_checkpoints": 2, "train.probe_every": 3,
+             "train.probe_prompts": 2, "train.resume": "latest", "train.warmup_steps": 2, "train.lr_scheduler": "cosine"}  # fmt: skip
+    ref_run, _ = train.fit(_cfg(tmp_path / "ref", store, **extra))
+
+    killed = tmp_path / "killed"
+    save_config(_cfg(killed, store, **extra), tmp_path / "cfg.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "pgot", "train", "--config", str(tmp_path / "cfg.yaml")], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first = killed / "checkpoints" / "step-000002" / "trainer_state.json"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished (or failed) before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run, _ = train.fit(_cfg(killed, store, **extra))
+    ref_lora = load_file(str(ref_run / "final" / "pytorch_lora_weights.safetensors"))
+    got_lora = load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+    assert ref_lora.keys() == got_lora.keys()
+    for k in ref_lora:
+        assert torch.equal(ref_lora[k], got_lora[k]), k
+
+    def strip(lines: list[dict]) -> list[dict]:
+        return [{k: v for k, v in m.items() if k not in TIMING} for m in lines]
+
+    assert strip(_metrics(run)) == strip(_metrics(ref_run))  # same values, no duplicated step
+    assert len(list((run / "checkpoints").glob("step-*"))) == 2  # train.keep_checkpoints
+
+
+def test_final_lora_loads_in_diffusers_and_reproduces_samples(tmp_path: Path, store: Path) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    from pgot.generate import decode, make_noise, sample
+    from pgot.model import encode_prompts, load_model, save_tiny
+
+    cfg = _cfg(tmp_path / "run", store, **{"train.max_steps": 2})
+    run, model = train.fit(cfg)
+    base_folder = save_tiny(load_model(cfg.model), tmp_path / "tiny")
+    pipe = StableDiffusion3Pipeline.from_pretrained(base_folder, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(run / "final")
+
+    embeds = encode_prompts(model, ["a red apple", "a city at night"])
+    noise = make_noise(5, [0, 1], [0, 0], model.latent_shape(RES))
+    with torch.no_grad():
+        ours = decode(model, sample(model, embeds, noise, num_steps=cfg.draft.num_steps, k=0))
+        ref = pipe(
+            prompt_embeds=embeds.prompt_embeds, pooled_prompt_embeds=embeds.pooled, latents=noise.clone(),
+            num_inference_steps=cfg.draft.num_steps, guidance_scale=0.0, height=RES, width=RES, output_type="pt",
+        ).images  # fmt: skip
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), train._base_model(model):
+        base = decode(model, sample(model, embeds, noise, num_steps=cfg.draft.num_steps, k=0))
+    assert not torch.allclose(base, ours)  # the LoRA changed the samples
+
+
+# --------------------------------------------------------------------------------------------
+# Bad steps and user errors
+# --------------------------------------------------------------------------------------------
+
+
+def _nan_from(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | int) -> None:
+    """Training-step rewards (the calls with gradients) become NaN on the given call numbers (1-based)."""
+    from pgot import rewards
+
+    real = rewards.score
+    calls = {"n": 0}
+
+    def score(models, images, prompts):
+        out = real(models, images, prompts)
+        if not torch.is_grad_enabled():
+            return out
+        calls["n"] += 1
+        hit = calls["n"] in bad_calls if isinstance(bad_calls, set) else calls["n"] >= bad_calls
+        return out * float("nan") if hit else out
+
+    monkeypatch.setattr(rewards, "score", score)
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_from(monkeypatch, {2})
+    with pytest.warns(RuntimeWarning, match="step 2: NaN"):
+        run, _ = train.fit(_cfg(tmp_path / "run", store, **{"train.max_steps": 3, "train.checkpoint_every": 1}))
+    lines = _metrics(run)
+    assert [(m["bad_steps"], m["skipped_steps"]) for m in lines] == [(0, 0), (1, 1), (0, 1)]
+    assert lines[1]["grad_norm"] is None and all(lines[1][f"reward/{n}"] is None for n in REWARDS)
+    one = load_file(str(run / "checkpoints" / "step-000002" / "lora_state.safetensors"))
+    two = load_file(str(run / "checkpoints" / "step-000001" / "lora_state.safetensors"))  # kept: keep_checkpoints=3
+    assert all(torch.equal(one[k], two[k]) for k in one)  # the skipped step did not touch the LoRA
+
+
+def test_too_many_bad_steps_stop_with_one_line(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _nan_from(monkeypatch, 2)
+    out = tmp_path / "run"
+    args = _overrides(out, store, **{"train.max_steps": 6, "train.checkpoint_every": 1, "train.max_bad_steps": 2})
+    assert cli.train_main(["--config", str(DEBUG), *args]) == 2
+    err = capsys.readouterr().err
+    assert "2 consecutive steps had a NaN" in err and "train.max_bad_steps" in err and "Traceback" not in err
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert ckpts[-1] == "step-000002" and (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+    assert not (out / "final").exists()
+
+
+def test_store_of_other_rewards_is_refused(tmp_path: Path, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _overrides(tmp_path / "run", store, **{"rewards.1.name": "brightness"})
+    assert cli.train_main(["--config", str(DEBUG), *args]) == 2
+    err = capsys.readouterr().err
+    assert "was computed for rewards" in err and "brightness" in err and "Traceback" not in err
+
+
+def test_single_reward_with_two_active_rewards_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _overrides(
+        tmp_path / "run",
+        None,
+        **{"train.objective": "single_reward", "train.active_rewards": ["contrast", "sharpness"]},
+    )
+    assert cli.train_main(["--config", str(DEBUG), *args]) == 2
+    err = capsys.readouterr().err
+    assert "exactly one active reward, got 2" in err and "train.active_rewards=[contrast]" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_agent_remove_reverts_and_switch_goes_online(tmp_path: Path, store: Path) -> None:
+    """Scripted agent: remove a weak reward at step 2 (revert to the approved step 0), later switch to online."""
+    script = tmp_path / "script.yaml"
+    script.write_text("2:\n  action: remove\n  reward: sharpness\n4:\n  action: switch\n  strategy: online\n")
+    extra = {"train.max_steps": 4, "agent.backend": "scripted", "agent.script": str(script), "agent.every": 2,
+             "agent.diagnostic_prompts": 2, "rewards.2.strength": "weak", "train.strategy": "auto"}  # fmt: skip
+    run, _ = train.fit(_cfg(tmp_path / "run", store, **extra))
+    lines = _metrics(run)
+    assert [m["step"] for m in lines] == [1, 2, 1, 2, 3, 4]  # reverted to step 0 after step 2; history kept
+    assert lines[0]["active_rewards"] == REWARDS and lines[2]["active_rewards"] == ["colorfulness", "contrast"]
+    state = json.loads((run / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state["active_rewards"] == ["colorfulness", "contrast"] and state["strategy"] == "online"
+    assert [h["action"] for h in state["agent_history"]] == ["remove", "continue", "switch"]
+    assert state["removed"] == [{"step": 2, "reward": "sharpness", "reverted_to": 0}]
+    assert state["approved"] == "step-000004" and (run / "agent" / "step-000002").is_dir()
+    # the removal, the strategy and the decisions survive a resume
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train.fit(_cfg(tmp_path / "run", store, **{**extra, "train.max_steps": 5, "train.resume": "latest"}))
+    last = _metrics(run)[-1]
+    assert last["step"] == 5 and last["strategy"] == "online" and last["active_rewards"] == ["colorfulness", "contrast"]
+    assert last["front_size"] == 2  # online pool of one process: N vectors per prompt
