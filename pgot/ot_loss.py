@@ -69,7 +69,8 @@ def ot_loss(
     as :math:`1/\\varepsilon` relative to the cost scale; with rewards normalised to unit spread,
     ``epsilon = 0.05`` needs a few hundred iterations for 1e-6, ``epsilon = 0.01`` thousands. If the
     error after the last iteration exceeds ``tol`` an :class:`OTConvergenceWarning` names the knobs
-    (``ot.epsilon``, ``ot.max_iter``).
+    (``ot.epsilon``, ``ot.max_iter``). When either side has a single point (the online strategy's
+    source), the only feasible plan is :math:`a b^\\top`: it is used directly and no iteration runs.
 
     Args:
         source: Source points, shape (..., N, M); differentiable.
@@ -89,7 +90,7 @@ def ot_loss(
         R. Flamary et al., "POT: Python Optimal Transport", JMLR 2021 (``ot.batch``).
     """
     if not epsilon > 0:
-        raise ValueError(f"ot.epsilon must be > 0, got {epsilon}. Set ot.epsilon to a positive value such as 0.05.")
+        raise ValueError(f"ot.epsilon must be > 0, got {epsilon}. Set ot.epsilon to a positive value such as 0.5.")
     if max_iter < 1:
         raise ValueError(f"ot.max_iter must be >= 1, got {max_iter}.")
     if source.ndim < 2 or target.ndim < 2:
@@ -130,6 +131,10 @@ def ot_loss(
     y = torch.where(keep_y[..., None], y, 0.0)
 
     cost = (x[:, :, None, :] - y[:, None, :, :]).square().sum(-1)  # (B, N, F), direct difference
+    if n == 1 or f == 1:
+        # One point on either side (the online strategy's single source): the only coupling with
+        # these marginals is a b^T, exact without iterating, whatever epsilon.
+        return torch.where(solved, (a[:, :, None] * b[:, None, :] * cost).sum((-2, -1)), 0.0).reshape(batch)
     with torch.no_grad():
         # detached cost: POT's iterations record no autograd graph; the envelope gradient needs none
         res = solve_batch(cost.detach(), epsilon, a=a, b=b, max_iter=max_iter, tol=tol, method="log_sinkhorn")

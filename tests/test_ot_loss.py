@@ -139,3 +139,28 @@ def test_bad_arguments_raise():
         ot_loss(x, torch.zeros(2, 4, 3), epsilon=1.0, max_iter=10, tol=1e-6)
     with pytest.raises(ValueError, match="target_weights"):
         ot_loss(x, y, None, torch.ones(2, 3), epsilon=1.0, max_iter=10, tol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_single_point_side_is_exact_without_iterating(side):
+    """With one point on a side the only coupling is a b^T; POT converged agrees, and max_iter=1 does not warn."""
+    gen = torch.Generator().manual_seed(3)
+    if side == "source":
+        x = torch.randn(5, 1, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+        y = torch.randn(5, 6, 3, generator=gen, dtype=torch.float64)
+    else:
+        x = torch.randn(5, 6, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+        y = torch.randn(5, 1, 3, generator=gen, dtype=torch.float64)
+    weights = torch.rand(5, 6, generator=gen, dtype=torch.float64)
+    weights[0, :3] = 0.0  # padding on the many-point side
+    kw = {"target_weights": weights} if side == "source" else {"source_weights": weights}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OTConvergenceWarning)
+        loss = ot_loss(x, y, epsilon=1e-3, max_iter=1, tol=1e-12, **kw)
+    loss.sum().backward()
+    for i in range(5):
+        a = None if side == "source" else weights[i]
+        b = weights[i] if side == "source" else None
+        value, grad = _pot_reference(x[i], y[i], a=a, b=b, reg=1e-3)
+        torch.testing.assert_close(loss[i], value, atol=1e-8, rtol=0)
+        torch.testing.assert_close(x.grad[i], grad, atol=1e-8, rtol=0)
