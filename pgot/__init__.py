@@ -5,7 +5,7 @@ library (diffusers, transformers, open_clip) loads until it is needed.
 
     >>> import pgot
     >>> mask = pgot.pareto_mask(scores)          # (..., N, M) -> (..., N)
-    >>> loss = pgot.ot_loss(source, target, epsilon=0.05, max_iter=200, tol=1e-6)
+    >>> loss = pgot.ot_loss(source, target, epsilon=0.5, max_iter=1000, tol=1e-4)
 """
 
 from __future__ import annotations

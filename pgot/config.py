@@ -148,12 +148,12 @@ class RewardConfig:
 class OTConfig:
     """Entropic optimal transport (log-domain Sinkhorn, POT)."""
 
-    epsilon: float = 0.05
-    """Entropic regularisation, in the units of the (normalised) squared reward distances."""
-    max_iter: int = 200
+    epsilon: float = 0.5
+    """Entropic regularisation, in the units of the (normalised) squared reward distances; about 0.05-0.1 of the typical cost converges in a few hundred iterations (smaller is sharper but slower)."""
+    max_iter: int = 1000
     """Sinkhorn iterations at most."""
-    tol: float = 1e-6
-    """Marginal error above which a warning names ot.epsilon and ot.max_iter."""
+    tol: float = 1e-4
+    """Marginal error at which Sinkhorn stops; above it after ot.max_iter iterations a warning names ot.epsilon and ot.max_iter."""
     normalize: Literal["none", "frontier"] = "frontier"
     """``frontier``: divide rewards by the per-reward standard deviation stored with the frontier before the cost; ``none``: raw rewards."""
 
@@ -395,27 +395,48 @@ def _check_ranges(cfg: Config) -> list[str]:
             p.append(msg)
 
     m, d, t, o = cfg.model, cfg.draft, cfg.train, cfg.ot
-    need(m.tiny or bool(m.path), "model.path is empty. Set model.path to a local SD3/SD3.5 diffusers folder, or model.tiny=true for the tiny random model.")
-    need(m.resolution > 0 and m.resolution % 16 == 0, f"model.resolution must be a positive multiple of 16, got {m.resolution}.")
+    need(
+        m.tiny or bool(m.path),
+        "model.path is empty. Set model.path to a local SD3/SD3.5 diffusers folder, or model.tiny=true for the tiny random model.",
+    )
+    need(
+        m.resolution > 0 and m.resolution % 16 == 0,
+        f"model.resolution must be a positive multiple of 16, got {m.resolution}.",
+    )
     need(m.lora_rank >= 1, f"model.lora_rank must be >= 1, got {m.lora_rank}.")
     need(m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}.")
     need(d.num_steps >= 1, f"draft.num_steps must be >= 1, got {d.num_steps}.")
-    need(0 <= d.k <= max(d.num_steps, 0), f"draft.k must be in [0, draft.num_steps={d.num_steps}], got {d.k}. Lower draft.k or raise draft.num_steps.")
+    need(
+        0 <= d.k <= max(d.num_steps, 0),
+        f"draft.k must be in [0, draft.num_steps={d.num_steps}], got {d.k}. Lower draft.k or raise draft.num_steps.",
+    )
     need(d.guidance_scale >= 0, f"draft.guidance_scale must be >= 0, got {d.guidance_scale}.")
-    need(d.refl_min_step < d.num_steps, f"draft.refl_min_step must be < draft.num_steps={d.num_steps}, got {d.refl_min_step}.")
+    need(
+        d.refl_min_step < d.num_steps,
+        f"draft.refl_min_step must be < draft.num_steps={d.num_steps}, got {d.refl_min_step}.",
+    )
     need(o.epsilon > 0, f"ot.epsilon must be > 0, got {o.epsilon}.")
     need(o.max_iter >= 1, f"ot.max_iter must be >= 1, got {o.max_iter}.")
     need(o.tol > 0, f"ot.tol must be > 0, got {o.tol}.")
     need(cfg.prompts.limit >= 0, f"prompts.limit must be >= 0, got {cfg.prompts.limit}.")
-    need(0.0 <= cfg.prompts.eval_fraction < 1.0, f"prompts.eval_fraction must be in [0, 1), got {cfg.prompts.eval_fraction}.")
-    need(cfg.precompute.samples_per_prompt >= 1, f"precompute.samples_per_prompt must be >= 1, got {cfg.precompute.samples_per_prompt}.")
+    need(
+        0.0 <= cfg.prompts.eval_fraction < 1.0,
+        f"prompts.eval_fraction must be in [0, 1), got {cfg.prompts.eval_fraction}.",
+    )
+    need(
+        cfg.precompute.samples_per_prompt >= 1,
+        f"precompute.samples_per_prompt must be >= 1, got {cfg.precompute.samples_per_prompt}.",
+    )
     need(cfg.precompute.batch_size >= 1, f"precompute.batch_size must be >= 1, got {cfg.precompute.batch_size}.")
     need(t.prompts_per_step >= 1, f"train.prompts_per_step must be >= 1, got {t.prompts_per_step}.")
     need(t.samples_per_prompt >= 1, f"train.samples_per_prompt must be >= 1, got {t.samples_per_prompt}.")
     need(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}.")
     need(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}.")
     need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}.")
-    need(t.gradient_accumulation_steps >= 1, f"train.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}.")
+    need(
+        t.gradient_accumulation_steps >= 1,
+        f"train.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}.",
+    )
     need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}.")
     need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}.")
     need(t.probe_every >= 0, f"train.probe_every must be >= 0, got {t.probe_every}.")
@@ -429,7 +450,9 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(cfg.agent.max_retries >= 0, f"agent.max_retries must be >= 0, got {cfg.agent.max_retries}.")
     need(cfg.agent.cost_limit >= 0, f"agent.cost_limit must be >= 0, got {cfg.agent.cost_limit}.")
     if cfg.agent.backend == "scripted":
-        need(bool(cfg.agent.script), "agent.backend=scripted needs agent.script, a YAML file of decisions keyed by step.")
+        need(
+            bool(cfg.agent.script), "agent.backend=scripted needs agent.script, a YAML file of decisions keyed by step."
+        )
     e = cfg.eval
     need(e.samples_per_prompt >= 1, f"eval.samples_per_prompt must be >= 1, got {e.samples_per_prompt}.")
     need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}.")
@@ -442,13 +465,22 @@ def _check_ranges(cfg: Config) -> list[str]:
     dup = sorted({n for n in names if names.count(n) > 1})
     need(not dup, f"rewards lists {', '.join(dup)} more than once; each reward may appear once.")
     for n in t.active_rewards:
-        need(n in names, f"train.active_rewards names {n!r}, which is not in rewards ({', '.join(names) or 'none'}).{_did_you_mean(n, names)}")
+        need(
+            n in names,
+            f"train.active_rewards names {n!r}, which is not in rewards ({', '.join(names) or 'none'}).{_did_you_mean(n, names)}",
+        )
     for set_name, members in t.reward_sets.items():
         for n in members:
-            need(n in names, f"train.reward_sets.{set_name} names {n!r}, which is not in rewards ({', '.join(names) or 'none'}).{_did_you_mean(n, names)}")
+            need(
+                n in names,
+                f"train.reward_sets.{set_name} names {n!r}, which is not in rewards ({', '.join(names) or 'none'}).{_did_you_mean(n, names)}",
+            )
     model_names = [mm.name for mm in e.models]
     if e.baseline and model_names:
-        need(e.baseline in model_names, f"eval.baseline is {e.baseline!r}, not one of eval.models ({', '.join(model_names)}).")
+        need(
+            e.baseline in model_names,
+            f"eval.baseline is {e.baseline!r}, not one of eval.models ({', '.join(model_names)}).",
+        )
     return p
 
 
@@ -508,7 +540,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             for a in args:
                 if isinstance(a, str) and a == value.strip():
                     return a
-        problems.append(f"{key} must be {_type_name(tp)}, got {value!r}.{_did_you_mean(str(value), [str(a) for a in args])}")
+        problems.append(
+            f"{key} must be {_type_name(tp)}, got {value!r}.{_did_you_mean(str(value), [str(a) for a in args])}"
+        )
         return None
     if origin is list:
         (item_tp,) = args
@@ -589,7 +623,13 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
             problems.append(f"unknown key {full!r}.{_did_you_mean(str(key), fields)}")
             continue
         kwargs[key] = _coerce(value, hints[key], full, problems)
-    return cls(**{k: v for k, v in kwargs.items() if v is not None or typing.get_origin(hints[k]) in (typing.Union, types.UnionType)})
+    return cls(
+        **{
+            k: v
+            for k, v in kwargs.items()
+            if v is not None or typing.get_origin(hints[k]) in (typing.Union, types.UnionType)
+        }
+    )
 
 
 def _set_dotted(data: dict, dotted: str, value: Any, problems: list[str]) -> None:
@@ -600,7 +640,9 @@ def _set_dotted(data: dict, dotted: str, value: Any, problems: list[str]) -> Non
         nxt = parts[i + 1]
         if isinstance(node, list):
             if not part.isdigit() or int(part) > len(node):
-                problems.append(f"override {dotted}: {'.'.join(parts[: i + 1])} is not an item of the list (it has {len(node)} items; use index {len(node)} to add one).")
+                problems.append(
+                    f"override {dotted}: {'.'.join(parts[: i + 1])} is not an item of the list (it has {len(node)} items; use index {len(node)} to add one)."
+                )
                 return
             if int(part) == len(node):  # one past the end adds an item
                 node.append([] if nxt.isdigit() else {})

@@ -40,13 +40,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from pgot import objectives, rewards  # noqa: E402
-from pgot.config import ModelConfig, RewardConfig  # noqa: E402
+from pgot.config import ModelConfig, OTConfig, RewardConfig  # noqa: E402
 from pgot.generate import decode, make_noise, sample  # noqa: E402
 from pgot.model import PromptEmbeds, add_lora, encode_prompts, load_model  # noqa: E402
 from pgot.pareto import dominated_by, dominating_sets, pareto_mask  # noqa: E402
 
 PHASES = ("sampling", "rewards", "objective", "backward")
-OT = {"epsilon": 0.05, "max_iter": 200, "tol": 1e-6}
+_ot = OTConfig()  # the shipped defaults
+OT = {"epsilon": _ot.epsilon, "max_iter": _ot.max_iter, "tol": _ot.tol}
 
 
 def _sync(dev: torch.device) -> None:
