@@ -631,7 +631,8 @@ def _consult_agent(r: _Run) -> None:
     r.state.agent_cost = d.pop("agent_cost", r.state.agent_cost)
     r.state.agent_history.append({**d, "applied": cfg.agent.act})
     if not cfg.agent.act or d["action"] == "continue":
-        r.state.approved = here if cfg.agent.act else r.state.approved
+        if cfg.agent.act and not d.get("error"):  # only a checkpoint the agent actually looked at is approved
+            r.state.approved = here
         return _rewrite_state(r, here)
     if d["action"] == "switch":
         r.state.strategy, r.state.approved = "online", here
@@ -680,9 +681,11 @@ def _decide(r: _Run, step: int) -> dict:
             step, r.base_diag, current, texts, state, log_dir=r.run_dir / "agent", probe_history=st.probe_means
         )
         out = {"step": step, "action": d.action, "reward": d.reward, "revert_to": d.revert_to, "reason": d.reason}
+        out["error"] = d.error
     except Exception as exc:  # a failing agent never stops training
         log.warning("agent failed at step %d (%s: %s); continuing", step, type(exc).__name__, exc)
         out = {"step": step, "action": "continue", "reward": None, "revert_to": None, "reason": f"agent error: {exc}"}
+        out["error"] = type(exc).__name__
     if out["action"] == "remove" and (out["reward"] not in st.active_rewards or len(st.active_rewards) < 2):
         out.update(action="continue", reason=f"cannot remove {out['reward']!r} (active: {st.active_rewards}); continue")
     return {**out, "agent_cost": state.cost}

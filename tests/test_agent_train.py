@@ -184,6 +184,9 @@ def test_http_agent_applies_decisions_and_survives_500(tmp_path, store, monkeypa
         (4, "continue", None, None),
     ]
     assert "model overloaded" in decisions(out)[3]["reason"]
+    # the 500 at step 3 approved nothing: the checkpoint written there still points at step 2's (switch)
+    step3 = json.loads((out / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    assert step3["approved"] == "step-000002"
     assert any("HTTP 500" in h["reason"] for h in final["agent_history"])
     assert len(server.requests) == 5  # type: ignore[attr-defined]
     for req in server.requests:  # type: ignore[attr-defined]
