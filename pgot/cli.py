@@ -49,7 +49,9 @@ def _fail(problems: Sequence[str]) -> int:
 
 def _main(prog: str, description: str, stage: Callable[[Config], object], argv: Sequence[str] | None) -> int:
     args = _parser(prog, description).parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

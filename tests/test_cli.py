@@ -24,7 +24,11 @@ def test_missing_config_file(main, tmp_path, capsys):
     "text, override, expected",
     [
         ("model: [unclosed\n", None, "is not valid YAML"),
-        ("model: {tiny: true}\ntrain: {max_stepz: 3}\n", None, "unknown key 'train.max_stepz'. Did you mean 'max_steps'?"),
+        (
+            "model: {tiny: true}\ntrain: {max_stepz: 3}\n",
+            None,
+            "unknown key 'train.max_stepz'. Did you mean 'max_steps'?",
+        ),
         ("model: {tiny: true}\n", "train.max_steps=many", "train.max_steps must be an integer, got 'many'."),
         ("model: {tiny: true}\n", "draft.k=9", "draft.k must be in [0, draft.num_steps=4], got 9."),
     ],
@@ -45,7 +49,13 @@ def test_console_script_prints_no_traceback(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {tiny: true}\not: {epsilon: 0}\n")
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from pgot.cli import train_main; sys.exit(train_main())", "--config", str(cfg)],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pgot.cli import train_main; sys.exit(train_main())",
+            "--config",
+            str(cfg),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -58,7 +68,9 @@ def test_console_script_prints_no_traceback(tmp_path):
 def test_import_pgot_is_light():
     """`import pgot` must not import torch model libraries (diffusers, transformers, open_clip)."""
     code = "import sys, pgot; heavy = [m for m in ('diffusers', 'transformers', 'open_clip', 'torch') if m in sys.modules]; print(','.join(heavy))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.strip()
     assert out == ""
 
 
@@ -67,6 +79,9 @@ def test_python_m_pgot_dispatches(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pgot", "nonsense"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "usage: python -m pgot {precompute,train,eval}" in bad.stderr
     missing = subprocess.run(
-        [sys.executable, "-m", "pgot", "eval", "--config", str(tmp_path / "x.yaml")], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "pgot", "eval", "--config", str(tmp_path / "x.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr

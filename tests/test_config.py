@@ -27,7 +27,17 @@ def test_defaults_need_a_model():
 def test_overrides_coerce_by_field_type(tmp_path):
     # PyYAML reads 3e-4 (no dot) as a string: the float field must still get a float
     p = _write(tmp_path, "model: {tiny: true}\ntrain: {learning_rate: 3e-4}\n")
-    cfg = load_config(p, ["train.max_steps=12", "ot.epsilon=1e-2", "model.gradient_checkpointing=no", "train.active_rewards=[a]", "rewards.0.name=a", "rewards.0.weight=2"])
+    cfg = load_config(
+        p,
+        [
+            "train.max_steps=12",
+            "ot.epsilon=1e-2",
+            "model.gradient_checkpointing=no",
+            "train.active_rewards=[a]",
+            "rewards.0.name=a",
+            "rewards.0.weight=2",
+        ],
+    )
     assert cfg.train.learning_rate == pytest.approx(3e-4)
     assert cfg.train.max_steps == 12 and isinstance(cfg.train.max_steps, int)
     assert cfg.ot.epsilon == pytest.approx(0.01)
@@ -90,7 +100,10 @@ def test_file_errors(tmp_path):
 
 
 def test_save_and_reload_round_trip(tmp_path):
-    cfg = load_config(None, ["model.tiny=true", "rewards.0.name=contrast", "rewards.0.target=0.5", "train.reward_sets={s: [contrast]}"])
+    cfg = load_config(
+        None,
+        ["model.tiny=true", "rewards.0.name=contrast", "rewards.0.target=0.5", "train.reward_sets={s: [contrast]}"],
+    )
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
 
