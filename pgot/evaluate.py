@@ -104,25 +104,6 @@ class ModelSpec:
         return list(self.soup) if self.soup else ([self.lora] if self.lora is not None else [])
 
 
-def _lora_file(path: str, key: str) -> Path:
-    from pgot.model import LORA_WEIGHT_NAME
-
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for cand in (p / LORA_WEIGHT_NAME, p / "final" / LORA_WEIGHT_NAME):
-            if cand.is_file():
-                return cand
-        raise ValueError(
-            f"{key}={path!r} is a folder without {LORA_WEIGHT_NAME} (nor final/{LORA_WEIGHT_NAME}). Point {key} at a "
-            "diffusers LoRA file, a folder holding one, or a finished pgot run folder."
-        )
-    if not p.is_file():
-        raise ValueError(
-            f"{key}={path!r} does not exist. Point {key} at a diffusers LoRA file, a folder holding one, or a pgot run folder."
-        )
-    return p
-
-
 def _default_name(m: EvalModelConfig, i: int) -> str:
     if m.soup:
         return "soup-" + ":".join(f"{w:g}" for w in m.soup.values())
@@ -142,17 +123,19 @@ def model_specs(models: Sequence[EvalModelConfig]) -> list[ModelSpec]:
     Raises:
         ValueError: a LoRA path that does not exist, or two models with the same name.
     """
+    from pgot.model import resolve_lora_file
+
     if not models:
         return [ModelSpec(name="base")]
     specs = []
     for i, m in enumerate(models):
         name = m.name or _default_name(m, i)
         if m.soup:
-            soup = {_lora_file(p, f"eval.models.{i}.soup"): float(w) for p, w in m.soup.items()}
+            soup = {resolve_lora_file(p, f"eval.models.{i}.soup"): float(w) for p, w in m.soup.items()}
             specs.append(ModelSpec(name=name, soup=soup))
         elif m.lora:
             specs.append(
-                ModelSpec(name=name, lora=_lora_file(m.lora, f"eval.models.{i}.lora"), lora_scale=m.lora_scale)
+                ModelSpec(name=name, lora=resolve_lora_file(m.lora, f"eval.models.{i}.lora"), lora_scale=m.lora_scale)
             )
         else:
             specs.append(ModelSpec(name=name))

@@ -824,18 +824,23 @@ def save_lora(
     return folder / LORA_WEIGHT_NAME
 
 
-def _lora_file(path: str | Path) -> Path:
-    p = Path(path)
+def resolve_lora_file(path: str | Path, key: str = "model.lora_path") -> Path:
+    """The diffusers LoRA file behind ``path``: the file itself, or ``pytorch_lora_weights.safetensors``
+    in the folder or in its ``final/`` (a pgot run folder). ``key`` names the config key in errors."""
+    p = Path(path).expanduser()
     if p.is_dir():
         for cand in (p / LORA_WEIGHT_NAME, p / "final" / LORA_WEIGHT_NAME):
             if cand.is_file():
                 return cand
         raise ValueError(
-            f"LoRA folder {str(p)!r} has no {LORA_WEIGHT_NAME} (nor final/{LORA_WEIGHT_NAME}). Point at a diffusers LoRA "
-            "file, a folder holding one, or a pgot run folder."
+            f"{key}={str(path)!r} is a LoRA folder that has no {LORA_WEIGHT_NAME} (nor final/{LORA_WEIGHT_NAME}). "
+            f"Point {key} at a diffusers LoRA file, a folder holding one, or a finished pgot run folder."
         )
     if not p.is_file():
-        raise ValueError(f"LoRA {str(p)!r} does not exist. Check model.lora_path / eval.models.*.lora / soup paths.")
+        raise ValueError(
+            f"{key}={str(path)!r} does not exist. Point {key} at a diffusers LoRA file, a folder holding one, "
+            "or a finished pgot run folder."
+        )
     return p
 
 
@@ -843,7 +848,7 @@ def _read_lora(path: str | Path) -> dict[str, torch.Tensor]:
     """A diffusers SD3 LoRA file as a peft state dict of the transformer (``transformer.`` prefix removed)."""
     from safetensors.torch import load_file
 
-    f = _lora_file(path)
+    f = resolve_lora_file(path)
     sd = load_file(str(f))
     out = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
     if not out:
@@ -856,7 +861,7 @@ def _read_lora(path: str | Path) -> dict[str, torch.Tensor]:
 def _load_adapter(model: SD3Model, path: str | Path, name: str) -> None:
     if name in _adapter_names(model):
         raise ValueError(f"a LoRA adapter named {name!r} is already loaded; pass another adapter_name.")
-    f = _lora_file(path)
+    f = resolve_lora_file(path)
     trainable = _trainable_state(model)
     from diffusers import StableDiffusion3Pipeline
 

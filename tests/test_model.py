@@ -304,7 +304,7 @@ def test_lora_path_errors(tmp_path):
     model = load_model(_cfg())
     with pytest.raises(ValueError, match="does not exist"):
         load_lora(model, tmp_path / "missing.safetensors")
-    with pytest.raises(ValueError, match=f"has no {LORA_WEIGHT_NAME}"):
+    with pytest.raises(ValueError, match=f"LoRA folder that has no {LORA_WEIGHT_NAME}"):
         load_lora(model, tmp_path)
     with pytest.raises(ValueError, match="no LoRA adapter"):
         lora_state_dict(model)
