@@ -202,6 +202,26 @@ def test_each_objective_runs_one_step(tmp_path: Path, store: Path, extra: dict) 
     assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_tensorboard_tracker_gets_the_metrics(tmp_path: Path, store: Path) -> None:
+    """train.log_with=[tensorboard]: accelerate's tracker receives the same loss as metrics.jsonl."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run, _ = train.fit(_cfg(tmp_path / "run", store, **{"train.max_steps": 2, "train.log_with": ["tensorboard"]}))
+    (events,) = [p for p in (run / "logs").rglob("events.out.tfevents.*") if "loss" in _tags(event_accumulator, p)]
+    acc = event_accumulator.EventAccumulator(str(events))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("loss")}
+    expected = {m["step"]: m["loss"] for m in _metrics(run)}
+    assert logged.keys() == expected.keys() == {1, 2}
+    for step, value in expected.items():
+        assert logged[step] == pytest.approx(value, rel=1e-6)
+
+
+def _tags(event_accumulator, path: Path) -> list[str]:
+    acc = event_accumulator.EventAccumulator(str(path))
+    acc.Reload()
+    return acc.Tags()["scalars"]
+
+
 def test_two_processes_online_under_accelerate_launch(tmp_path: Path) -> None:
     """Online PG-OT on 2 CPU processes (gloo): same prompts, pooled reward vectors, one shared LoRA."""
     cfg = _cfg(tmp_path / "run", None, **{"train.strategy": "online", "train.checkpoint_every": 1})
