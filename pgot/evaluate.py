@@ -692,18 +692,7 @@ def _rate_section(
     for model, r in table.iterrows():
         label = f"{model} (baseline)" if model == baseline else str(model)
         rows.append([label, *[_fmt_pct(r[c], r[f"{c}_low"], r[f"{c}_high"], ci) for c in cols], str(int(r["pairs"]))])
-        for c in cols:
-            long.append(
-                {
-                    "table": "joint",
-                    "row": model,
-                    "metric": c,
-                    "value": r[c],
-                    "low": r[f"{c}_low"],
-                    "high": r[f"{c}_high"],
-                    "n": int(r["pairs"]),
-                }
-            )
+        long += _long_rows("joint", model, r, cols, int(r["pairs"]))
     sets = "; ".join(
         f"{metrics.rate_columns([], {k: v})[0]}/{metrics.rate_columns([], {k: v})[1]}: {', '.join(v)}"
         for k, v in reward_sets.items()
@@ -717,6 +706,14 @@ def _rate_section(
     if ci:
         note += f" Brackets: {100 * conf:g}% percentile bootstrap intervals over prompts."
     return _Section("Win rate, JDR and JCR (paper Table 3 layout)", header, rows, note, long)
+
+
+def _long_rows(table: str, model: object, r: pd.Series, columns: Sequence[str], n: int) -> list[dict]:
+    """results.csv rows (one per metric) of one model: value and interval bounds."""
+    return [
+        {"table": table, "row": model, "metric": c, "value": r[c], "low": r[f"{c}_low"], "high": r[f"{c}_high"], "n": n}
+        for c in columns
+    ]
 
 
 def _mean_section(table: pd.DataFrame, reward_names: Sequence[str], ci: bool, conf: float) -> _Section:
@@ -734,18 +731,7 @@ def _mean_section(table: pd.DataFrame, reward_names: Sequence[str], ci: bool, co
         if show_nan:
             row.append(str(int(r["nan"])))
         rows.append(row)
-        for n in reward_names:
-            long.append(
-                {
-                    "table": "mean",
-                    "row": model,
-                    "metric": n,
-                    "value": r[n],
-                    "low": r[f"{n}_low"],
-                    "high": r[f"{n}_high"],
-                    "n": int(r["samples"]),
-                }
-            )
+        long += _long_rows("mean", model, r, reward_names, int(r["samples"]))
     note = "Mean over all samples of each model (NaN scores skipped and counted)."
     if ci:
         note += f" Brackets: {100 * conf:g}% bootstrap intervals over prompts."
