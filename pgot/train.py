@@ -76,7 +76,7 @@ _NOISE_STRIDE = 7919
 """Seed offset per micro-step: the noise of training micro-step t uses seed ``train.seed + 7919 * t``."""
 _STATE_FILE = "trainer_state.json"
 _LORA_STATE = "lora_state.safetensors"
-_TIMING_KEYS = ("step_time",)
+_TIMING_KEYS = ("step_time", "peak_memory_gb")  # vary between runs: not compared on resume
 
 
 class TooManyBadSteps(ValueError):
@@ -399,6 +399,9 @@ def _log(r: _Run, step: int, grad_norm: torch.Tensor, step_time: float) -> None:
     line["lr"] = r.lr_scheduler.get_last_lr()[0]
     line["grad_norm"] = _num(float(grad_norm))
     line["step_time"] = step_time
+    if acc.device.type == "cuda":  # this process's peak since the last logged step (OOM hunting)
+        line["peak_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(acc.device)
     for k in ("n_dominated", "front_size"):
         if k in values:
             line[k] = _num(values[k][0])
