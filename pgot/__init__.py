@@ -3,6 +3,10 @@
 ``import pgot`` is light: the public functions below are imported on first use, so no model
 library (diffusers, transformers, open_clip) loads until it is needed.
 
+Every public name is the documented object whatever was imported before: importing a submodule whose name is
+also a public name (``pgot.ot_loss``, the module of the function ``pgot.ot_loss``) does not rebind the name on
+the package; reach such a module with ``from pgot.ot_loss import ...`` or ``importlib.import_module``.
+
     >>> import pgot
     >>> mask = pgot.pareto_mask(scores)          # (..., N, M) -> (..., N)
     >>> loss = pgot.ot_loss(source, target, epsilon=0.5, max_iter=1000, tol=1e-4)
@@ -11,6 +15,8 @@ library (diffusers, transformers, open_clip) loads until it is needed.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -46,6 +52,19 @@ _EXPORTS = {
 }
 
 __all__ = ["__version__", *_EXPORTS]
+
+
+class _Package(types.ModuleType):
+    """The ``pgot`` module's type: the import system binds a loaded submodule as an attribute of its package
+    (``setattr(pgot, "ot_loss", <module>)``); this refuses that binding for public names, which stay functions."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -39,19 +39,13 @@ reply (``reply.txt``, ``response.json``) and the decision (``decision.json``), a
 from __future__ import annotations
 
 import base64
+import dataclasses
 import difflib
-import http.client
-import io
 import json
 import logging
 import math
-import os
 import re
-import textwrap
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,9 +53,11 @@ from typing import Any
 
 import torch
 import yaml
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from pgot.config import AgentConfig, RewardConfig
+from pgot.images import labelled_grid, png_bytes, save_png
+from pgot.vlm_client import ChatClient, EndpointError
 
 log = logging.getLogger(__name__)
 
@@ -172,22 +168,33 @@ class Decision:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Decision:
+        """Inverse of :meth:`to_dict` (how a decision travels from the main process to the others)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
 
 @dataclass
 class AgentState:
-    """The run state the agent sees and the trainer checkpoints (``trainer_state.json``).
+    """The agent's part of the run state: what it sees, and what its decisions change.
 
-    ``strengths`` holds every configured reward (``strong`` / ``weak``), ``active_rewards`` the ones
-    that drive the loss now, ``removed`` the history of removals (``step``, ``reward``,
-    ``reverted_to``), ``strategy`` ``offline`` or ``online``, ``cost`` the dollars spent on the
-    endpoint so far (updated by :meth:`Agent.decide`, so the cost limit spans resumed runs).
+    One state for the whole run: :meth:`Agent.decide` reads it, :meth:`apply` changes it on every process, and
+    the trainer checkpoints it inside ``trainer_state.json`` (:class:`pgot.checkpoints.TrainerState`).
+
+    ``strengths`` holds every configured reward (``strong`` / ``weak``), ``active_rewards`` the ones that drive
+    the loss now, ``strategy`` ``offline`` or ``online``, ``removed`` the removals (``step``, ``reward``,
+    ``reverted_to``), ``approved`` the checkpoint folder the agent last approved (what a removal reverts to),
+    ``history`` every decision with whether it was applied, ``cost`` the dollars spent on the endpoint (so
+    ``agent.cost_limit`` spans resumed runs).
     """
 
-    step: int = 0
     active_rewards: list[str] = field(default_factory=list)
     strengths: dict[str, str] = field(default_factory=dict)
-    removed: list[dict] = field(default_factory=list)
     strategy: str = "offline"
+    removed: list[dict] = field(default_factory=list)
+    approved: str = ""
+    history: list[dict] = field(default_factory=list)
     cost: float = 0.0
 
     @classmethod
@@ -197,7 +204,6 @@ class AgentState:
         """The state at step 0: every configured reward (or ``active_rewards`` when given) is active."""
         names = [r.name for r in reward_configs]
         return cls(
-            step=0,
             active_rewards=list(active_rewards) if active_rewards else names,
             strengths={r.name: r.strength for r in reward_configs},
             strategy="online" if strategy == "online" else "offline",
@@ -210,28 +216,56 @@ class AgentState:
     def from_dict(cls, data: Mapping[str, Any]) -> AgentState:
         """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones take their defaults."""
         return cls(
-            step=int(data.get("step", 0)),
             active_rewards=list(data.get("active_rewards", [])),
             strengths=dict(data.get("strengths", {})),
-            removed=[dict(r) for r in data.get("removed", [])],
             strategy=str(data.get("strategy", "offline")),
+            removed=[dict(r) for r in data.get("removed", [])],
+            approved=str(data.get("approved", "")),
+            history=[dict(h) for h in data.get("history", [])],
             cost=float(data.get("cost", 0.0)),
         )
 
-    def apply(self, decision: Decision, reverted_to: int | None = None) -> None:
-        """Apply a decision: drop the reward and record the removal, or switch to online.
+    def apply(
+        self, decision: Decision, *, checkpoint: str, act: bool = True, reverted_to: tuple[str, int] | None = None
+    ) -> None:
+        """Apply a decision taken on the checkpoint ``checkpoint`` (the state every process holds after it).
 
-        Args:
-            decision: from :meth:`Agent.decide`.
-            reverted_to: step of the checkpoint the trainer reverted to (recorded in ``removed``).
+        The decision and its cost are recorded whatever happens. With ``act``:
+
+        - ``continue``: the checkpoint is approved, unless the agent did not really answer (``decision.error``:
+          endpoint down, unparseable or invalid reply), so a later removal only reverts to what it looked at;
+        - ``switch``: the strategy becomes ``online`` and the checkpoint is approved;
+        - ``remove``: the reward leaves ``active_rewards``, the removal is recorded, and the checkpoint the
+          trainer reverted to (``reverted_to = (folder name, step)``) becomes the approved one.
+
+        Raises:
+            ValueError: ``remove`` without ``reverted_to``.
         """
-        if decision.step >= 0:
-            self.step = decision.step
-        if decision.action == "remove" and decision.reward in self.active_rewards:
-            self.active_rewards = [r for r in self.active_rewards if r != decision.reward]
-            self.removed.append({"step": decision.step, "reward": decision.reward, "reverted_to": reverted_to})
+        self.cost += decision.cost
+        self.history.append(
+            {
+                "step": decision.step,
+                "action": decision.action,
+                "reward": decision.reward,
+                "revert_to": decision.revert_to,
+                "reason": decision.reason,
+                "error": decision.error,
+                "applied": act,
+            }
+        )
+        if not act:
+            return
+        if decision.action == "continue":
+            if not decision.error:
+                self.approved = checkpoint
         elif decision.action == "switch":
-            self.strategy = "online"
+            self.strategy, self.approved = "online", checkpoint
+        elif decision.action == "remove":
+            if reverted_to is None:
+                raise ValueError("a removal needs the checkpoint the trainer reverted to (reverted_to).")
+            self.active_rewards = [r for r in self.active_rewards if r != decision.reward]
+            self.removed.append({"step": decision.step, "reward": decision.reward, "reverted_to": reverted_to[1]})
+            self.approved = reverted_to[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,25 +496,6 @@ def _check(reply: Reply, state: AgentState, allow_remove_strong: bool) -> tuple[
 # --------------------------------------------------------------------------------------------
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _to_pil(image: torch.Tensor, size: int) -> Image.Image:
-    """(3, H, W) float in [0, 1] -> RGB PIL image, longer side ``size`` at most."""
-    array = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    pil = Image.fromarray(array, "RGB")
-    scale = size / max(pil.size)
-    if scale < 1:
-        pil = pil.resize(
-            (max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.Resampling.BICUBIC
-        )
-    return pil
-
-
 def make_grids(
     base_images: torch.Tensor,
     current_images: torch.Tensor,
@@ -520,31 +535,12 @@ def make_grids(
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(p, []).append(i)
-    font, small = _font(max(12, tile // 24)), _font(max(11, tile // 30))
-    label_w = max(70, tile // 5)
     grids = []
     for prompt, idx in groups.items():
         idx = idx[:max_columns]
-        base = [_to_pil(base_images[i], tile) for i in idx]
-        cur = [_to_pil(current_images[i], tile) for i in idx]
-        tw, th = base[0].size
-        chars = max(20, int((label_w + tw * len(idx)) / (small.size * 0.55 if hasattr(small, "size") else 6)))
-        lines = textwrap.wrap(f"prompt: {prompt}", width=chars, max_lines=3, placeholder=" ...") or [""]
-        line_h = (small.size if hasattr(small, "size") else 11) + 6
-        header = 8 + line_h * len(lines)
-        pad = 4
-        width = label_w + len(idx) * (tw + pad)
-        height = header + 2 * (th + pad)
-        canvas = Image.new("RGB", (width, height), "white")
-        draw = ImageDraw.Draw(canvas)
-        for k, line in enumerate(lines):
-            draw.text((6, 4 + k * line_h), line, fill="black", font=small)
-        for row, (label, tiles) in enumerate((("base", base), (f"step {step}", cur))):
-            y = header + row * (th + pad)
-            draw.text((6, y + th // 2 - 8), label, fill="black", font=font)
-            for col, t in enumerate(tiles):
-                canvas.paste(t, (label_w + col * (tw + pad), y))
-        grids.append((canvas, prompt, len(idx)))
+        pair = torch.cat([base_images[idx], current_images[idx]])  # (2n, 3, H, W): base row, then current row
+        grid = labelled_grid(pair, len(idx), row_labels=["base", f"step {step}"], title=f"prompt: {prompt}", tile=tile)
+        grids.append((grid, prompt, len(idx)))
     return grids
 
 
@@ -650,14 +646,6 @@ def build_messages(
 # --------------------------------------------------------------------------------------------
 
 
-class _AgentError(Exception):
-    """Endpoint trouble, reported as ``continue``: ``kind`` is the short error tag."""
-
-    def __init__(self, kind: str, reason: str, attempts: int = 0):
-        super().__init__(reason)
-        self.kind, self.reason, self.attempts = kind, reason, attempts
-
-
 @dataclass
 class _Answer:
     raw: str
@@ -716,8 +704,8 @@ class Agent:
             base_images: (B, 3, H, W) in [0, 1], base-model samples of the diagnostic prompts.
             current_images: (B, 3, H, W) in [0, 1], current-model samples with the same seeds.
             prompts: B prompt texts, one per image.
-            state: the run state. Only ``state.cost`` is updated here (dollars spent); apply the
-                decision with :meth:`AgentState.apply`.
+            state: the run state; read only (apply the decision, its cost included, with
+                :meth:`AgentState.apply` on every process).
             log_dir: the run's agent folder; this call writes ``log_dir/step-XXXXXX/`` (``-2``, ``-3``
                 appended when the step is decided again after a revert) and appends to
                 ``log_dir/decisions.jsonl``.
@@ -742,7 +730,7 @@ class Agent:
             folder.mkdir(parents=True, exist_ok=True)
             for k, (grid, _, _) in enumerate(grids):
                 name = f"grid-{k:02d}.png"
-                grid.save(folder / name)
+                save_png(grid, folder / name)
                 files.append(name)
         except OSError as exc:
             log.warning("agent: could not save the diagnostic grids under %s: %s", folder, exc)
@@ -763,7 +751,7 @@ class Agent:
             decision.analysis = self._redact(reply.analysis)
             if error is not None:
                 log.warning("agent step %d: %s Continuing.", step, reason)
-        except _AgentError as exc:
+        except EndpointError as exc:
             decision.error, decision.reason, decision.attempts = exc.kind, exc.reason, exc.attempts
             log.warning("agent step %d: %s Continuing.", step, exc.reason)
         except ReplyError as exc:
@@ -775,7 +763,6 @@ class Agent:
         decision.reason = self._redact(decision.reason)
         decision.raw = self._redact(decision.raw)
         decision.latency_s = round(time.monotonic() - start, 4)
-        state.cost += decision.cost
         if decision.action != "continue":
             log.info("agent step %d: %s %s (%s)", step, decision.action, decision.reward or "", decision.reason[:200])
         _write(folder / "reply.txt", decision.raw)
@@ -808,130 +795,39 @@ class OpenAIAgent(Agent):
 
     backend = "openai"
 
-    def _key(self) -> str | None:
-        return os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
+    def __init__(self, cfg: AgentConfig, reward_configs: Sequence[RewardConfig]):
+        super().__init__(cfg, reward_configs)
+        self.client = ChatClient.from_config(cfg)
 
     def _redact(self, text: str) -> str:
-        key = self._key()
-        return text.replace(key, "***") if key and len(key) >= 4 else text
+        return self.client.redact(text)
 
     def _answer(self, step, grids, files, state, folder, probe_history) -> _Answer:
         cfg = self.cfg
         captions = [f'prompt "{p}", {n} sample(s)' for _, p, n in grids]
         refs = [(name, str(cfg.references[name])) for name, _ in self.references]
-        request = {
-            "model": cfg.model,
-            "messages": build_messages(state, step, files, captions, self.knowledge, cfg.allow_remove_strong, refs),
-            "temperature": cfg.temperature,
-        }
-        if cfg.max_tokens > 0:
-            request["max_tokens"] = cfg.max_tokens
-        url = cfg.base_url.rstrip("/") + "/chat/completions"
-        key = self._key()
+        messages = build_messages(state, step, files, captions, self.knowledge, cfg.allow_remove_strong, refs)
         if cfg.cost_limit > 0 and state.cost >= cfg.cost_limit:
-            raise _AgentError(
+            raise EndpointError(
                 "cost_limit",
                 f"agent.cost_limit=${cfg.cost_limit:g} reached (spent ${state.cost:.4f}); no request sent. "
                 "Raise agent.cost_limit (0: no limit) to keep asking the endpoint.",
             )
-        if cfg.api_key_env and not key:
-            raise _AgentError(
-                "no_key",
-                f"the environment variable {cfg.api_key_env} (agent.api_key_env) is not set; no request sent. "
-                "Export the key, or set agent.api_key_env='' for a local server without authentication.",
-            )
-        headers = {"Content-Type": "application/json"}
-        logged_headers = dict(headers)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-            logged_headers["Authorization"] = f"Bearer <${cfg.api_key_env}>"
         # the log names the image files; only the request sent carries the images themselves
-        _write(folder / "request.json", json.dumps({"url": url, "headers": logged_headers, "body": request}, indent=2))
-        user_text = "\n".join(p["text"] for p in request["messages"][1]["content"] if p["type"] == "text")
-        _write(folder / "request.txt", f"{request['messages'][0]['content']}\n\n{user_text}\n")
-        sent = json.loads(json.dumps(request))
-        parts = [p for p in sent["messages"][1]["content"] if p["type"] == "image_url"]
+        logged = {"url": self.client.url, "headers": self.client.logged_headers(), "body": self.client.body(messages)}
+        _write(folder / "request.json", json.dumps(logged, indent=2))
+        user_text = "\n".join(p["text"] for p in messages[1]["content"] if p["type"] == "text")
+        _write(folder / "request.txt", f"{messages[0]['content']}\n\n{user_text}\n")
+        sent = json.loads(json.dumps(messages))
+        parts = [p for p in sent[1]["content"] if p["type"] == "image_url"]
         pictures = [image for _, image in self.references] + [grid for grid, _, _ in grids]
         for part, picture in zip(parts, pictures, strict=True):
-            buffer = io.BytesIO()
-            picture.save(buffer, format="PNG")
-            part["image_url"]["url"] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-        response, attempts = self._post(url, json.dumps(sent).encode(), headers)
-        _write(folder / "response.json", self._redact(json.dumps(response, indent=2)))
-        usage = response.get("usage") or {}
-        tokens_in, tokens_out = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        meta = {
-            "attempts": attempts,
-            "tokens_in": tokens_in,
-            "tokens_out": tokens_out,
-            "cost": tokens_in / 1000 * cfg.price_per_1k_input + tokens_out / 1000 * cfg.price_per_1k_output,
-        }
-        try:
-            message = response["choices"][0]["message"]
-        except (KeyError, IndexError, TypeError):
-            raise _AgentError("bad_response", "the endpoint's response has no choices[0].message.", attempts) from None
-        content = message.get("content")
-        if isinstance(content, list):  # some servers return content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return _Answer(raw=content or "", meta=meta)
-
-    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[dict, int]:
-        """POST with retries on 408/429/5xx, timeouts and connection errors; ``(json, attempts)``."""
-        cfg = self.cfg
-        host = urllib.parse.urlsplit(url).hostname or ""
-        handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
-        opener = urllib.request.build_opener(*handlers)
-        attempts, last = 0, ("", "")
-        for attempt in range(cfg.max_retries + 1):
-            attempts += 1
-            wait = cfg.retry_backoff * 2**attempt
-            try:
-                request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-                with opener.open(request, timeout=cfg.timeout) as resp:
-                    payload = resp.read()
-                try:
-                    data = json.loads(payload)
-                except ValueError:
-                    raise _AgentError(
-                        "bad_response", f"the endpoint answered non-JSON: {payload[:200]!r}", attempts
-                    ) from None
-                if not isinstance(data, dict):
-                    raise _AgentError("bad_response", "the endpoint answered JSON that is not an object.", attempts)
-                return data, attempts
-            except urllib.error.HTTPError as exc:
-                try:
-                    detail = exc.read()[:300].decode("utf-8", "replace")
-                except Exception:  # noqa: BLE001 - the body is only for the log
-                    detail = ""
-                last = (f"http_{exc.code}", f"HTTP {exc.code} from {url}: {detail.strip()}")
-                if exc.code not in (408, 409, 429) and exc.code < 500:
-                    hint = (
-                        " Check the key in $" + cfg.api_key_env + "."
-                        if exc.code in (401, 403) and cfg.api_key_env
-                        else ""
-                    )
-                    raise _AgentError(last[0], last[1] + hint, attempts) from None
-                retry_after = exc.headers.get("Retry-After") if exc.headers else None
-                if retry_after:
-                    try:
-                        wait = min(max(float(retry_after), wait), 60.0)
-                    except ValueError:
-                        pass
-            except TimeoutError as exc:
-                last = ("timeout", f"no reply from {url} within agent.timeout={cfg.timeout:g} s ({exc}).")
-            except urllib.error.URLError as exc:
-                if isinstance(exc.reason, TimeoutError):
-                    last = ("timeout", f"no reply from {url} within agent.timeout={cfg.timeout:g} s.")
-                else:
-                    last = ("connection", f"cannot reach {url}: {exc.reason}.")
-            except (ConnectionError, http.client.HTTPException, OSError) as exc:
-                last = ("connection", f"connection to {url} failed: {type(exc).__name__}: {exc}.")
-            if attempt < cfg.max_retries:
-                log.info("agent: %s; retry %d/%d in %.2f s", last[1], attempt + 1, cfg.max_retries, wait)
-                time.sleep(wait)
-        raise _AgentError(
-            last[0], f"{last[1]} Gave up after {attempts} attempt(s) (agent.max_retries={cfg.max_retries}).", attempts
-        )
+            part["image_url"]["url"] = "data:image/png;base64," + base64.b64encode(png_bytes(picture)).decode("ascii")
+        result = self.client.complete(sent)
+        _write(folder / "response.json", self._redact(json.dumps(result.response, indent=2)))
+        meta = {"attempts": result.attempts, "tokens_in": result.tokens_in, "tokens_out": result.tokens_out}
+        meta["cost"] = result.cost
+        return _Answer(raw=result.text, meta=meta)
 
 
 def load_script(path: str | Path, reward_names: Sequence[str] = (), every: int = 0) -> dict[int, dict]:
@@ -1042,7 +938,7 @@ class HeuristicAgent(Agent):
 
     def _answer(self, step, grids, files, state, folder, probe_history) -> _Answer:
         if not probe_history:
-            raise _AgentError(
+            raise EndpointError(
                 "no_scores",
                 "the heuristic backend needs probe scores (probe_history) and got none; train.probe_every may be 0.",
             )

@@ -32,9 +32,12 @@ __all__ = [
     "PromptsConfig",
     "RewardConfig",
     "TrainConfig",
+    "check",
+    "check_sampler",
     "config_to_dict",
     "load_config",
     "save_config",
+    "validate",
 ]
 
 
@@ -112,10 +115,46 @@ class DraftConfig:
     """Classifier-free guidance; 0 or 1 disables it (Turbo models are trained for 0)."""
     method: Literal["draft_k", "refl"] = "draft_k"
     """``draft_k``: backprop through the last ``k`` steps. ``refl``: stop at a random late step and backprop through a one-step clean-latent prediction."""
-    refl_min_step: int = -1
-    """ReFL: earliest step at which to stop (default -1: ``num_steps // 2``)."""
-    shift: float = -1.0
-    """Override of the scheduler's time shift (default -1: the model's scheduler config)."""
+    refl_min_step: int | None = None
+    """ReFL: earliest step at which to stop, in [0, draft.num_steps - 1] (null: ``num_steps // 2``)."""
+    shift: float | None = None
+    """Time shift of the flow-matching schedule (null: the model's scheduler config; SD3.5: 3.0)."""
+
+
+def check_sampler(
+    num_steps: int, k: int, method: str, refl_min_step: int | None, shift: float | None, *, training: bool = False
+) -> list[str]:
+    """The sampler's rules, in one place (config validation and :func:`pgot.generate.sample` both call it).
+
+    Args:
+        num_steps: T, Euler steps (``draft.num_steps``).
+        k: final steps with gradients (``draft.k``): in [0, T]; at least 1 to train with ``draft_k``.
+        method: ``draft_k`` or ``refl``.
+        refl_min_step: earliest ReFL stopping step, in [0, T - 1], or None.
+        shift: schedule shift (> 0) or None.
+        training: apply the training rule (``draft_k`` needs k >= 1 to give a gradient).
+
+    Returns:
+        One line per problem, naming the config keys (empty when all is well).
+    """
+    p = []
+    if num_steps < 1:
+        p.append(f"draft.num_steps must be >= 1, got {num_steps}.")
+    if method not in ("draft_k", "refl"):
+        p.append(f"draft.method must be draft_k or refl, got {method!r}.")
+    if not 0 <= k <= max(num_steps, 0):
+        p.append(
+            f"draft.k must be in [0, draft.num_steps={num_steps}], got {k}. Lower draft.k or raise draft.num_steps."
+        )
+    elif training and method == "draft_k" and k < 1:
+        p.append(f"draft.k={k} gives no gradient to train on. Set draft.k between 1 and draft.num_steps={num_steps}.")
+    if refl_min_step is not None and not 0 <= refl_min_step <= num_steps - 1:
+        p.append(
+            f"draft.refl_min_step must be in [0, draft.num_steps - 1 = {num_steps - 1}] or null, got {refl_min_step}."
+        )
+    if shift is not None and not shift > 0:
+        p.append(f"draft.shift must be > 0 or null (the model's own shift), got {shift}.")
+    return p
 
 
 @dataclass
@@ -405,16 +444,8 @@ def _check_ranges(cfg: Config) -> list[str]:
     )
     need(m.lora_rank >= 1, f"model.lora_rank must be >= 1, got {m.lora_rank}.")
     need(m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}.")
-    need(d.num_steps >= 1, f"draft.num_steps must be >= 1, got {d.num_steps}.")
-    need(
-        0 <= d.k <= max(d.num_steps, 0),
-        f"draft.k must be in [0, draft.num_steps={d.num_steps}], got {d.k}. Lower draft.k or raise draft.num_steps.",
-    )
+    p.extend(check_sampler(d.num_steps, d.k, d.method, d.refl_min_step, d.shift))
     need(d.guidance_scale >= 0, f"draft.guidance_scale must be >= 0, got {d.guidance_scale}.")
-    need(
-        d.refl_min_step < d.num_steps,
-        f"draft.refl_min_step must be < draft.num_steps={d.num_steps}, got {d.refl_min_step}.",
-    )
     need(o.epsilon > 0, f"ot.epsilon must be > 0, got {o.epsilon}.")
     need(o.max_iter >= 1, f"ot.max_iter must be >= 1, got {o.max_iter}.")
     need(o.tol > 0, f"ot.tol must be > 0, got {o.tol}.")
@@ -555,7 +586,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, (list, tuple)):
             problems.append(f"{key} must be a list, got {value!r}.")
             return None
-        return [_coerce(v, item_tp, f"{key}.{i}", problems) for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, f"{key}.{i}", problems) for i, v in enumerate(value)]
+        # an item that failed to coerce is reported above; dropping it lets the range checks run on the rest
+        return [v for v in items if v is not None] if dataclasses.is_dataclass(item_tp) else items
     if origin is dict:
         k_tp, v_tp = args
         if isinstance(value, str):
@@ -676,12 +709,15 @@ def _parse_override(text: str) -> tuple[str, Any] | None:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: typing.Sequence[str] = (), stage: str | None = None
+) -> Config:
     """Read a YAML config, apply dotted ``key=value`` overrides, coerce and validate.
 
     Args:
         path: YAML file; None for the defaults.
         overrides: strings such as ``train.max_steps=10`` or ``rewards.0.weight=2``.
+        stage: also check the rules of this stage (``precompute``, ``train``, ``eval``; see :func:`check`).
 
     Returns:
         The validated :class:`Config`.
@@ -712,11 +748,79 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             continue
         _set_dotted(data, parsed[0], parsed[1], problems)
     cfg = _build(Config, data, "", problems)
-    if not problems:
-        problems.extend(_check_ranges(cfg))
+    problems.extend(check(cfg, stage))  # range and stage checks too, so every problem is reported at once
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))
     return cfg
+
+
+STAGES = ("precompute", "train", "eval")
+"""The stages a config can be checked for (:func:`check`)."""
+
+
+def check(cfg: Config, stage: str | None = None) -> list[str]:
+    """Every problem of ``cfg`` that needs no file, model or weights, one line each (empty when all is well).
+
+    Args:
+        cfg: a config (fields of a type that failed to coerce hold their defaults).
+        stage: also apply the rules of ``precompute``, ``train`` or ``eval``; None: only the section rules.
+    """
+    problems = _check_ranges(cfg)
+    if stage is None:
+        return problems
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}.")
+    if not cfg.rewards:
+        problems.append("rewards is empty; list at least one reward, e.g. rewards: [{name: colorfulness}].")
+    if stage == "train":
+        problems.extend(_check_train(cfg))
+    if stage == "eval":
+        problems.extend(_check_eval(cfg))
+    return problems
+
+
+def validate(cfg: Config, stage: str | None = None) -> None:
+    """Raise :class:`ConfigError` listing every problem :func:`check` finds.
+
+    Raises:
+        ConfigError: one or more problems.
+    """
+    problems = check(cfg, stage)
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+
+
+def _check_train(cfg: Config) -> list[str]:
+    t, d, p = cfg.train, cfg.draft, []
+    p.extend(q for q in check_sampler(d.num_steps, d.k, d.method, d.refl_min_step, d.shift, training=True))
+    active = t.active_rewards or cfg.reward_names
+    if t.objective == "single_reward" and len(active) != 1 and cfg.rewards:
+        p.append(
+            f"train.objective=single_reward needs exactly one active reward, got {len(active)} ({', '.join(active)}). "
+            f"Set train.active_rewards=[{active[0]}] (the other rewards are still scored and logged)."
+        )
+    if cfg.agent.backend != "none" and t.objective == "single_reward":
+        p.append(
+            "agent.backend with train.objective=single_reward cannot remove the only reward. Set agent.backend=none."
+        )
+    return p
+
+
+def _check_eval(cfg: Config) -> list[str]:
+    e, names, p = cfg.eval, cfg.reward_names, []
+    for set_name, members in e.reward_sets.items():
+        if not members:
+            p.append(f"eval.reward_sets.{set_name} is empty; list at least one reward.")
+        for n in members:
+            if n not in names:
+                p.append(
+                    f"eval.reward_sets.{set_name} names {n!r}, which is not a scored reward ({', '.join(names) or 'none'}). "
+                    f"Add it to rewards, or set eval.reward_sets, e.g. eval.reward_sets='{{all: [{', '.join(names)}]}}'."
+                )
+    sr = e.scatter_rewards
+    if sr and (len(sr) != 2 or any(n not in names for n in sr)):
+        p.append(f"eval.scatter_rewards must name two scored rewards ({', '.join(names)}), got {sr}.")
+    return p
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -35,6 +35,7 @@ scored model are appended atomically as soon as it is done, so a crash keeps eve
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -344,8 +345,7 @@ def _generate_batch(cfg: Config, model: Any, rewards: list, chunk: pd.DataFrame)
             torch.tensor(chunk["prompt_id"].to_numpy()),
             torch.tensor(chunk["sample_index"].to_numpy()),
             cfg.eval.seed,
-            cfg.draft,
-            k=0,
+            **dataclasses.asdict(cfg.draft) | {"k": 0},
             cache_dir=cfg.model.embedding_cache or None,
         ).float()
         s = _score_images(rewards, list(images), chunk["prompt"].tolist(), len(chunk), images.device)
@@ -383,7 +383,8 @@ def _generate_and_score(
 ) -> None:
     from tqdm.auto import tqdm
 
-    from pgot.model import load_model, resolve_device
+    from pgot.devices import resolve_device
+    from pgot.model import load_model
 
     e = cfg.eval
     prompts, ids = _eval_prompts(cfg)
@@ -564,7 +565,7 @@ def read_manifest(
 def _rescore(
     cfg: Config, specs_order: list[str], manifest: pd.DataFrame, scores_path: Path, rewards_factory: Any
 ) -> None:
-    from pgot.model import resolve_device
+    from pgot.devices import resolve_device
 
     existing = read_scores(scores_path)
     for name in specs_order:
@@ -1144,7 +1145,7 @@ def _score_generated(cfg: Config, out: Path, scores_path: Path, factory: Any) ->
 
 
 def _preference_section(cfg: Config, factory: Any) -> _Section:
-    from pgot.model import resolve_device
+    from pgot.devices import resolve_device
 
     e = cfg.eval
     data = read_preference_data(e.preference_data)

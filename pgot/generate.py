@@ -27,14 +27,15 @@ import contextlib
 import hashlib
 import logging
 import struct
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
-from pgot.model import PromptEmbeds, SD3Model, encode_prompts
-
-if TYPE_CHECKING:
-    from pgot.config import DraftConfig
+from pgot.config import check_sampler
+from pgot.embeddings import PromptEmbeds, encode_prompts
+from pgot.model import SD3Model
 
 __all__ = ["decode", "generate", "make_noise", "noise_seed", "sample", "sigmas", "timesteps"]
 
@@ -96,13 +97,13 @@ def make_noise(
 def _schedule(
     model: SD3Model, num_steps: int, shift: float | None = None, resolution: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigmas (T+1,), timesteps (T,)) in float32 on the CPU, as StableDiffusion3Pipeline computes them."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+    """(sigmas (T+1,), timesteps (T,)) in float32 on the CPU, as StableDiffusion3Pipeline computes them.
 
+    ``shift=None`` keeps the model's scheduler config (the one place where "None = the model's default" is read).
+    """
     if num_steps < 1:
         raise ValueError(f"draft.num_steps must be >= 1, got {num_steps}.")
-    overrides = {} if shift is None or shift < 0 else {"shift": float(shift)}
+    overrides = {} if shift is None else {"shift": float(shift)}
     sched = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config, **overrides)
     kwargs = {}
     if sched.config.get("use_dynamic_shifting", False):
@@ -125,7 +126,7 @@ def sigmas(model: SD3Model, num_steps: int, shift: float | None = None, resoluti
     Args:
         model: the model (its scheduler config: shift, dynamic shifting).
         num_steps: T.
-        shift: override of the scheduler's shift (``draft.shift``; None or < 0: the model's).
+        shift: override of the scheduler's shift (``draft.shift``; None: the model's).
         resolution: image size for dynamically shifted schedules (default ``model.resolution``).
     """
     return _schedule(model, num_steps, shift, resolution)[0]
@@ -188,13 +189,13 @@ def sample(
     noise: torch.Tensor,
     *,
     num_steps: int,
-    k: int,
+    k: int = 0,
     guidance_scale: float = 0.0,
     method: Literal["draft_k", "refl"] = "draft_k",
+    shift: float | None = None,
+    refl_min_step: int | None = None,
     refl_step: int | None = None,
     generator: torch.Generator | None = None,
-    refl_min_step: int = -1,
-    shift: float | None = None,
     autocast: bool | None = None,
 ) -> torch.Tensor:
     """Run the flow-matching Euler sampler from ``noise``; gradients only through the last ``k`` steps.
@@ -203,7 +204,8 @@ def sample(
     LoRA parameters; activations recomputed when gradient checkpointing is on). ``k = 0``: no gradient at all.
     ``refl``: steps ``[0, t)`` without gradient, then one transformer call with gradients at step t and the
     clean-latent prediction ``x0 = x_t - sigma_t * v``; ``k`` is ignored. t is ``refl_step`` or, when None,
-    uniform in ``[refl_min_step, T - 1]`` (``refl_min_step < 0``: ``T // 2``) drawn from ``generator`` once per call.
+    uniform in ``[refl_min_step, T - 1]`` (``refl_min_step=None``: ``T // 2``) drawn from ``generator`` once per
+    call. The keyword names equal the ``draft`` config keys, so ``sample(..., **asdict(cfg.draft))`` works.
 
     Args:
         model: the model (transformer on ``model.device``).
@@ -214,28 +216,28 @@ def sample(
         k: number of final steps with gradients, in [0, T].
         guidance_scale: classifier-free guidance (on when > 1, as in diffusers).
         method: ``draft_k`` or ``refl``.
-        refl_step: ReFL stopping step.
+        shift: scheduler shift override (None: the model's).
+        refl_min_step: earliest random ReFL step (None: ``T // 2``).
+        refl_step: ReFL stopping step (None: random, see above).
         generator: CPU generator for the ReFL step.
-        refl_min_step: earliest random ReFL step.
-        shift: scheduler shift override (None or < 0: the model's).
         autocast: bf16 autocast (default: on for CUDA models in bf16/fp16).
 
     Returns:
         (B, C, h, w) float32 latents (the ReFL x0 prediction for ``refl``), differentiable when k > 0 / refl.
+
+    Raises:
+        ValueError: settings outside :func:`pgot.config.check_sampler`'s rules, or mismatched shapes.
     """
     T = int(num_steps)
-    if not 0 <= k <= T:
-        raise ValueError(
-            f"draft.k must be in [0, draft.num_steps={T}], got {k}. Lower draft.k or raise draft.num_steps."
-        )
+    problems = check_sampler(T, k, method, refl_min_step, shift)
+    if problems:
+        raise ValueError(" ".join(problems))
     if noise.ndim != 4 or noise.shape[0] != len(embeds):
         raise ValueError(f"noise must be (B, C, h, w) with B = {len(embeds)} embedding rows, got {tuple(noise.shape)}.")
     if guidance_scale > 1.0 and embeds.negative_prompt_embeds is None:
         raise ValueError(
             f"draft.guidance_scale={guidance_scale} needs negative embeddings; call encode_prompts(..., negative=True)."
         )
-    if method not in ("draft_k", "refl"):
-        raise ValueError(f"draft.method must be draft_k or refl, got {method!r}.")
     sig, ts = _schedule(model, T, shift)
     sig = sig.to(model.device)
     ts = ts.to(model.device)
@@ -243,12 +245,8 @@ def sample(
     x = noise.to(model.device, torch.float32)
 
     if method == "refl":
-        lo = T // 2 if refl_min_step < 0 else int(refl_min_step)
         if refl_step is None:
-            if not 0 <= lo <= T - 1:
-                raise ValueError(
-                    f"draft.refl_min_step must be in [0, draft.num_steps - 1 = {T - 1}], got {refl_min_step}."
-                )
+            lo = T // 2 if refl_min_step is None else int(refl_min_step)
             refl_step = int(torch.randint(lo, T, (1,), generator=generator).item())
         if not 0 <= refl_step <= T - 1:
             raise ValueError(f"ReFL step must be in [0, {T - 1}], got {refl_step}.")
@@ -301,15 +299,22 @@ def generate(
     prompt_ids: torch.Tensor | list[int],
     sample_indices: torch.Tensor | list[int],
     seed: int,
-    draft: DraftConfig,
-    k: int | None = None,
-    embeds: PromptEmbeds | None = None,
     *,
+    num_steps: int,
+    k: int = 0,
+    guidance_scale: float = 0.0,
+    method: Literal["draft_k", "refl"] = "draft_k",
+    shift: float | None = None,
+    refl_min_step: int | None = None,
+    embeds: PromptEmbeds | None = None,
     resolution: int | None = None,
     cache_dir: str | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Encode (cached) + noise + sample + decode: images of ``prompts`` with the ``draft`` settings.
+    """Encode (cached) + noise + sample + decode: images of ``prompts``.
+
+    The sampler keywords are those of :func:`sample` (and the ``draft`` config keys):
+    ``generate(model, prompts, ids, idx, seed, **asdict(cfg.draft) | {"k": 0})``.
 
     Args:
         model: the model.
@@ -317,9 +322,8 @@ def generate(
         prompt_ids: (B,) stable prompt ids (noise).
         sample_indices: (B,) sample index within its prompt (noise).
         seed: run seed.
-        draft: the ``draft`` section (num_steps, k, guidance_scale, method, refl_min_step, shift).
-        k: overrides ``draft.k`` (e.g. 0 for evaluation).
-        embeds: precomputed per-image embeddings (B rows); default: :func:`pgot.model.encode_prompts`.
+        num_steps, k, guidance_scale, method, shift, refl_min_step: the sampler settings (:func:`sample`).
+        embeds: precomputed per-image embeddings (B rows); default: :func:`pgot.embeddings.encode_prompts`.
         resolution: image size (default ``model.resolution``).
         cache_dir: disk cache of prompt embeddings.
         generator: CPU generator of the ReFL step.
@@ -329,7 +333,7 @@ def generate(
     """
     if embeds is None:
         unique = list(dict.fromkeys(prompts))
-        enc = encode_prompts(model, unique, cache_dir, negative=draft.guidance_scale > 1.0)
+        enc = encode_prompts(model, unique, cache_dir, negative=guidance_scale > 1.0)
         pos = {p: i for i, p in enumerate(unique)}
         embeds = enc.select([pos[p] for p in prompts])
     shape = model.latent_shape(resolution or model.resolution)
@@ -338,12 +342,12 @@ def generate(
         model,
         embeds,
         noise,
-        num_steps=draft.num_steps,
-        k=draft.k if k is None else k,
-        guidance_scale=draft.guidance_scale,
-        method=draft.method,
+        num_steps=num_steps,
+        k=k,
+        guidance_scale=guidance_scale,
+        method=method,
+        shift=shift,
+        refl_min_step=refl_min_step,
         generator=generator,
-        refl_min_step=draft.refl_min_step,
-        shift=None if draft.shift < 0 else draft.shift,
     )
     return decode(model, latents)

@@ -8,6 +8,7 @@ rounds ``x * 255`` to the nearest integer after clamping to ``[0, 1]``, so a PNG
 from __future__ import annotations
 
 import io
+import json
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from pgot.files import atomic_write
 
-__all__ = ["font", "labelled_grid", "load_image", "save_png", "to_pil", "to_uint8"]
+__all__ = ["font", "labelled_grid", "load_image", "png_bytes", "save_png", "to_pil", "to_uint8"]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -55,7 +57,7 @@ def load_image(source: str | Path | bytes) -> torch.Tensor:
 def save_png(image: torch.Tensor | Image.Image, path: str | Path) -> Path:
     """Write one image (``(3, H, W)`` tensor in [0, 1], or a PIL image) as a PNG, atomically; returns ``path``."""
     pil = image if isinstance(image, Image.Image) else to_pil(image)
-    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"), fsync=False)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(png_bytes(pil)), fsync=False)
 
 
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -90,7 +92,8 @@ def labelled_grid(
         tile: longest side of each tile in pixels; larger images are downscaled (never upscaled).
 
     Returns:
-        An RGB PIL image on a white background.
+        An RGB PIL image on a white background. ``image.info["tiles"]`` holds the tiles' boxes as JSON,
+        ``[[x, y, width, height], ...]`` in image order (:func:`save_png` keeps it as a PNG text chunk).
 
     Raises:
         ValueError: bad shapes, ``columns < 1`` or more labels than rows / columns.
@@ -131,7 +134,21 @@ def labelled_grid(
         y = top + r * (th + pad)
         for k, line in enumerate(lines):
             draw.text((pad, y + k * line_h), line, fill="black", font=small)
+    boxes = []
     for i, t in enumerate(tiles):
         r, c = divmod(i, columns)
-        canvas.paste(t, (label_w + pad + c * (tw + pad), top + r * (th + pad)))
+        x, y = label_w + pad + c * (tw + pad), top + r * (th + pad)
+        canvas.paste(t, (x, y))
+        boxes.append([x, y, t.width, t.height])
+    canvas.info["tiles"] = json.dumps(boxes)
     return canvas
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG, with its ``info["tiles"]`` (if any) as a text chunk."""
+    meta = PngInfo()
+    if "tiles" in image.info:
+        meta.add_text("tiles", str(image.info["tiles"]))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=meta)
+    return buffer.getvalue()

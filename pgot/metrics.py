@@ -36,6 +36,7 @@ __all__ = [
     "bootstrap_samples",
     "comparison_indicators",
     "comparison_table",
+    "gaussian_kl",
     "jcr",
     "jdr",
     "mean_score_table",
@@ -371,3 +372,21 @@ def mean_score_table(
         row["nan"] = int((~torch.isfinite(s)).any(dim=1).sum())
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
+
+
+def gaussian_kl(scores: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Per-reward KL divergence of Gaussian fits, ``KL(N(m_t, s_t^2) || N(m_0, s_0^2))`` (paper appendix D.4).
+
+    ``KL = log(s_0 / s_t) + (s_t^2 + (m_t - m_0)^2) / (2 s_0^2) - 1/2`` with population standard deviations.
+
+    Args:
+        scores: (B, M) reward vectors now.
+        base: (B0, M) reward vectors of the reference (the step-0 model).
+
+    Returns:
+        (M,) float64; non-finite where a spread is zero or a value is non-finite.
+    """
+    s, b = scores.double(), base.double()
+    m1, s1 = s.mean(0), s.std(0, unbiased=False)
+    m0, s0 = b.mean(0), b.std(0, unbiased=False)
+    return torch.log(s0 / s1) + (s1**2 + (m1 - m0) ** 2) / (2 * s0**2) - 0.5

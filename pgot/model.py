@@ -1,11 +1,9 @@
-"""SD3 / SD3.5 base models, their LoRA adapters and cached prompt embeddings.
+"""SD3 / SD3.5 base models and their LoRA adapters.
 
 :func:`load_model` returns an :class:`SD3Model`: the diffusers modules (MMDiT transformer, VAE, flow-match
-scheduler, CLIP-L / CLIP-G / optional T5 text encoders) plus a ``fingerprint`` that frontier stores and runs
-record. ``model.tiny=true`` builds a small random SD3 from ``model.tiny_seed`` (no weights, a fraction of a second
-per sample on CPU) for tests and the CPU demo; :func:`save_tiny` writes it as a diffusers folder that
-:func:`load_model` and ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``
-read back.
+scheduler, CLIP-L / CLIP-G / optional T5 text encoders) plus a ``fingerprint`` that frontier stores, runs and saved
+LoRAs record. ``model.tiny=true`` builds the small random SD3 of :mod:`pgot.tiny`; prompt embeddings live in
+:mod:`pgot.embeddings`.
 
 LoRA goes through peft on the attention projections (``transformer.add_adapter(LoraConfig)``), trainable
 parameters in float32. :func:`save_lora` writes ``pytorch_lora_weights.safetensors`` in the diffusers format
@@ -14,16 +12,10 @@ which ``StableDiffusion3Pipeline.load_lora_weights`` loads unchanged. :func:`loa
 :func:`load_lora_soup` load such files as frozen adapters; a soup activates several adapters at once with
 ``set_adapters(names, weights)``, which in peft adds ``sum_i w_i * (alpha_i / r_i) * B_i A_i x`` to every target
 layer: exactly the weighted sum of the LoRA deltas, without merging them into the base weights.
-
-Prompt embeddings are computed once by the pipeline's own ``encode_prompt`` (so they match diffusers exactly),
-kept in memory on the CPU and optionally on disk as ``<cache_dir>/<sha1>.safetensors``, where the sha1 covers the
-prompt, the model fingerprint and the text settings. After encoding, :func:`offload_text_encoders` frees the
-text encoders so training never holds them on the GPU.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -32,28 +24,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+from pgot.devices import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusion3Pipeline
-
     from pgot.config import ModelConfig
 
 __all__ = [
     "LORA_WEIGHT_NAME",
-    "PromptEmbeds",
     "SD3Model",
     "add_lora",
-    "encode_prompts",
     "load_lora",
     "load_lora_soup",
     "load_model",
     "lora_state_dict",
-    "offload_text_encoders",
     "pipeline",
-    "resolve_device",
-    "resolve_dtype",
+    "resolve_lora_file",
     "save_lora",
-    "save_tiny",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,67 +67,6 @@ _GET_WEIGHTS = (
     "`huggingface-cli login` first), then set model.path=<folder>; or use model.tiny=true for a small random "
     "model that needs no weights."
 )
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# --------------------------------------------------------------------------------------------
-# Containers
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptEmbeds:
-    """Text conditioning of SD3, one row per prompt (or per image once expanded).
-
-    Attributes:
-        prompt_embeds: (P, L, D) CLIP-L/CLIP-G penultimate states (padded to D) followed by T5 states.
-        pooled: (P, D_pool) pooled CLIP-L and CLIP-G projections, concatenated.
-        negative_prompt_embeds: (P, L, D) the same for the empty prompt (classifier-free guidance), or None.
-        negative_pooled: (P, D_pool) or None.
-    """
-
-    prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None = None
-    negative_pooled: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def _map(self, fn: Any) -> PromptEmbeds:
-        neg = self.negative_prompt_embeds
-        negp = self.negative_pooled
-        return PromptEmbeds(
-            fn(self.prompt_embeds),
-            fn(self.pooled),
-            None if neg is None else fn(neg),
-            None if negp is None else fn(negp),
-        )
-
-    def select(self, index: torch.Tensor | list[int]) -> PromptEmbeds:
-        """Rows ``index`` (e.g. ``torch.arange(P).repeat_interleave(N)`` to give each of N samples its prompt)."""
-        idx = torch.as_tensor(index, dtype=torch.long, device=self.prompt_embeds.device)
-        return self._map(lambda t: t.index_select(0, idx.to(t.device)))
-
-    def repeat_interleave(self, n: int) -> PromptEmbeds:
-        """Each prompt row repeated ``n`` times in a row: (P, ...) -> (P*n, ...), the ``B = P*N`` layout."""
-        return self._map(lambda t: t.repeat_interleave(n, dim=0))
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
-        """Moved / cast copy."""
-        return self._map(lambda t: t.to(device=device, dtype=dtype))
-
-    @staticmethod
-    def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
-        """Concatenate along the row dimension (negatives kept only when every item has them)."""
-        has_neg = all(e.negative_prompt_embeds is not None for e in items)
-        return PromptEmbeds(
-            torch.cat([e.prompt_embeds for e in items]),
-            torch.cat([e.pooled for e in items]),
-            torch.cat([e.negative_prompt_embeds for e in items]) if has_neg else None,
-            torch.cat([e.negative_pooled for e in items]) if has_neg else None,
-        )
 
 
 @dataclass
@@ -208,168 +144,8 @@ class SD3Model:
 
 
 # --------------------------------------------------------------------------------------------
-# Devices and dtypes
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/None -> CUDA when available, else CPU; anything else as given."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``/None -> bfloat16 on CUDA, float32 elsewhere; a name from ``model.dtype`` otherwise."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}.")
-    return _DTYPES[dtype]
-
-
-# --------------------------------------------------------------------------------------------
-# Tiny random SD3
-# --------------------------------------------------------------------------------------------
-
-TINY_TEXT_LENGTH = 77
-"""CLIP token length of the tiny tokenizers (as the real ones; one token per character, so prompts longer than 75 characters are truncated)."""
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte -> printable unicode table (what byte-level BPE vocabularies are written in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
-def _tiny_tokenizer() -> Any:
-    """A CLIP tokenizer over single bytes: every byte and every byte + ``</w>`` is a token, no merges.
-
-    514 tokens; any text tokenizes (one token per character), and distinct prompts give distinct ids.
-    """
-    from transformers import CLIPTokenizer
-
-    chars = list(_bytes_to_unicode().values())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_TEXT_LENGTH)
-
-
-def _tiny_components(seed: int) -> dict[str, Any]:
-    """Random tiny SD3 modules, deterministic in ``seed`` (float32, CPU).
-
-    Transformer: 2 MMDiT blocks of width 32 (2 heads of 16, RMS qk-norm as SD3.5), patch 2, 16 latent channels.
-    VAE: 3 blocks (scale factor 4), 16 latent channels, SD3's scaling and shift factors. Text: two 2-layer CLIP
-    encoders of width 16 with 16-d projections (joint width 32 = 16 + 16, pooled 32); no T5.
-    """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    tokenizer = _tiny_tokenizer()
-    gen_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(
-            sample_size=16,
-            patch_size=2,
-            in_channels=16,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            caption_projection_dim=32,
-            pooled_projection_dim=32,
-            out_channels=16,
-            pos_embed_max_size=32,
-            qk_norm="rms_norm",
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(8, 16, 16),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=4,
-            sample_size=32,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            mid_block_add_attention=False,
-        )
-        encoders = []
-        for _ in range(2):
-            te_cfg = CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=TINY_TEXT_LENGTH,
-                projection_dim=16,
-                hidden_act="gelu",
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-            encoders.append(CLIPTextModelWithProjection(te_cfg))
-    finally:
-        torch.random.set_rng_state(gen_state)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    return {
-        "transformer": transformer,
-        "vae": vae,
-        "scheduler": scheduler,
-        "text_encoder": encoders[0],
-        "text_encoder_2": encoders[1],
-        "tokenizer": tokenizer,
-        "tokenizer_2": _tiny_tokenizer(),
-    }
-
-
-# --------------------------------------------------------------------------------------------
 # Fingerprints
 # --------------------------------------------------------------------------------------------
-
-
-def _config_json(module: Any) -> str:
-    cfg = getattr(module, "config", None)
-    if cfg is None:
-        return "null"
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    d = {
-        k: v
-        for k, v in d.items()
-        if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")
-    }
-    return json.dumps(d, sort_keys=True, default=str)
-
-
-def _tiny_fingerprint(parts: dict[str, Any], seed: int) -> str:
-    h = hashlib.sha1(f"tiny:{seed}".encode())
-    for name in sorted(parts):
-        module = parts[name]
-        h.update(name.encode())
-        h.update(_config_json(module).encode())
-        if isinstance(module, torch.nn.Module):
-            for pname, p in sorted(module.state_dict().items()):
-                h.update(pname.encode())
-                h.update(p.detach().float().cpu().numpy().tobytes())
-    return "tiny-" + h.hexdigest()[:16]
 
 
 def _folder_fingerprint(folder: Path) -> str:
@@ -455,23 +231,12 @@ def load_model(
     dev = resolve_device(device if device is not None else cfg.device)
     dt = resolve_dtype(dtype if dtype is not None else cfg.dtype, dev)
     if cfg.tiny:
-        parts = _tiny_components(cfg.tiny_seed)
-        fp = _tiny_fingerprint(parts, cfg.tiny_seed)
-        for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-            parts[name] = parts[name].to(dev) if dt == torch.float32 else parts[name].to(device=dev, dtype=dt)
-        model = SD3Model(
-            **parts,
-            fingerprint=fp,
-            path="tiny",
-            dtype=dt,
-            device=dev,
-            max_sequence_length=cfg.max_sequence_length,
-            resolution=cfg.resolution,
+        from pgot.tiny import build_tiny  # pgot.tiny imports this module
+
+        model = build_tiny(
+            cfg.tiny_seed, dev, dt, max_sequence_length=cfg.max_sequence_length, resolution=cfg.resolution
         )
         return _finish(model, cfg)
-
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = _check_folder(cfg.path)
     src = str(folder)
@@ -531,8 +296,6 @@ def pipeline(model: SD3Model) -> StableDiffusion3Pipeline:
     The text encoders must still be loaded for ``encode_prompt``; sampling from precomputed embeddings works
     without them.
     """
-    from diffusers import StableDiffusion3Pipeline
-
     return StableDiffusion3Pipeline(
         transformer=model.transformer,
         scheduler=model.scheduler,
@@ -544,157 +307,6 @@ def pipeline(model: SD3Model) -> StableDiffusion3Pipeline:
         text_encoder_3=model.text_encoder_3,
         tokenizer_3=model.tokenizer_3,
     )
-
-
-def save_tiny(model: SD3Model, folder: str | Path) -> Path:
-    """Write the model (without LoRA adapters) as a diffusers folder that :func:`load_model` reads.
-
-    The tiny model has no T5, so diffusers loads the folder as it loads any SD3 folder without T5:
-    ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``.
-
-    Args:
-        model: normally a tiny model (any model works, but a real one is large).
-        folder: destination; created if needed.
-
-    Returns:
-        The folder.
-    """
-    if model.text_encoder is None or model.text_encoder_2 is None:
-        raise ValueError("save_tiny needs the text encoders; call it before offload_text_encoders(model).")
-    if getattr(model.transformer, "peft_config", None):
-        raise ValueError(
-            "save_tiny writes the base model only; save it before add_lora / load_lora (use save_lora for adapters)."
-        )
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    pipe = pipeline(model)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    # diffusers leaves absent components (no T5) out of model_index.json; [null, null] entries record them
-    index_file = folder / "model_index.json"
-    index = json.loads(index_file.read_text())
-    for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
-        if getattr(pipe, name, None) is None:
-            index.setdefault(name, [None, None])
-    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return folder
-
-
-# --------------------------------------------------------------------------------------------
-# Prompt embeddings
-# --------------------------------------------------------------------------------------------
-
-
-def _embed_key(model: SD3Model, prompt: str) -> str:
-    text = json.dumps(
-        [
-            prompt,
-            model.fingerprint,
-            model.max_sequence_length,
-            model.text_encoder_3 is not None or model.tokenizer_3 is not None,
-        ],
-        ensure_ascii=False,
-    )
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
-def _encode_uncached(model: SD3Model, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    if model.text_encoder is None or model.text_encoder_2 is None:
-        raise ValueError(
-            f"{len(prompts)} prompt(s) (e.g. {prompts[0]!r}) have no cached embedding and the text encoders were "
-            "offloaded. Encode every prompt with encode_prompts before offload_text_encoders(model), or point "
-            "model.embedding_cache at a folder that holds them."
-        )
-    pipe = pipeline(model)
-    with torch.no_grad():
-        pe, _, pooled, _ = pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            prompt_3=None,
-            device=model.text_encoder.device,  # the CPU after offload_text_encoders(keep_on_cpu=True)
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-            max_sequence_length=model.max_sequence_length,
-        )
-    return pe, pooled
-
-
-def encode_prompts(
-    model: SD3Model,
-    prompts: list[str],
-    cache_dir: str | Path | None = None,
-    *,
-    negative: bool = True,
-    batch_size: int = 16,
-) -> PromptEmbeds:
-    """Text embeddings of ``prompts``, each computed once (memory cache, then the disk cache, then the encoders).
-
-    The embeddings are those of ``StableDiffusion3Pipeline.encode_prompt`` (CLIP-L and CLIP-G penultimate
-    states padded to the joint width, T5 states or zeros without T5). The disk cache holds
-    ``<cache_dir>/<sha1(prompt, fingerprint, text settings)>.safetensors`` with tensors ``prompt_embeds`` (L, D)
-    and ``pooled`` (D_pool,).
-
-    Args:
-        model: the model; its text encoders are needed only for prompts not cached yet.
-        prompts: P prompt texts.
-        cache_dir: optional folder for the disk cache.
-        negative: also return the empty prompt's embeddings expanded to P rows (for guidance).
-        batch_size: prompts per text-encoder call.
-
-    Returns:
-        :class:`PromptEmbeds` with (P, L, D) and (P, D_pool) tensors on ``model.device`` in ``model.dtype``.
-    """
-    from safetensors.torch import load_file, save_file
-
-    texts = list(prompts) + ([""] if negative else [])
-    keys = [_embed_key(model, p) for p in texts]
-    folder = Path(cache_dir) if cache_dir else None
-    missing: dict[str, str] = {}
-    for text, key in zip(texts, keys, strict=True):
-        if key in model.embed_cache or key in missing:
-            continue
-        f = folder / f"{key}.safetensors" if folder else None
-        if f is not None and f.is_file():
-            t = load_file(str(f))
-            model.embed_cache[key] = (t["prompt_embeds"], t["pooled"])
-        else:
-            missing[key] = text
-    if missing:
-        items = list(missing.items())
-        logger.debug("encoding %d prompt(s)", len(items))
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-        for s in range(0, len(items), batch_size):
-            chunk = items[s : s + batch_size]
-            pe, pooled = _encode_uncached(model, [t for _, t in chunk])
-            for j, (key, _) in enumerate(chunk):
-                row = (pe[j].detach().cpu().clone(), pooled[j].detach().cpu().clone())
-                model.embed_cache[key] = row
-                if folder is not None:
-                    save_file(
-                        {"prompt_embeds": row[0].contiguous(), "pooled": row[1].contiguous()},
-                        str(folder / f"{key}.safetensors"),
-                    )
-    rows = [model.embed_cache[k] for k in keys[: len(prompts)]]
-    pe = torch.stack([r[0] for r in rows]).to(model.device, model.dtype)
-    pooled = torch.stack([r[1] for r in rows]).to(model.device, model.dtype)
-    neg = negp = None
-    if negative:
-        ne, np_ = model.embed_cache[keys[-1]]
-        neg = ne.to(model.device, model.dtype).unsqueeze(0).expand(len(prompts), -1, -1)
-        negp = np_.to(model.device, model.dtype).unsqueeze(0).expand(len(prompts), -1)
-    return PromptEmbeds(pe, pooled, neg, negp)
-
-
-def offload_text_encoders(model: SD3Model, keep_on_cpu: bool = False) -> None:
-    """Free the text encoders (or move them to the CPU) once every prompt is encoded; cached prompts still work."""
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        m = getattr(model, name)
-        if m is None:
-            continue
-        setattr(model, name, m.to("cpu") if keep_on_cpu else None)
-    gc.collect()
-    if model.device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------
@@ -719,8 +331,6 @@ def add_lora(model: SD3Model, cfg: ModelConfig, init_from: str | Path | None = N
     Returns:
         The trainable LoRA parameters (float32).
     """
-    from peft import LoraConfig
-
     if TRAIN_ADAPTER in (getattr(model.transformer, "peft_config", None) or {}):
         raise ValueError("the model already has a trainable LoRA adapter; call add_lora once per model.")
     lcfg = LoraConfig(
@@ -739,8 +349,6 @@ def add_lora(model: SD3Model, cfg: ModelConfig, init_from: str | Path | None = N
     active = [TRAIN_ADAPTER] + [a for a in _adapter_names(model) if a != TRAIN_ADAPTER and a in _active(model)]
     _set_active(model, active, [1.0] + [_adapter_weight(model, a) for a in active[1:]])
     if init_from is not None:
-        from peft.utils import set_peft_model_state_dict
-
         sd = _read_lora(init_from)
         res = set_peft_model_state_dict(model.transformer, sd, adapter_name=TRAIN_ADAPTER)
         unexpected = getattr(res, "unexpected_keys", None) or []
@@ -780,8 +388,6 @@ def _adapter_weight(model: SD3Model, name: str) -> float:
 
 def lora_state_dict(model: SD3Model, adapter_name: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
     """The adapter's weights in peft naming (``transformer_blocks.0.attn.to_q.lora_A.weight``), detached."""
-    from peft.utils import get_peft_model_state_dict
-
     if adapter_name not in _adapter_names(model):
         raise ValueError(
             f"the model has no LoRA adapter {adapter_name!r} (it has: {', '.join(_adapter_names(model)) or 'none'}); call add_lora first."
@@ -808,8 +414,6 @@ def save_lora(
     Returns:
         The path of the written file.
     """
-    from diffusers import StableDiffusion3Pipeline
-
     sd = lora_state_dict(model, adapter_name)
     sd = {k: (v.to(dtype) if dtype is not None else v).contiguous().cpu() for k, v in sd.items()}
     meta = model.transformer.peft_config[adapter_name].to_dict()
@@ -846,8 +450,6 @@ def resolve_lora_file(path: str | Path, key: str = "model.lora_path") -> Path:
 
 def _read_lora(path: str | Path) -> dict[str, torch.Tensor]:
     """A diffusers SD3 LoRA file as a peft state dict of the transformer (``transformer.`` prefix removed)."""
-    from safetensors.torch import load_file
-
     f = resolve_lora_file(path)
     sd = load_file(str(f))
     out = {k.removeprefix("transformer."): v for k, v in sd.items() if k.startswith("transformer.")}
@@ -863,8 +465,6 @@ def _load_adapter(model: SD3Model, path: str | Path, name: str) -> None:
         raise ValueError(f"a LoRA adapter named {name!r} is already loaded; pass another adapter_name.")
     f = resolve_lora_file(path)
     trainable = _trainable_state(model)
-    from diffusers import StableDiffusion3Pipeline
-
     # read through the pipeline's loader, as load_lora_weights does: it returns the LoraConfig metadata
     # (lora_alpha, targets) that load_lora_adapter(path) alone would ignore (alpha would default to r)
     sd, metadata = StableDiffusion3Pipeline.lora_state_dict(str(f), return_lora_metadata=True)

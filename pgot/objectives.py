@@ -12,7 +12,7 @@ Paper: "Pareto-Guided Optimal Transport for Multi-Reward Alignment", sections 2.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -23,17 +23,21 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "OBJECTIVES",
+    "compute",
+    "hetero_weighted_sum",
+    "needs_pool",
+    "needs_store",
     "normalize",
     "pgot_offline",
     "pgot_online",
-    "pgot_offline_stats",
-    "offline_stats",
-    "pgot_online_stats",
+    "separate_constraints",
     "single_reward",
     "weighted_sum",
-    "hetero_weighted_sum",
-    "separate_constraints",
 ]
+
+OBJECTIVES = ("pgot", "single_reward", "weighted_sum", "hetero_weighted_sum", "separate_constraints")
+"""The values of ``train.objective``: PG-OT and the paper's baselines (Table 3)."""
+
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -348,57 +352,102 @@ def separate_constraints(
     return _reduce(per_sample, has_front.sum() * scores.shape[1], reduction)
 
 
-@torch.no_grad()
-def pgot_offline_stats(scores: torch.Tensor, front: torch.Tensor, front_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Detached counts of the offline strategy, for logging (0-dim tensors; ``.item()`` them when logging).
+# --------------------------------------------------------------------------------------------
+# The dispatch: a configured objective -> (loss, diagnostics)
+# --------------------------------------------------------------------------------------------
+
+
+def needs_store(objective: str, strategy: str) -> bool:
+    """Whether ``objective`` (with ``strategy`` for PG-OT) reads per-prompt fronts from a frontier store.
+
+    PG-OT offline and auto (which starts offline) and the two heterogeneous-bound baselines do; PG-OT online
+    and the global-target baselines do not.
+    """
+    return (objective == "pgot" and strategy in ("offline", "auto")) or objective in (
+        "hetero_weighted_sum",
+        "separate_constraints",
+    )
+
+
+def needs_pool(objective: str, strategy: str) -> bool:
+    """Whether the loss needs the pool of every process's reward vectors (PG-OT online)."""
+    return objective == "pgot" and strategy == "online"
+
+
+def compute(
+    objective: str,
+    scores: torch.Tensor,
+    *,
+    strategy: Literal["offline", "online"] = "offline",
+    front: torch.Tensor | None = None,
+    front_mask: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
+    pool_mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    epsilon: float = 0.5,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of a configured objective and its diagnostics: what ``pgot-train`` and the benchmarks run.
+
+    Args:
+        objective: ``train.objective``, one of :data:`OBJECTIVES`.
+        scores: differentiable reward vectors (P, N, M) of the active rewards.
+        strategy: the current PG-OT strategy (``offline`` or ``online``; ``auto`` resolves to one of them).
+        front, front_mask: per-prompt fronts (P, F, M) and mask (P, F), needed when :func:`needs_store`.
+        pool, pool_mask: gathered reward vectors of the same prompts (P, G, M) and mask (P, G), needed when
+            :func:`needs_pool` (detached; the caller gathers them across processes).
+        weights: per-reward weights (M,) of the weighted baselines (default: all 1).
+        targets: global per-reward targets (M,) of ``weighted_sum`` (default: all 1).
+        scale: per-reward scale (M,) dividing rewards before the OT cost (``ot.normalize``); None: raw rewards.
+        epsilon, max_iter, tol: Sinkhorn settings (``ot.*``).
+        reduction: ``train.reduction``.
 
     Returns:
-        ``dominated_fraction``: fraction of samples some front point dominates (the OT source);
-        ``prompts_with_source``: fraction of prompts with at least one such sample;
-        ``front_size``: mean number of valid front points per prompt;
-        ``nan_fraction``: fraction of samples with a NaN reward.
+        ``(loss, diagnostics)``: a scalar to minimise, and detached 0-dim float tensors for logging:
+        ``n_dominated`` (samples some front point, or some pool vector, dominates: the OT sources) and
+        ``front_size`` (mean valid front points, or pool vectors, per prompt). Global-target baselines have none.
+
+    Raises:
+        ValueError: an unknown objective, or a front / pool missing for an objective that needs it.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
     _check_scores(scores)
-    _check_front(scores, front, front_mask)
-    front_mask = front_mask.to(device=scores.device, dtype=torch.bool)
-    source = dominated_by(scores, front.to(scores.device), front_mask)
-    return {
-        "dominated_fraction": source.float().mean(),
-        "prompts_with_source": source.any(-1).float().mean(),
-        "front_size": front_mask.float().sum(-1).mean(),
-        "nan_fraction": torch.isnan(scores).any(-1).float().mean(),
-    }
-
-
-offline_stats = pgot_offline_stats
-
-
-@torch.no_grad()
-def pgot_online_stats(scores: torch.Tensor, pool: torch.Tensor, pool_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Detached counts of the online strategy, for logging (0-dim tensors).
-
-    Returns:
-        ``dominated_fraction``: fraction of samples with a non-empty dominating set;
-        ``dominating_set_size``: mean dominating-set size over those samples (0 if none).
-    """
-    _check_scores(scores)
-    _check_front(scores, pool, pool_mask, name="pool")
-    sets = dominating_sets(scores, pool.to(scores.device), pool_mask.to(device=scores.device, dtype=torch.bool))
-    sizes = sets.sum(-1).float()  # (P, N)
-    has = sizes > 0
-    return {
-        "dominated_fraction": has.float().mean(),
-        "dominating_set_size": sizes.sum() / has.sum().clamp_min(1),
-    }
-
-
-OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
-    "pgot_offline": pgot_offline,
-    "pgot_online": pgot_online,
-    "single_reward": single_reward,
-    "weighted_sum": weighted_sum,
-    "hetero_weighted_sum": hetero_weighted_sum,
-    "separate_constraints": separate_constraints,
-}
-"""Loss name -> function (``train.objective`` ``pgot`` maps to ``pgot_offline`` or ``pgot_online``
-by ``train.strategy``)."""
+    m = scores.shape[-1]
+    weights = scores.new_ones(m) if weights is None else weights.to(scores.device, scores.dtype)
+    if needs_pool(objective, strategy):
+        if pool is None or pool_mask is None:
+            raise ValueError("the online PG-OT strategy needs the gathered pool of reward vectors (pool, pool_mask).")
+        loss = pgot_online(
+            normalize(scores, scale), normalize(pool, scale), pool_mask,
+            epsilon=epsilon, max_iter=max_iter, tol=tol, reduction=reduction,
+        )  # fmt: skip
+        with torch.no_grad():
+            n_dom = dominating_sets(scores.detach(), pool, pool_mask).any(-1).sum()
+        return loss, {"n_dominated": n_dom.float(), "front_size": pool_mask.sum(-1).float().mean()}
+    if objective == "single_reward":
+        return single_reward(scores, 0, reduction=reduction), {}
+    if objective == "weighted_sum":
+        c = scores.new_ones(m) if targets is None else targets.to(scores.device, scores.dtype)
+        return weighted_sum(scores, weights, c, reduction=reduction), {}
+    if front is None or front_mask is None:
+        raise ValueError(f"train.objective={objective} needs the per-prompt fronts of a frontier store (front, mask).")
+    with torch.no_grad():
+        diagnostics = {
+            "n_dominated": dominated_by(scores.detach(), front, front_mask).sum().float(),
+            "front_size": front_mask.sum(-1).float().mean(),
+        }
+    if objective == "pgot":
+        loss = pgot_offline(
+            normalize(scores, scale), normalize(front, scale), front_mask,
+            epsilon=epsilon, max_iter=max_iter, tol=tol, reduction=reduction,
+        )  # fmt: skip
+    elif objective == "hetero_weighted_sum":
+        loss = hetero_weighted_sum(scores, front, front_mask, weights, reduction=reduction)
+    else:
+        loss = separate_constraints(scores, front, front_mask, weights, reduction=reduction)
+    return loss, diagnostics

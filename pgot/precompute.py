@@ -31,14 +31,23 @@ from typing import Any
 
 import pandas as pd
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+import pgot
 from pgot import frontier as store_io
-from pgot.config import Config
+from pgot.config import Config, validate
+from pgot.generate import generate, sigmas
+from pgot.images import save_png
+from pgot.model import load_model
+from pgot.pareto import pareto_mask
+from pgot.prompts import load_prompts
+from pgot.rewards import build as build_rewards
+from pgot.rewards import score
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "store_meta"]
+__all__ = ["build_store", "run", "store_meta"]
 
 # RewardConfig fields that change a reward's scores (weight, target and strength only matter in training)
 _REWARD_SCORE_KEYS = ("name", "path", "arch", "dtype", "tiny_seed")
@@ -58,8 +67,6 @@ def store_meta(cfg: Config, fingerprint: str, model_path: str, dtype: str, sigma
         dtype: the model's weights dtype, e.g. ``float32``.
         sigmas: (T+1,) the sampler's sigma schedule.
     """
-    import pgot
-
     return {
         "schema_version": store_io.SCHEMA_VERSION,
         "pgot_version": pgot.__version__,
@@ -80,7 +87,7 @@ def store_meta(cfg: Config, fingerprint: str, model_path: str, dtype: str, sigma
             "num_steps": cfg.draft.num_steps,
             "guidance_scale": cfg.draft.guidance_scale,
             "resolution": cfg.model.resolution,
-            "shift": None if cfg.draft.shift < 0 else cfg.draft.shift,
+            "shift": cfg.draft.shift,
             "sigmas": [float(s) for s in sigmas],
         },
         "precompute": {"samples_per_prompt": cfg.precompute.samples_per_prompt, "seed": cfg.precompute.seed},
@@ -133,13 +140,8 @@ def _check_prompt_texts(done: dict[int, str], ids: list[int], prompts: list[str]
 
 
 def _save_images(store: Path, images: torch.Tensor, prompt_ids: list[int], sample_indices: list[int]) -> None:
-    from PIL import Image
-
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for a, pid, i in zip(arr, prompt_ids, sample_indices, strict=True):
-        folder = store / store_io.IMAGES_DIR / str(pid)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(a).save(folder / f"{i}.png")
+    for image, pid, i in zip(images, prompt_ids, sample_indices, strict=True):
+        save_png(image, store / store_io.IMAGES_DIR / str(pid) / f"{i}.png")
 
 
 def run(cfg: Config) -> Path:
@@ -158,79 +160,75 @@ def run(cfg: Config) -> Path:
     Raises:
         ValueError: no rewards configured, or the store was built with other settings or prompts.
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    validate(cfg, "precompute")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() or cfg.model.device == "cpu")  # gloo / NCCL
+    try:
+        return build_store(cfg, accelerator)
+    finally:
+        accelerator.end_training()  # destroys the process group; without it gloo processes abort at exit
 
-    from pgot.generate import sigmas
-    from pgot.model import load_model
-    from pgot.prompts import load_prompts
-    from pgot.rewards import build
 
+def build_store(cfg: Config, accelerator: Accelerator) -> Path:
+    """The work of :func:`run` on an existing accelerator (every process calls it; ``pgot-train`` uses it to
+    build a missing store with ``train.precompute_if_missing``).
+
+    Returns:
+        The store folder.
+    """
     if not cfg.rewards:
         raise ValueError("rewards is empty; list at least one reward, e.g. rewards: [{name: colorfulness}].")
     pc = cfg.precompute
     store = Path(pc.store)
     n = pc.samples_per_prompt
-    cpu = not torch.cuda.is_available() or cfg.model.device == "cpu"
-    owns_state = not AcceleratorState._shared_state  # nobody in this process has set accelerate up yet
-    accelerator = Accelerator(cpu=cpu)  # gloo on CPU, NCCL on GPUs
-    try:
-        rank, world = accelerator.process_index, accelerator.num_processes
-        prompt_set = load_prompts(cfg.prompts)
-        ids, texts = [int(i) for i in prompt_set.ids], list(prompt_set.prompts)
-        if len(set(ids)) != len(ids):
-            raise ValueError(
-                f"prompts.path={cfg.prompts.path} yields duplicate prompt ids; each prompt must appear once."
-            )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    prompt_set = load_prompts(cfg.prompts)
+    ids, texts = [int(i) for i in prompt_set.ids], list(prompt_set.prompts)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"prompts.path={cfg.prompts.path} yields duplicate prompt ids; each prompt must appear once.")
 
-        model = load_model(cfg.model, device=accelerator.device)
-        shift = None if cfg.draft.shift < 0 else cfg.draft.shift
-        sig = sigmas(model, cfg.draft.num_steps, shift=shift, resolution=cfg.model.resolution)
-        dtype = str(model.dtype).removeprefix("torch.")
-        meta = store_meta(cfg, model.fingerprint, model.path, dtype, sig.tolist())
-        existing = store_io.read_meta(store)
-        done = store_io.completed_prompts(store, n)  # every process reads the same files before anyone writes
-        if existing is not None:
-            _check_resume(existing, meta, store)
-            meta["created"] = existing.get("created", meta["created"])
-        elif done:
-            raise ValueError(
-                f"precompute.store={store} holds samples but no {store_io.META_FILE}, so their settings are unknown. "
-                f"Set precompute.store to a new folder, or delete {store} to rebuild it."
-            )
-        _check_prompt_texts(done, ids, texts, store)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            store_io.remove_stale_temporaries(store)
-            if existing is None:  # an existing meta stays as it is (it describes samples.parquet) until the merge
-                store_io.write_meta(store, meta)
-        accelerator.wait_for_everyone()  # meta.json exists before any shard
+    model = load_model(cfg.model, device=accelerator.device)
+    sig = sigmas(model, cfg.draft.num_steps, shift=cfg.draft.shift, resolution=cfg.model.resolution)
+    dtype = str(model.dtype).removeprefix("torch.")
+    meta = store_meta(cfg, model.fingerprint, model.path, dtype, sig.tolist())
+    existing = store_io.read_meta(store)
+    done = store_io.completed_prompts(store, n)  # every process reads the same files before anyone writes
+    if existing is not None:
+        _check_resume(existing, meta, store)
+        meta["created"] = existing.get("created", meta["created"])
+    elif done:
+        raise ValueError(
+            f"precompute.store={store} holds samples but no {store_io.META_FILE}, so their settings are unknown. "
+            f"Set precompute.store to a new folder, or delete {store} to rebuild it."
+        )
+    _check_prompt_texts(done, ids, texts, store)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        store_io.remove_stale_temporaries(store)
+        if existing is None:  # an existing meta stays as it is (it describes samples.parquet) until the merge
+            store_io.write_meta(store, meta)
+    accelerator.wait_for_everyone()  # meta.json exists before any shard
 
-        pending = [j for j, pid in enumerate(ids) if pid not in done]
-        mine = pending[rank::world]
-        if accelerator.is_main_process:
-            log.info(
-                "precompute: %d prompts, %d already in %s, %d to do on %d process(es); N=%d, %d images",
-                len(ids), len(ids) - len(pending), store, len(pending), world, n, len(pending) * n,
-            )  # fmt: skip
-        rewards = build(cfg.rewards, device=accelerator.device)
-        _generate_shards(cfg, model, rewards, ids, texts, mine, rank, accelerator.is_main_process)
+    pending = [j for j, pid in enumerate(ids) if pid not in done]
+    mine = pending[rank::world]
+    if accelerator.is_main_process:
+        log.info(
+            "precompute: %d prompts, %d already in %s, %d to do on %d process(es); N=%d, %d images",
+            len(ids), len(ids) - len(pending), store, len(pending), world, n, len(pending) * n,
+        )  # fmt: skip
+    reward_models = build_rewards(cfg.rewards, device=accelerator.device)
+    _generate_shards(cfg, model, reward_models, ids, texts, mine, rank, accelerator.is_main_process)
 
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            _merge(store, cfg, meta)
-        accelerator.wait_for_everyone()
-    finally:
-        accelerator.end_training()  # destroys the process group; without it gloo processes abort at exit
-        if owns_state:  # leave no accelerate state behind for a later Accelerator in this process (train, tests)
-            AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator.wait_for_everyone()  # every process's shards are complete before the merge reads them
+    if accelerator.is_main_process:
+        _merge(store, cfg, meta)
+    accelerator.wait_for_everyone()  # the merged store exists for everyone before anyone reads it
     return store
 
 
 def _generate_shards(
     cfg: Config,
     model: Any,
-    rewards: list,
+    reward_models: list,
     ids: list[int],
     texts: list[str],
     mine: list[int],
@@ -238,10 +236,6 @@ def _generate_shards(
     is_main: bool,
 ) -> None:
     """Generate and score this process's prompts; write each batch's completed prompts as one shard."""
-    from pgot.generate import generate
-    from pgot.pareto import pareto_mask
-    from pgot.rewards import score
-
     pc = cfg.precompute
     store, n, names = Path(pc.store), pc.samples_per_prompt, cfg.reward_names
     items = [(j, i) for j in mine for i in range(n)]  # flat (prompt index, sample index) work list
@@ -257,11 +251,11 @@ def _generate_shards(
         idx = [i for _, i in batch]
         with torch.no_grad():
             images = generate(
-                model, prompts, torch.tensor(pids), torch.tensor(idx), pc.seed, cfg.draft, k=0,
+                model, prompts, torch.tensor(pids), torch.tensor(idx), pc.seed, **dataclasses.asdict(cfg.draft) | {"k": 0},
                 resolution=cfg.model.resolution, cache_dir=cfg.model.embedding_cache or None,
             )  # fmt: skip
             # images: (b, 3, H, W) in [0, 1]
-            scores = score(rewards, images, prompts).float().cpu()  # (b, M)
+            scores = score(reward_models, images, prompts).float().cpu()  # (b, M)
         nan_rows += int(scores.isnan().any(dim=1).sum())
         if pc.save_images:
             _save_images(store, images, pids, idx)

@@ -179,6 +179,8 @@ def test_line_reply_removes_and_request_carries_images_knowledge_state_key(vlm, 
     assert decision.strategy == "offline" and "vertical stripes" in decision.analysis
     assert decision.tokens_in == 1200 and decision.tokens_out == 80 and decision.attempts == 1
     assert decision.cost == pytest.approx(1.2 * 0.0025 + 0.08 * 0.01)
+    assert st.cost == 0.0, "decide reads the state; apply changes it"
+    st.apply(decision, checkpoint="step-000200", reverted_to=("step-000100", 100))
     assert st.cost == pytest.approx(decision.cost)
 
     (req,) = vlm.requests
@@ -333,6 +335,7 @@ def test_cost_limit_stops_requests(vlm, key, tmp_path):
     agent = build_agent(openai_cfg(vlm, cost_limit=0.02), REWARDS)
     st = state()
     first = decide(agent, 100, st, tmp_path)
+    st.apply(first, checkpoint="step-000100")
     assert first.error is None and st.cost == pytest.approx(0.026)
     second = decide(agent, 200, st, tmp_path)
     assert (second.action, second.error) == ("continue", "cost_limit")
@@ -396,13 +399,14 @@ def test_scripted_d3_schedule(tmp_path):
     for step in range(100, 1001, 100):
         d = decide(agent, step, st, tmp_path)
         seen[step] = (d.action, d.reward, d.revert_to)
-        st.apply(d, reverted_to=d.revert_to)
+        back = (f"step-{d.revert_to:06d}", d.revert_to) if d.action == "remove" else None
+        st.apply(d, checkpoint=f"step-{step:06d}", reverted_to=back)
         assert d.error is None
     assert seen[200] == ("remove", "hps", 100)
     assert seen[600] == ("remove", "clip", 500)
     assert seen[800] == ("switch", None, None)
     assert all(seen[s][0] == "continue" for s in (100, 300, 400, 500, 700, 900, 1000))
-    assert st.active_rewards == ["ict", "hp"] and st.strategy == "online"
+    assert st.active_rewards == ["ict", "hp"] and st.strategy == "online" and st.approved == "step-001000"
     assert st.removed == [
         {"step": 200, "reward": "hps", "reverted_to": 100},
         {"step": 600, "reward": "clip", "reverted_to": 500},
@@ -467,13 +471,14 @@ def test_grids_pair_base_and_current_per_prompt():
     assert [(p, n) for _, p, n in grids] == [("prompt 0", 2), ("prompt 1", 2), ("prompt 2", 2)]
     grid, _, _ = grids[1]  # images 2 and 3
     pixels = torch.from_numpy(np.array(grid))  # (H, W, 3) uint8
-    # layout: a 70-px label column, then 32-px tiles with 4-px gaps; base row above the current row
-    header = grid.height - 2 * (32 + 4)
-    assert grid.width == 70 + 2 * (32 + 4) and header > 0
+    # layout: a label column, then 32-px tiles; base row above the current row; boxes in the grid's metadata
+    boxes = json.loads(grid.info["tiles"])  # [[x, y, w, h]] base tiles first, then current tiles
+    assert len(boxes) == 4 and all(b[2:] == [32, 32] for b in boxes)
+    assert boxes[0][1] == boxes[1][1] < boxes[2][1] == boxes[3][1] and boxes[0][0] == boxes[2][0] > 0
 
     def tile(row: int, col: int) -> torch.Tensor:
-        y, x = header + row * 36, 70 + col * 36
-        return pixels[y : y + 32, x : x + 32]
+        x, y, w, h = boxes[row * 2 + col]
+        return pixels[y : y + h, x : x + w]
 
     def as_uint8(image: torch.Tensor) -> torch.Tensor:
         return image.mul(255).round().to(torch.uint8).permute(1, 2, 0)
@@ -488,15 +493,25 @@ def test_grids_pair_base_and_current_per_prompt():
 
 
 def test_state_apply_and_round_trip():
+    """One state, one apply: what every process does with a decision (tested here, used by training)."""
     st = AgentState.initial(REWARDS, strategy="auto")
     assert st.active_rewards == NAMES and st.strategy == "offline" and st.strengths["hps"] == "weak"
-    st.apply(Decision("remove", "hps", "r", "", step=200), reverted_to=100)
-    st.apply(Decision("continue", None, "r", "", step=300))
-    st.apply(Decision("switch", None, "r", "", step=800))
-    assert st.active_rewards == ["clip", "ict", "hp"] and st.strategy == "online" and st.step == 800
+    st.apply(Decision("continue", None, "r", "", step=100, cost=0.5), checkpoint="step-000100")
+    assert st.approved == "step-000100" and st.cost == 0.5
+    st.apply(Decision("remove", "hps", "r", "", step=200), checkpoint="step-000200", reverted_to=("step-000100", 100))
+    assert st.approved == "step-000100", "a removal approves the checkpoint it reverted to"
+    st.apply(Decision("continue", None, "endpoint down", "", step=300, error="http_500"), checkpoint="step-000300")
+    assert st.approved == "step-000100", "only a checkpoint the agent really looked at is approved"
+    st.apply(Decision("switch", None, "r", "", step=400), checkpoint="step-000400", act=False)
+    assert st.strategy == "offline" and st.history[-1]["applied"] is False, "agent.act=false: logged, not applied"
+    st.apply(Decision("switch", None, "r", "", step=800, cost=0.25), checkpoint="step-000800")
+    assert st.active_rewards == ["clip", "ict", "hp"] and st.strategy == "online" and st.approved == "step-000800"
     assert st.removed == [{"step": 200, "reward": "hps", "reverted_to": 100}]
-    assert AgentState.from_dict(st.to_dict()) == st
+    assert [h["step"] for h in st.history] == [100, 200, 300, 400, 800] and st.cost == 0.75
+    assert AgentState.from_dict(json.loads(json.dumps(st.to_dict()))) == st
     assert AgentState.from_dict({"step": 5}).active_rewards == []
+    with pytest.raises(ValueError, match="reverted_to"):
+        st.apply(Decision("remove", "clip", "r", "", step=900), checkpoint="step-000900")
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def train(out: Path, store: Path, *extra: str) -> int:
 
 def last_state(out: Path) -> dict:
     folders = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
-    return json.loads((folders[-1] / "trainer_state.json").read_text())
+    state = json.loads((folders[-1] / "trainer_state.json").read_text())
+    return {**state, **state["agent"]}  # the agent's part (AgentState) is nested
 
 
 def metrics(out: Path) -> list[tuple[int, str, list[str]]]:
@@ -186,8 +187,8 @@ def test_http_agent_applies_decisions_and_survives_500(tmp_path, store, monkeypa
     assert "model overloaded" in decisions(out)[3]["reason"]
     # the 500 at step 3 approved nothing: the checkpoint written there still points at step 2's (switch)
     step3 = json.loads((out / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
-    assert step3["approved"] == "step-000002"
-    assert any("HTTP 500" in h["reason"] for h in final["agent_history"])
+    assert step3["agent"]["approved"] == "step-000002"
+    assert any("HTTP 500" in h["reason"] for h in final["history"])
     assert len(server.requests) == 5  # type: ignore[attr-defined]
     for req in server.requests:  # type: ignore[attr-defined]
         assert req["headers"]["Authorization"] == "Bearer sk-train-secret-key"

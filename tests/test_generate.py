@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from pgot.config import DraftConfig, ModelConfig
+from pgot.embeddings import encode_prompts
 from pgot.generate import decode, generate, make_noise, noise_seed, sample, sigmas, timesteps
-from pgot.model import add_lora, encode_prompts, load_model, pipeline
+from pgot.model import add_lora, load_model, pipeline
 
 RES = 32
 T = 4
@@ -199,7 +202,7 @@ def test_samples_independent_of_batch_layout(model, embeds):
 def test_generate_is_encode_noise_sample_decode(model):
     draft = DraftConfig(num_steps=T, k=0)
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1]]
-    images = generate(model, prompts, [0, 0, 1], [0, 1, 0], 5, draft)
+    images = generate(model, prompts, [0, 0, 1], [0, 1, 0], 5, **dataclasses.asdict(draft))  # config keys = kwargs
     assert images.shape == (3, 3, RES, RES) and images.min() >= 0 and images.max() <= 1
     e = encode_prompts(model, PROMPTS[:2]).select([0, 0, 1])
     noise = make_noise(5, [0, 0, 1], [0, 1, 0], model.latent_shape(RES))
@@ -217,3 +220,14 @@ def test_bad_arguments(model, embeds):
         sample(model, encode_prompts(model, PROMPTS, negative=False), noise, num_steps=T, k=0, guidance_scale=4.0)
     with pytest.raises(ValueError, match="model.resolution=30"):
         model.latent_shape(30)
+    with pytest.raises(ValueError, match=r"draft\.shift must be > 0 or null"):
+        sample(model, embeds, noise, num_steps=T, shift=-1.0)
+    with pytest.raises(ValueError, match=r"draft\.refl_min_step must be in \[0, draft\.num_steps - 1 = 3\]"):
+        sample(model, embeds, noise, num_steps=T, method="refl", refl_min_step=4)
+
+
+def test_shift_none_is_the_models_own_and_a_value_overrides_it(model):
+    own = sigmas(model, T)
+    assert torch.equal(sigmas(model, T, shift=None), own)
+    assert torch.equal(sigmas(model, T, shift=float(model.scheduler.config.shift)), own)
+    assert not torch.equal(sigmas(model, T, shift=1.0), own)

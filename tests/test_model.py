@@ -10,20 +10,18 @@ from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 from pgot.config import ModelConfig
-from pgot.generate import decode, make_noise, sample
+from pgot.embeddings import encode_prompts
+from pgot.generate import make_noise, sample
 from pgot.model import (
     LORA_WEIGHT_NAME,
     add_lora,
-    encode_prompts,
     load_lora,
     load_lora_soup,
     load_model,
     lora_state_dict,
-    offload_text_encoders,
-    pipeline,
     save_lora,
-    save_tiny,
 )
+from pgot.tiny import save_tiny
 
 RES = 32
 T = 4
@@ -71,39 +69,6 @@ def tiny_folder(tmp_path_factory):
 # ------------------------------------------------------------------ building and loading
 
 
-def test_tiny_is_deterministic_in_its_seed():
-    a, b, c = load_model(_cfg()), load_model(_cfg()), load_model(_cfg(tiny_seed=1))
-    assert a.fingerprint == b.fingerprint != c.fingerprint
-    sa, sc = a.transformer.state_dict(), c.transformer.state_dict()
-    assert all(torch.equal(v, b.transformer.state_dict()[k]) for k, v in sa.items())
-    assert not all(torch.equal(v, sc[k]) for k, v in sa.items())
-    assert a.latent_channels == 16 and a.vae_scale_factor == 4 and a.latent_shape(RES) == (16, 8, 8)
-    assert not any(p.requires_grad for p in a.transformer.parameters())
-    # building the tiny model leaves the global RNG alone
-    torch.manual_seed(5)
-    x = torch.rand(3)
-    torch.manual_seed(5)
-    load_model(_cfg())
-    assert torch.equal(torch.rand(3), x)
-
-
-def test_save_tiny_round_trip(tiny_folder):
-    index = json.loads((tiny_folder / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusion3Pipeline"
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_folder, text_encoder_3=None, tokenizer_3=None)
-    assert pipe.text_encoder_3 is None and pipe.transformer.config.in_channels == 16
-    tiny = load_model(_cfg())
-    loaded = load_model(ModelConfig(path=str(tiny_folder), resolution=RES, max_sequence_length=8, device="cpu"))
-    assert loaded.fingerprint.startswith("sd3-") and loaded.fingerprint != tiny.fingerprint
-    assert load_model(ModelConfig(path=str(tiny_folder), device="cpu")).fingerprint == loaded.fingerprint, "stable"
-    e_tiny, e_loaded = encode_prompts(tiny, PROMPTS), encode_prompts(loaded, PROMPTS)
-    torch.testing.assert_close(e_loaded.prompt_embeds, e_tiny.prompt_embeds, rtol=0, atol=0)
-    torch.testing.assert_close(e_loaded.pooled, e_tiny.pooled, rtol=0, atol=0)
-    torch.testing.assert_close(
-        decode(loaded, _sample(loaded, e_loaded)), decode(tiny, _sample(tiny, e_tiny)), rtol=0, atol=0
-    )
-
-
 @pytest.mark.parametrize("kind", ["missing", "file", "no_index", "other_pipeline", "empty", "hub_id"])
 def test_bad_model_path_errors(tmp_path, kind):
     if kind == "missing":
@@ -136,56 +101,6 @@ def test_bad_model_path_errors(tmp_path, kind):
         "hub_id": "could not be fetched from the hub",
     }
     assert expected[kind] in msg
-
-
-# ------------------------------------------------------------------ prompt embeddings
-
-
-def test_encode_prompts_matches_pipeline_and_caches(tmp_path):
-    model = load_model(_cfg())
-    calls = []
-    for te in (model.text_encoder, model.text_encoder_2):
-        te.register_forward_pre_hook(lambda m, a: calls.append(1))
-    e = encode_prompts(model, PROMPTS, cache_dir=tmp_path)
-    assert len(calls) == 2  # the prompts and the empty negative prompt in one batch, once per encoder
-    pe, npe, pooled, npooled = pipeline(model).encode_prompt(
-        PROMPTS, None, None, device="cpu", do_classifier_free_guidance=True, max_sequence_length=8
-    )
-    torch.testing.assert_close(e.prompt_embeds, pe, rtol=0, atol=0)
-    torch.testing.assert_close(e.pooled, pooled, rtol=0, atol=0)
-    torch.testing.assert_close(e.negative_prompt_embeds, npe, rtol=0, atol=0)
-    torch.testing.assert_close(e.negative_pooled, npooled, rtol=0, atol=0)
-    assert e.prompt_embeds.shape == (2, 77 + 8, 32) and e.pooled.shape == (2, 32)
-    n = len(calls)
-    again = encode_prompts(model, list(reversed(PROMPTS)), cache_dir=tmp_path)
-    assert len(calls) == n, "memory cache hit: no encoder call"
-    torch.testing.assert_close(again.prompt_embeds, e.prompt_embeds.flip(0))
-    assert len(list(tmp_path.glob("*.safetensors"))) == 3
-    # a fresh model (same fingerprint) reads the disk cache, even without text encoders
-    fresh = load_model(_cfg())
-    offload_text_encoders(fresh)
-    assert fresh.text_encoder is None and fresh.text_encoder_2 is None
-    from_disk = encode_prompts(fresh, PROMPTS, cache_dir=tmp_path)
-    torch.testing.assert_close(from_disk.prompt_embeds, e.prompt_embeds, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="offload"):
-        encode_prompts(fresh, ["a prompt never encoded"], cache_dir=tmp_path)
-    # another tiny seed is another model: its cache keys differ
-    other = load_model(_cfg(tiny_seed=2))
-    offload_text_encoders(other)
-    with pytest.raises(ValueError, match="no cached embedding"):
-        encode_prompts(other, PROMPTS, cache_dir=tmp_path)
-
-
-def test_prompt_embeds_helpers():
-    model = load_model(_cfg())
-    e = encode_prompts(model, PROMPTS)
-    r = e.repeat_interleave(3)
-    assert len(r) == 6 and torch.equal(r.prompt_embeds[2], e.prompt_embeds[0]) and torch.equal(r.pooled[3], e.pooled[1])
-    s = e.select([1, 1, 0])
-    assert torch.equal(s.prompt_embeds[0], e.prompt_embeds[1]) and torch.equal(
-        s.negative_pooled[2], e.negative_pooled[0]
-    )
-    assert len(type(e).cat([e, s])) == 5
 
 
 # ------------------------------------------------------------------ LoRA

@@ -9,12 +9,13 @@ ot = pytest.importorskip("ot")  # before pgot: pgot.ot_loss needs POT
 
 from pgot.objectives import (  # noqa: E402
     OBJECTIVES,
+    compute,
     hetero_weighted_sum,
+    needs_pool,
+    needs_store,
     normalize,
     pgot_offline,
-    pgot_offline_stats,
     pgot_online,
-    pgot_online_stats,
     separate_constraints,
     single_reward,
     weighted_sum,
@@ -48,10 +49,10 @@ def test_offline_single_front_point_is_mean_squared_distance():
     expect[0] = _d([[-2 / 3, -2 / 3], [0, -2 / 3], [0, 0], [-1 / 3, 0]])
     torch.testing.assert_close(scores.grad, expect)
     torch.testing.assert_close(pgot_offline(scores, front, mask, **OT, reduction="sum"), _d(13 / 12))
-    stats = pgot_offline_stats(scores, front, mask)
-    torch.testing.assert_close(stats["dominated_fraction"], torch.tensor(3 / 12))
-    torch.testing.assert_close(stats["prompts_with_source"], torch.tensor(1 / 3))
-    torch.testing.assert_close(stats["front_size"], torch.tensor(1.0))
+    loss2, diag = compute("pgot", scores, front=front, front_mask=mask, **OT)  # the dispatch training runs
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(diag["n_dominated"], torch.tensor(3.0))  # 3 of the 12 samples are OT sources
+    torch.testing.assert_close(diag["front_size"], torch.tensor(1.0))  # (1 + 2 + 0) / 3 front points per prompt
 
 
 def test_offline_matches_pot_per_prompt():
@@ -105,9 +106,10 @@ def test_online_known_dominating_sets():
     torch.testing.assert_close(pgot_online(scores, pool, mask, **OT), _d(5.0))
     mask[0, 3] = False
     torch.testing.assert_close(pgot_online(scores, pool, mask, **OT), _d(3.0))
-    stats = pgot_online_stats(scores, pool, mask)
-    torch.testing.assert_close(stats["dominated_fraction"], torch.tensor(0.5))
-    torch.testing.assert_close(stats["dominating_set_size"], torch.tensor(2.0))
+    loss, diag = compute("pgot", scores, strategy="online", pool=pool, pool_mask=mask, **OT)
+    torch.testing.assert_close(loss, _d(3.0))
+    torch.testing.assert_close(diag["n_dominated"], torch.tensor(1.0))  # s0 only
+    torch.testing.assert_close(diag["front_size"], torch.tensor(3.0))  # valid pool vectors per prompt
 
 
 def test_online_mean_averages_over_dominated_samples():
@@ -148,14 +150,38 @@ def test_normalize_and_registry():
     scores = _d([[[1, 20]]])
     torch.testing.assert_close(normalize(scores, torch.tensor([0.5, 10.0])), _d([[[2, 2]]]))
     assert normalize(scores, None) is scores
-    assert set(OBJECTIVES) == {
-        "pgot_offline",
-        "pgot_online",
-        "single_reward",
-        "weighted_sum",
+    assert set(OBJECTIVES) == {"pgot", "single_reward", "weighted_sum", "hetero_weighted_sum", "separate_constraints"}
+    assert [o for o in OBJECTIVES if needs_store(o, "offline")] == [
+        "pgot",
         "hetero_weighted_sum",
         "separate_constraints",
-    }
+    ]
+    assert needs_store("pgot", "auto") and not needs_store("pgot", "online") and needs_pool("pgot", "online")
+    assert not any(needs_pool(o, "online") for o in OBJECTIVES if o != "pgot")
+
+
+def test_dispatch_equals_each_loss():
+    """compute() is the one map from a configured objective to its loss: the same value as each function."""
+    scores = _d([[[1, 2], [3, 4]], [[0, 0], [0, 0]]])
+    front = _d([[[4, 1], [2, 3], [100, 100]], [[100, 100], [100, 100], [100, 100]]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    w, c = _d([1.0, 2.0]), _d([5.0, 5.0])
+    kw = {"front": front, "front_mask": mask, "weights": w, "targets": c, **OT}
+    torch.testing.assert_close(compute("single_reward", scores, **kw)[0], single_reward(scores, 0))
+    torch.testing.assert_close(compute("weighted_sum", scores, **kw)[0], weighted_sum(scores, w, c))
+    torch.testing.assert_close(
+        compute("hetero_weighted_sum", scores, **kw)[0], hetero_weighted_sum(scores, front, mask, w)
+    )
+    torch.testing.assert_close(
+        compute("separate_constraints", scores, **kw)[0], separate_constraints(scores, front, mask, w)
+    )
+    torch.testing.assert_close(compute("pgot", scores, **kw)[0], pgot_offline(scores, front, mask, **OT))
+    with pytest.raises(ValueError, match="train.objective must be one of"):
+        compute("pgot_offline", scores, **kw)
+    with pytest.raises(ValueError, match="fronts of a frontier store"):
+        compute("separate_constraints", scores)
+    with pytest.raises(ValueError, match="gathered pool"):
+        compute("pgot", scores, strategy="online")
 
 
 def test_user_errors():

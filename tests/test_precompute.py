@@ -124,12 +124,12 @@ def test_end_to_end_fronts_stats_and_meta(reference):
 def test_rerun_skips_done_prompts_and_extends(reference, tmp_path, monkeypatch):
     store = tmp_path / "store"
     shutil.copytree(reference, store)
-    import pgot.generate
+    from pgot import precompute
 
     calls = []
-    real = pgot.generate.generate
+    real = precompute.generate
     monkeypatch.setattr(
-        pgot.generate, "generate", lambda m, prompts, *a, **k: calls.append(len(prompts)) or real(m, prompts, *a, **k)
+        precompute, "generate", lambda m, prompts, *a, **k: calls.append(len(prompts)) or real(m, prompts, *a, **k)
     )
     run(store)  # complete: nothing generated, same store
     assert calls == []

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pgot import cli, train
+from pgot import cli, probes, train
 from pgot.config import load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_trainable_changed_frozen_did_not(tmp_path: Path, store: Path, monkeypat
         seen["vae"] = {n: p.detach().clone() for n, p in model.vae.named_parameters()}
         return params
 
-    monkeypatch.setattr(model_mod, "add_lora", recording_add_lora)
+    monkeypatch.setattr(train, "add_lora", recording_add_lora)  # the name train.py calls
     _, model = train.fit(_cfg(tmp_path / "run", store, **{"train.max_steps": 2}))
     now = dict(model.transformer.named_parameters())
     assert seen["lora"] and all(p.requires_grad for n, p in now.items() if n in seen["lora"])
@@ -279,8 +279,10 @@ def test_sigkill_and_resume_is_exact(tmp_path: Path, store: Path) -> None:
 def test_final_lora_loads_in_diffusers_and_reproduces_samples(tmp_path: Path, store: Path) -> None:
     from diffusers import StableDiffusion3Pipeline
 
+    from pgot.embeddings import encode_prompts
     from pgot.generate import decode, make_noise, sample
-    from pgot.model import encode_prompts, load_model, save_tiny
+    from pgot.model import load_model
+    from pgot.tiny import save_tiny
 
     cfg = _cfg(tmp_path / "run", store, **{"train.max_steps": 2})
     run, model = train.fit(cfg)
@@ -298,7 +300,7 @@ def test_final_lora_loads_in_diffusers_and_reproduces_samples(tmp_path: Path, st
             num_inference_steps=cfg.draft.num_steps, guidance_scale=0.0, height=RES, width=RES, output_type="pt",
         ).images  # fmt: skip
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    with torch.no_grad(), train._base_model(model):
+    with torch.no_grad(), probes.base_model(model):
         base = decode(model, sample(model, embeds, noise, num_steps=cfg.draft.num_steps, k=0))
     assert not torch.allclose(base, ours)  # the LoRA changed the samples
 
@@ -382,10 +384,11 @@ def test_agent_remove_reverts_and_switch_goes_online(tmp_path: Path, store: Path
     assert [m["step"] for m in lines] == [1, 2, 1, 2, 3, 4]  # reverted to step 0 after step 2; history kept
     assert lines[0]["active_rewards"] == REWARDS and lines[2]["active_rewards"] == ["colorfulness", "contrast"]
     state = json.loads((run / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
-    assert state["active_rewards"] == ["colorfulness", "contrast"] and state["strategy"] == "online"
-    assert [h["action"] for h in state["agent_history"]] == ["remove", "continue", "switch"]
-    assert state["removed"] == [{"step": 2, "reward": "sharpness", "reverted_to": 0}]
-    assert state["approved"] == "step-000004" and (run / "agent" / "step-000002").is_dir()
+    agent = state["agent"]  # pgot.agent.AgentState, checkpointed inside trainer_state.json
+    assert agent["active_rewards"] == ["colorfulness", "contrast"] and agent["strategy"] == "online"
+    assert [h["action"] for h in agent["history"]] == ["remove", "continue", "switch"]
+    assert agent["removed"] == [{"step": 2, "reward": "sharpness", "reverted_to": 0}]
+    assert agent["approved"] == "step-000004" and (run / "agent" / "step-000002").is_dir()
     # the removal, the strategy and the decisions survive a resume
     from accelerate.state import AcceleratorState
 

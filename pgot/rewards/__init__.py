@@ -40,7 +40,7 @@ from pgot.rewards.preprocessing import preprocess
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REWARDS", "Reward", "build", "preprocess", "score"]
+__all__ = ["REWARDS", "Reward", "build", "columns", "preprocess", "score"]
 
 REWARDS: dict[str, Callable[[RewardConfig, torch.device | str, torch.dtype | None], Reward]] = {
     "clip": build_clip,
@@ -97,3 +97,27 @@ def score(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence[str
         x = pixel_values if r.uses_pixel_values else images
         columns.append(r.compute(x.to(r.device) if r.uses_pixel_values else x, prompts).float().to(images.device))
     return torch.stack(columns, dim=1)
+
+
+def columns(names: Sequence[str], selected: Sequence[str], key: str = "rewards") -> list[int]:
+    """Column indices of the rewards ``selected`` in reward vectors whose columns are ``names``.
+
+    Args:
+        names: the M reward names, in column order (``Config.reward_names``, a store's ``reward_names``).
+        selected: the rewards wanted, in the order wanted.
+        key: the config key that named ``selected``, for the error.
+
+    Raises:
+        ValueError: a selected name is not among ``names``.
+    """
+    names = list(names)
+    out = []
+    for n in selected:
+        if n not in names:
+            hint = difflib.get_close_matches(n, names, n=1)
+            raise ValueError(
+                f"{key} names {n!r}, which is not among the rewards ({', '.join(names) or 'none'})."
+                + (f" Did you mean {hint[0]!r}?" if hint else "")
+            )
+        out.append(names.index(n))
+    return out

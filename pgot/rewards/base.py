@@ -36,14 +36,11 @@ __all__ = [
     "load_state_dict_file",
     "load_strict",
     "maybe_checkpoint",
-    "resolve_dtype",
     "resolve_path",
 ]
 
 RANGE_TOLERANCE = 1e-3
 """Images may exceed [0, 1] by this much (bf16 rounding of a clamped VAE output) before it is an error."""
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_inputs(name: str, images: torch.Tensor, prompts: Sequence[str]) -> None:
@@ -83,15 +80,6 @@ def check_inputs(name: str, images: torch.Tensor, prompts: Sequence[str]) -> Non
             f"reward {name!r}: images must lie in [0, 1] (tolerance {RANGE_TOLERANCE}), got values in [{lo:.4g}, {hi:.4g}]. "
             "Map a VAE output x in [-1, 1] with (x / 2 + 0.5).clamp(0, 1)."
         )
-
-
-def resolve_dtype(setting: str, device: torch.device | str, override: torch.dtype | None = None) -> torch.dtype:
-    """Weights dtype: ``setting`` unless ``auto``; then ``override``, else bfloat16 on CUDA and float32 elsewhere."""
-    if setting != "auto":
-        return _DTYPES[setting]
-    if override is not None:
-        return override
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.+-]+)*$")

@@ -34,6 +34,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
 from pgot.config import RewardConfig
+from pgot.devices import resolve_dtype
 from pgot.rewards.base import (
     LinearMLP,
     Reward,
@@ -41,7 +42,6 @@ from pgot.rewards.base import (
     load_state_dict_file,
     load_strict,
     maybe_checkpoint,
-    resolve_dtype,
     resolve_path,
 )
 
@@ -311,7 +311,7 @@ class AestheticReward(_ClipImageReward):
 
 def _cosine_reward(cfg: RewardConfig, device, dtype, *, default_arch: str, logit_scale: bool, what: str) -> Reward:
     arch = cfg.arch or default_arch
-    wdtype = resolve_dtype(cfg.dtype, device, dtype)
+    wdtype = resolve_dtype(cfg.dtype, device, default=dtype, key=f"reward {cfg.name!r} dtype")
     scale = PICKSCORE_LOGIT_SCALE if logit_scale else 2.6592
     act = HF_ARCHS[arch][3] if arch in HF_ARCHS else "gelu"
     if cfg.path == "tiny":
@@ -367,7 +367,7 @@ def _vision_reward(
     cfg: RewardConfig, device, dtype, *, default_arch: str, clip_path, mlp_path, cls, what: str
 ) -> Reward:
     arch = cfg.arch or default_arch
-    wdtype = resolve_dtype(cfg.dtype, device, dtype)
+    wdtype = resolve_dtype(cfg.dtype, device, default=dtype, key=f"reward {cfg.name!r} dtype")
     if cfg.path in ("tiny", "random"):
         if cfg.path == "tiny":
             vision = _vision_from_full(

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgot.config import RewardConfig
-from pgot.rewards.base import Reward, TextCache, load_state_dict_file, load_strict, resolve_dtype, resolve_path
+from pgot.devices import resolve_dtype
+from pgot.rewards.base import Reward, TextCache, load_state_dict_file, load_strict, resolve_path
 from pgot.rewards.clip import clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class HPSReward(Reward):
 def build_hps(cfg: RewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Reward:
     """HPSv2 / HPSv2.1 from the ``{'state_dict': ...}`` .pt file; ``tiny``/``random`` builds without weights."""
     arch = cfg.arch or "ViT-H-14"
-    wdtype = resolve_dtype(cfg.dtype, device, dtype)
+    wdtype = resolve_dtype(cfg.dtype, device, default=dtype, key=f"reward {cfg.name!r} dtype")
     if cfg.path == "tiny":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.tiny_seed)

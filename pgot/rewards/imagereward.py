@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgot.config import RewardConfig
+from pgot.devices import resolve_dtype
 from pgot.rewards.base import (
     LinearMLP,
     Reward,
     load_state_dict_file,
     load_strict,
     maybe_checkpoint,
-    resolve_dtype,
     resolve_path,
 )
 
@@ -412,7 +412,7 @@ def build_imagereward(
     cfg: RewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> Reward:
     """ImageReward from ``ImageReward.pt`` + ``med_config.json`` + ``vocab.txt``; ``tiny``/``random`` without weights."""
-    wdtype = resolve_dtype(cfg.dtype, device, dtype)
+    wdtype = resolve_dtype(cfg.dtype, device, default=dtype, key=f"reward {cfg.name!r} dtype")
     if cfg.path in ("tiny", "random"):
         if cfg.path == "tiny":
             vocab = tiny_vocab()

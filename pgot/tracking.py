@@ -1,0 +1,123 @@
+"""What a training run reports: ``metrics.jsonl``, the accelerate trackers (TensorBoard, W&B) and the progress bar.
+
+One :class:`RunLog` per run, used on the main process only. ``metrics.jsonl`` holds one JSON object per logged
+step; the trackers receive the numeric entries of the same line, so a value in TensorBoard or W&B equals the one
+in ``metrics.jsonl``. Log records of the ``pgot`` loggers are written through the bar (``tqdm.write``) while it is
+open, so they do not break it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["RunLog", "finite_or_none", "flatten", "truncate_lines"]
+
+
+def finite_or_none(x: float) -> float | None:
+    """``x`` as a float, or None when it is NaN or infinite (JSON has no NaN)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"train.learning_rate": 1e-4, ...}`` with scalars only (what trackers accept)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
+
+
+def truncate_lines(path: str | Path, lines: int) -> None:
+    """Keep the first ``lines`` lines of ``path`` (a resumed run drops what was logged after its checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = path.read_text().splitlines(keepends=True)[:lines]
+    path.write_text("".join(kept))
+
+
+class _BarHandler(logging.Handler):
+    """Writes log records with ``tqdm.write`` so they appear above the progress bar instead of breaking it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+@contextmanager
+def _route_logging_through_bar() -> Iterator[None]:
+    root = logging.getLogger()
+    swapped = []
+    for h in root.handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            bar = _BarHandler(h.level)
+            bar.setFormatter(h.formatter)
+            swapped.append((h, bar))
+    for old, new in swapped:
+        root.removeHandler(old)
+        root.addHandler(new)
+    try:
+        yield
+    finally:
+        for old, new in swapped:
+            root.removeHandler(new)
+            root.addHandler(old)
+
+
+class RunLog:
+    """``metrics.jsonl``, trackers and the bar of one run (main process).
+
+    Args:
+        accelerator: the run's accelerator (its trackers, when ``train.log_with`` names any).
+        run_dir: the run folder.
+        total: ``train.max_steps`` (the bar's length).
+        initial: the step the run starts from.
+        lines: lines of ``metrics.jsonl`` that belong to the resumed state (later ones are dropped).
+    """
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, total: int, initial: int, lines: int):
+        self.accelerator = accelerator
+        self.path = Path(run_dir) / "metrics.jsonl"
+        truncate_lines(self.path, lines)
+        self._routing = _route_logging_through_bar()
+        self._routing.__enter__()
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+    def write(self, line: dict[str, Any], step: int) -> None:
+        """Append ``line`` to metrics.jsonl, send its numbers to the trackers, move the bar to ``step``."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        numbers = {k: v for k, v in line.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.accelerator.log(numbers, step=step)
+        postfix = {"loss": f"{line['loss']:.4g}" if line.get("loss") is not None else "nan"}
+        postfix |= {
+            k.removeprefix("reward/"): f"{v:.3g}" for k, v in line.items() if k.startswith("reward/") and v is not None
+        }
+        self.bar.set_postfix(postfix)
+        self.bar.update(step - self.bar.n)
+
+    def rewind(self, step: int) -> None:
+        """Move the bar back to ``step`` (after a revert)."""
+        self.bar.n = step
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+        self._routing.__exit__(None, None, None)
