@@ -30,48 +30,54 @@ Where the images come from:
 Reruns are incremental: a model whose rows in ``scores.parquet`` were produced by the same weights, rewards
 and sampler settings (the ``source`` hash) for the same keys is not generated again; the rows of each newly
 scored model are appended atomically as soon as it is done, so a crash keeps every finished model.
+
+This module is the runner: model specs, generation and rescoring, the score cache, manifest and training-curve
+reading. Numbers come from :mod:`pgot.metrics`, tables are formatted by :mod:`pgot.tables`, figures drawn by
+:mod:`pgot.plots`, and reward preference accuracy and the user study live in :mod:`pgot.human_eval`. At the
+end, :func:`run` prints the main table (win rate, JDR, JCR with intervals) and one-line definitions of JDR and JCR.
+
+``eval.runs`` entries are run folders, optionally labelled for the figure legend: ``PG-OT=runs/pgot``; without a
+label the legend shows the folder name and what the run trained, from its ``config.yaml`` (``"pgot (PG-OT
+offline)"``).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
-import io
 import json
 import logging
-import math
 import os
-import random
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
+import yaml
 
-from pgot import metrics
+from pgot import metrics, plots, tables
+from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet
+from pgot.images import load_image, save_png
 
 if TYPE_CHECKING:
     from pgot.config import Config, EvalModelConfig
 
 __all__ = [
+    "KEY",
     "ModelSpec",
-    "load_image",
+    "find_table",
     "model_specs",
-    "preference_accuracy",
     "read_manifest",
-    "read_preference_data",
     "read_scores",
+    "read_table",
     "read_training_curves",
     "run",
-    "tally_votes",
-    "write_study",
-    "write_tables",
+    "score_images",
+    "source_hash",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,7 +87,6 @@ KEY = ["prompt_id", "seed", "sample_index"]
 
 _BASE_COLUMNS = ["model", "prompt_id", "prompt", "seed", "sample_index"]
 _MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
-_IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,12 +167,6 @@ def read_scores(path: str | Path) -> pd.DataFrame:
     return pd.read_parquet(p)
 
 
-def _write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def _replace_model_rows(path: Path, model: str, rows: pd.DataFrame) -> pd.DataFrame:
     """Replace ``model``'s rows in ``scores.parquet`` by ``rows`` (atomic; other models untouched)."""
     old = read_scores(path)
@@ -175,7 +174,7 @@ def _replace_model_rows(path: Path, model: str, rows: pd.DataFrame) -> pd.DataFr
     new = pd.concat([old, rows], ignore_index=True) if len(old) else rows.reset_index(drop=True)
     lead = [c for c in _BASE_COLUMNS if c in new]
     new = new[lead + [c for c in new.columns if c not in lead]]
-    _write_parquet_atomic(new, path)
+    atomic_write_parquet(new, path)
     return new
 
 
@@ -208,7 +207,8 @@ def _sha1_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _source_hash(obj: Any) -> str:
+def source_hash(obj: Any) -> str:
+    """A 16-hex-digit hash of a JSON-able object (keys sorted): what produced a set of rows."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -224,38 +224,29 @@ def _reward_identity(cfg: Config) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def load_image(source: str | Path | bytes) -> torch.Tensor:
-    """An image file (or its encoded bytes) as a ``(3, H, W)`` float tensor in ``[0, 1]``."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
-
-
-def _save_image(image: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
 
 
-def _score_images(
+def score_images(
     rewards: list,
     images: Sequence[torch.Tensor],
     prompts: Sequence[str],
     batch_size: int,
-    device: torch.device,
+    device: torch.device | str,
 ) -> torch.Tensor:
-    """Score a list of ``(3, H, W)`` images, batching runs of equal size; returns ``(B, M)`` float64 on CPU."""
+    """Score a list of ``(3, H, W)`` images (sizes may differ), batching runs of equal size.
+
+    Args:
+        rewards: built reward models (:func:`pgot.rewards.build`).
+        images: B images in [0, 1].
+        prompts: B prompts.
+        batch_size: most images per forward pass.
+        device: where to score.
+
+    Returns:
+        ``(B, M)`` float64 on the CPU.
+    """
     from pgot.rewards import score
 
     out: list[torch.Tensor] = []
@@ -348,7 +339,7 @@ def _generate_batch(cfg: Config, model: Any, rewards: list, chunk: pd.DataFrame)
             **dataclasses.asdict(cfg.draft) | {"k": 0},
             cache_dir=cfg.model.embedding_cache or None,
         ).float()
-        s = _score_images(rewards, list(images), chunk["prompt"].tolist(), len(chunk), images.device)
+        s = score_images(rewards, list(images), chunk["prompt"].tolist(), len(chunk), images.device)
     return images, s
 
 
@@ -364,7 +355,7 @@ def _determinism_check(cfg: Config, model: Any, rewards: list, name: str, first:
         "jdr": float(metrics.jdr(again, before)),
         "jcr": float(metrics.jcr(again, before)),
     }
-    (out / "determinism.json").write_text(json.dumps(report, indent=1))
+    atomic_write_json(out / "determinism.json", report, indent=1)
     if report["max_abs_diff"] > 0:
         log.warning(
             "%s regenerated with the same seeds and batch layout gives different rewards (max |diff| %.3g, JDR %.3f, "
@@ -421,7 +412,7 @@ def _generate_and_score(
             "files": {str(f): _sha1_file(f) for f in spec.files},
             "weights": {str(f): w for f, w in spec.soup.items()} if spec.soup else spec.lora_scale,
         }
-        source = _source_hash(ident)
+        source = source_hash(ident)
         mine = existing[existing["model"] == spec.name]
         if _is_complete(existing, spec.name, keys, cfg.reward_names, source) and (
             not save_images or _has_images(mine, out)
@@ -443,7 +434,7 @@ def _generate_and_score(
                 if save_images:
                     for b, r in enumerate(chunk.itertuples()):
                         rel = Path("images") / _safe(spec.name) / f"{r.prompt_id}-{r.seed}-{r.sample_index}.png"
-                        _save_image(images[b], out / rel)
+                        save_png(images[b], out / rel)
                         chunk.iloc[b, chunk.columns.get_loc("path")] = rel.as_posix()
                 rows.append(chunk)
             if spec.name == baseline:
@@ -462,7 +453,12 @@ def _generate_and_score(
 # --------------------------------------------------------------------------------------------
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
+    """A .csv, .jsonl / .json or .parquet file as a frame.
+
+    Raises:
+        ValueError: another suffix.
+    """
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return pd.read_csv(path)
@@ -473,7 +469,16 @@ def _read_table(path: Path) -> pd.DataFrame:
     raise ValueError(f"{str(path)!r}: unsupported table format {suffix!r}; use .csv, .jsonl or .parquet.")
 
 
-def _find_table(path: str, key: str) -> Path:
+def find_table(path: str, key: str) -> Path:
+    """The table file ``path`` names: the file itself, or ``manifest.{csv,jsonl,parquet}`` in a folder.
+
+    Args:
+        path: as the user typed it.
+        key: the config key that gave it (``eval.manifest``), for the error.
+
+    Raises:
+        ValueError: a folder without a manifest, or a path that does not exist.
+    """
     p = Path(path).expanduser()
     if p.is_dir():
         for name in _MANIFEST_NAMES:
@@ -508,8 +513,8 @@ def read_manifest(
     Raises:
         ValueError: missing columns, duplicate keys, or images that do not exist (the first few listed).
     """
-    file = _find_table(str(path), "eval.manifest")
-    df = _read_table(file)
+    file = find_table(str(path), "eval.manifest")
+    df = read_table(file)
     missing_cols = [c for c in ("model", "path") if c not in df.columns]
     if "prompt" not in df.columns and "prompt_id" not in df.columns:
         missing_cols.append("prompt (or prompt_id)")
@@ -571,7 +576,7 @@ def _rescore(
     for name in specs_order:
         rows = manifest[manifest["model"] == name].reset_index(drop=True)
         files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in rows["path"]]
-        source = _source_hash(
+        source = source_hash(
             {"manifest": rows[KEY + ["prompt"]].to_numpy().tolist(), "files": files, "rewards": _reward_identity(cfg)}
         )
         if _is_complete(existing, name, rows, cfg.reward_names, source):
@@ -584,7 +589,7 @@ def _rescore(
         for start in range(0, len(rows), cfg.eval.batch_size):
             part = rows.iloc[start : start + cfg.eval.batch_size]
             images = [load_image(p) for p in part["path"]]
-            chunks.append(_score_images(rewards, images, part["prompt"].tolist(), cfg.eval.batch_size, device))
+            chunks.append(score_images(rewards, images, part["prompt"].tolist(), cfg.eval.batch_size, device))
         s = torch.cat(chunks) if chunks else torch.zeros(0, len(cfg.rewards), dtype=torch.float64)
         frame = rows[_BASE_COLUMNS].copy()
         for m, rname in enumerate(cfg.reward_names):
@@ -595,7 +600,7 @@ def _rescore(
 
 
 # --------------------------------------------------------------------------------------------
-# Tables
+# Pairing rows across models
 # --------------------------------------------------------------------------------------------
 
 
@@ -622,161 +627,87 @@ def _paired(
     return out, torch.tensor(common["prompt_id"].to_numpy(dtype="int64"))
 
 
-def _fmt_pct(v: float, lo: float, hi: float, ci: bool) -> str:
-    if math.isnan(v):
-        return "–"
-    s = f"{100 * v:.2f}"
-    return f"{s} [{100 * lo:.2f}, {100 * hi:.2f}]" if ci and not math.isnan(lo) else s
-
-
-def _fmt_num(v: float, lo: float, hi: float, ci: bool) -> str:
-    if math.isnan(v):
-        return "nan"
-    digits = 4 if abs(v) < 100 else 2
-    s = f"{v:.{digits}f}"
-    return f"{s} [{lo:.{digits}f}, {hi:.{digits}f}]" if ci and not math.isnan(lo) else s
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _tex_escape(s: str) -> str:
-    return re.sub(r"([_%&#$])", r"\\\1", s).replace("–", "--")
-
-
-def _tex_table(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    body = [" & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
-    body += [" & ".join(_tex_escape(c) for c in r) + r" \\" for r in rows]
-    return "\n".join(
-        [
-            r"\begin{table}[t]",
-            r"\centering\small",
-            rf"\caption{{{_tex_escape(caption)}}}",
-            r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}",
-            r"\toprule",
-            *body,
-            r"\bottomrule",
-            r"\end{tabular}",
-            r"\end{table}",
-        ]
-    )
-
-
-@dataclass
-class _Section:
-    title: str
-    header: list[str]
-    rows: list[list[str]]
-    note: str = ""
-    long: list[dict] = field(default_factory=list)
-    """Tidy rows for results.csv: table, model/row, metric, value, low, high, n."""
-
-
-def _rate_section(
-    table: pd.DataFrame,
-    reward_names: Sequence[str],
-    reward_sets: Mapping[str, Sequence[str]],
-    baseline: str,
-    ci: bool,
-    conf: float,
-) -> _Section:
-    cols = metrics.rate_columns(reward_names, reward_sets)
-    header = [
-        "Model",
-        *[c.removeprefix("win_") + " win (%)" if c.startswith("win_") else c + " (%)" for c in cols],
-        "pairs",
-    ]
-    rows, long = [], []
-    for model, r in table.iterrows():
-        label = f"{model} (baseline)" if model == baseline else str(model)
-        rows.append([label, *[_fmt_pct(r[c], r[f"{c}_low"], r[f"{c}_high"], ci) for c in cols], str(int(r["pairs"]))])
-        long += _long_rows("joint", model, r, cols, int(r["pairs"]))
-    sets = "; ".join(
-        f"{metrics.rate_columns([], {k: v})[0]}/{metrics.rate_columns([], {k: v})[1]}: {', '.join(v)}"
-        for k, v in reward_sets.items()
-    )
-    note = (
-        f"Paired samples (same prompt, seed, sample index) against **{baseline}**. Win: strictly higher reward; "
-        f"JDR: strictly higher on every reward of the set; JCR: strictly lower on every reward of the set "
-        f"(ties count as neither). Reward sets: {sets}. The baseline row compares the baseline with itself and "
-        "reads 0 by construction (when generating, the baseline's first batch is also generated twice: the determinism check)."
-    )
-    if ci:
-        note += f" Brackets: {100 * conf:g}% percentile bootstrap intervals over prompts."
-    return _Section("Win rate, JDR and JCR (paper Table 3 layout)", header, rows, note, long)
-
-
-def _long_rows(table: str, model: object, r: pd.Series, columns: Sequence[str], n: int) -> list[dict]:
-    """results.csv rows (one per metric) of one model: value and interval bounds."""
-    return [
-        {"table": table, "row": model, "metric": c, "value": r[c], "low": r[f"{c}_low"], "high": r[f"{c}_high"], "n": n}
-        for c in columns
-    ]
-
-
-def _mean_section(table: pd.DataFrame, reward_names: Sequence[str], ci: bool, conf: float) -> _Section:
-    header = ["Model", *reward_names, "samples"]
-    show_nan = bool((table["nan"] > 0).any())
-    if show_nan:
-        header.append("rows with NaN")
-    rows, long = [], []
-    for model, r in table.iterrows():
-        row = [
-            str(model),
-            *[_fmt_num(r[n], r[f"{n}_low"], r[f"{n}_high"], ci) for n in reward_names],
-            str(int(r["samples"])),
-        ]
-        if show_nan:
-            row.append(str(int(r["nan"])))
-        rows.append(row)
-        long += _long_rows("mean", model, r, reward_names, int(r["samples"]))
-    note = "Mean over all samples of each model (NaN scores skipped and counted)."
-    if ci:
-        note += f" Brackets: {100 * conf:g}% bootstrap intervals over prompts."
-    return _Section("Mean reward scores (paper Table 5 layout)", header, rows, note, long)
-
-
-def write_tables(out: Path, sections: Sequence[_Section], preamble: str = "") -> None:
-    """Write results.md, results.csv (tidy: table, row, metric, value, low, high, n) and results.tex."""
-    md = ["# pgot evaluation", ""]
-    if preamble:
-        md += [preamble, ""]
-    tex = ["% pgot evaluation tables; needs \\usepackage{booktabs}"]
-    long: list[dict] = []
-    for s in sections:
-        md += [f"## {s.title}", "", _md_table(s.header, s.rows), ""]
-        if s.note:
-            md += [s.note, ""]
-        tex += ["", _tex_table(s.title, s.header, s.rows)]
-        long += s.long
-    (out / "results.md").write_text("\n".join(md))
-    (out / "results.tex").write_text("\n".join(tex) + "\n")
-    pd.DataFrame(long, columns=["table", "row", "metric", "value", "low", "high", "n"]).to_csv(
-        out / "results.csv", index=False
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # Training curves
 # --------------------------------------------------------------------------------------------
 
 
+_OBJECTIVE_WORDS = {
+    "pgot": "PG-OT",
+    "single_reward": "single reward",
+    "weighted_sum": "weighted sum",
+    "hetero_weighted_sum": "weighted sum, per-prompt bounds",
+    "separate_constraints": "separate constraints",
+}
+
+
+def _split_label(entry: str) -> tuple[str, str]:
+    """``"label=path"`` -> ``(label, path)``; a plain path (or an existing path holding ``=``) -> ``("", path)``."""
+    if "=" in entry and not Path(entry).expanduser().exists():
+        label, path = (x.strip() for x in entry.split("=", 1))
+        if label and path:
+            return label, path
+    return "", entry
+
+
+def _run_config(folder: Path) -> dict:
+    """A run's ``config.yaml`` as a dict (empty when missing or unreadable)."""
+    try:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _run_description(cfg: Mapping[str, Any]) -> str:
+    """What a run trained, in words (``"PG-OT offline"``, ``"single reward: hps"``), from its config; may be empty."""
+    train = cfg.get("train")
+    if not isinstance(train, dict) or "objective" not in train:
+        return ""
+    objective = str(train["objective"])
+    words = _OBJECTIVE_WORDS.get(objective, objective)
+    if objective == "pgot" and train.get("strategy"):
+        words += f" {train['strategy']}"
+    active = train.get("active_rewards") or []
+    if objective == "single_reward" and active:
+        words += ": " + ", ".join(map(str, active))
+    return words
+
+
+def _probe_reward_sets(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The reward sets of a run's probe JDR / JCR (``train.reward_sets``, default all rewards as ``all``)."""
+    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    sets = train.get("reward_sets") if isinstance(train.get("reward_sets"), dict) else {}
+    if sets:
+        return {str(k): [str(n) for n in v] for k, v in sets.items() if isinstance(v, list)}
+    rewards = cfg.get("rewards") if isinstance(cfg.get("rewards"), list) else []
+    names = [str(r["name"]) for r in rewards if isinstance(r, dict) and r.get("name")]
+    return {"all": names} if names else {}
+
+
 def read_training_curves(runs: Sequence[str]) -> dict[str, pd.DataFrame]:
     """Read ``probe/*`` metrics from each run's ``metrics.jsonl``: run label -> frame (``step`` + probe columns).
 
-    The label is the run folder's name (made unique with its parent when two runs share a name).
-    Lines that are not JSON objects (a run killed mid-write) are skipped with a warning.
+    Each entry of ``runs`` (``eval.runs``) is a run folder (or its ``metrics.jsonl``), optionally preceded by
+    the label to show in figure legends: ``"PG-OT=runs/pgot"``. Without a label, the label is the folder's name
+    followed by what the run trained, read from the run's ``config.yaml`` (``"pgot (PG-OT offline)"``,
+    ``"ws (weighted sum)"``), or the folder's name alone without a readable config. A label already taken is
+    prefixed by the parent folder's name. Lines that are not JSON objects (a run killed mid-write) are skipped
+    with a warning. Each frame's ``attrs["reward_sets"]`` holds the run's probe reward sets (set -> rewards) when
+    its config says, for figure titles.
+
+    Raises:
+        ValueError: an entry without a ``metrics.jsonl``.
     """
     curves: dict[str, pd.DataFrame] = {}
-    for run in runs:
+    for entry in runs:
+        given, run = _split_label(str(entry))
         p = Path(run).expanduser()
         f = p / "metrics.jsonl" if p.is_dir() else p
         if not f.is_file():
             raise ValueError(
-                f"eval.runs names {run!r}, which has no metrics.jsonl. Point eval.runs at pgot-train run folders."
+                f"eval.runs names {entry!r}, which has no metrics.jsonl. Point eval.runs at pgot-train run folders "
+                "(optionally labelled: 'label=folder')."
             )
         records = []
         for i, line in enumerate(f.read_text().splitlines()):
@@ -789,283 +720,17 @@ def read_training_curves(runs: Sequence[str]) -> dict[str, pd.DataFrame]:
                 continue
             if isinstance(rec, dict) and "step" in rec and any(k.startswith("probe/") for k in rec):
                 records.append({"step": rec["step"], **{k: v for k, v in rec.items() if k.startswith("probe/")}})
-        label = f.parent.name
+        run_cfg = _run_config(f.parent)
+        label = given
+        if not label:
+            what = _run_description(run_cfg)
+            label = f"{f.parent.name} ({what})" if what else f.parent.name
         if label in curves:
             label = f"{f.parent.parent.name}/{label}"
-        curves[label] = pd.DataFrame(records, columns=None if records else ["step"])
+        frame = pd.DataFrame(records, columns=None if records else ["step"])
+        frame.attrs["reward_sets"] = _probe_reward_sets(run_cfg)
+        curves[label] = frame
     return curves
-
-
-# --------------------------------------------------------------------------------------------
-# Reward preference accuracy (paper Table 1)
-# --------------------------------------------------------------------------------------------
-
-
-def read_preference_data(path: str | Path) -> pd.DataFrame:
-    """Pairs of images with a human choice, Pick-a-Pic style.
-
-    Accepts a .parquet / .csv / .jsonl file or a folder holding ``manifest.*``, with columns ``prompt``,
-    ``image_0`` and ``image_1`` (paths relative to the file's folder, or encoded image bytes; Pick-a-Pic's
-    ``jpg_0`` / ``jpg_1`` also work) and ``label``: the index of the preferred image (0 or 1; 0.5 is a tie).
-    Pick-a-Pic's ``label_0`` (1 when image 0 won, 0.5 for a tie) works in place of ``label``.
-
-    Returns:
-        Columns ``prompt``, ``image_0``, ``image_1`` (absolute path strings or bytes) and ``label`` (0 or 1),
-        ties removed.
-    """
-    file = _find_table(str(path), "eval.preference_data")
-    df = _read_table(file)
-    cols = {}
-    for i in (0, 1):
-        for cand in (f"image_{i}", f"jpg_{i}"):
-            if cand in df.columns:
-                cols[i] = cand
-                break
-    if "label" in df.columns:
-        label = df["label"].astype(float)
-    elif "label_0" in df.columns:
-        label = 1.0 - df["label_0"].astype(float)
-    else:
-        label = None
-    if len(cols) < 2 or "prompt" not in df.columns or label is None:
-        raise ValueError(
-            f"eval.preference_data {str(file)!r} needs columns prompt, image_0, image_1 and label (0/1: which image won; "
-            f"0.5: tie); it has {', '.join(map(str, df.columns))}."
-        )
-    bad = ~label.isin([0.0, 0.5, 1.0])
-    if bad.any():
-        raise ValueError(
-            f"eval.preference_data {str(file)!r}: label must be 0, 1 or 0.5 (tie), got {sorted(set(label[bad]))[:5]}."
-        )
-    keep = label != 0.5
-    out = pd.DataFrame({"prompt": df["prompt"].astype(str), "label": label.astype("int64")})
-    for i in (0, 1):
-        col = df[cols[i]]
-        vals = []
-        for v in col:
-            if isinstance(v, dict) and "bytes" in v:  # datasets' Image feature stored as a struct
-                v = v["bytes"]
-            if isinstance(v, (bytes, bytearray)):
-                vals.append(bytes(v))
-            else:
-                p = Path(str(v))
-                vals.append(str(p if p.is_absolute() else file.parent / p))
-        out[f"image_{i}"] = vals
-    out = out[keep.to_numpy()].reset_index(drop=True)
-    absent = [v for c in ("image_0", "image_1") for v in out[c] if isinstance(v, str) and not Path(v).is_file()]
-    if absent:
-        shown = "\n  ".join(absent[:5])
-        raise ValueError(f"eval.preference_data {str(file)!r}: {len(absent)} images do not exist, e.g.\n  {shown}")
-    if not len(out):
-        raise ValueError(f"eval.preference_data {str(file)!r} has no pair with a clear choice (label 0 or 1).")
-    return out[["prompt", "image_0", "image_1", "label"]]
-
-
-def preference_accuracy(
-    rewards: list,
-    data: pd.DataFrame,
-    *,
-    batch_size: int = 4,
-    num_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-) -> pd.DataFrame:
-    """Accuracy of each reward at predicting which image of a pair the human preferred.
-
-    A reward predicts the image it scores higher; an exact tie counts as half right, a NaN score as wrong.
-
-    Returns:
-        One row per reward (index ``reward``): ``accuracy``, ``low``, ``high`` (bootstrap over prompts), ``pairs``.
-    """
-    if device is None:
-        device = next((p.device for r in rewards for p in r.parameters()), torch.device("cpu"))
-    s0_parts, s1_parts = [], []
-    for start in range(0, len(data), batch_size):  # stream: never more than a batch of pairs in memory
-        part = data.iloc[start : start + batch_size]
-        prompts = part["prompt"].tolist()
-        s0_parts.append(_score_images(rewards, [load_image(v) for v in part["image_0"]], prompts, batch_size, device))
-        s1_parts.append(_score_images(rewards, [load_image(v) for v in part["image_1"]], prompts, batch_size, device))
-    k = len(data)
-    s0, s1 = torch.cat(s0_parts), torch.cat(s1_parts)  # (K, M) each
-    label = torch.tensor(data["label"].to_numpy(), dtype=torch.long)[:, None]  # (K, 1)
-    right = torch.where(label == 0, (s0 > s1).double(), (s1 > s0).double()) + 0.5 * (s0 == s1).double()  # (K, M)
-    groups = torch.tensor(pd.factorize(data["prompt"])[0])
-    low, high = metrics.bootstrap_ci(right, groups, num_resamples=num_resamples, confidence=confidence, seed=seed)
-    acc = right.mean(dim=0)
-    names = [r.name for r in rewards]
-    return pd.DataFrame(
-        {"accuracy": acc.numpy(), "low": low.numpy(), "high": high.numpy(), "pairs": k},
-        index=pd.Index(names, name="reward"),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# User study (paper Table 6)
-# --------------------------------------------------------------------------------------------
-
-
-def _data_uri(path: Path, max_side: int) -> str:
-    if max_side <= 0:
-        mime = _IMAGE_SUFFIXES.get(path.suffix.lower(), "image/png")
-        return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if max(im.size) > max_side:
-            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=92)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def write_study(
-    scores: pd.DataFrame,
-    root: Path,
-    out_dir: Path,
-    baseline: str,
-    candidates: Sequence[str],
-    pairs_per_candidate: int,
-    *,
-    seed: int = 0,
-    image_size: int = 512,
-    title: str = "Which image is better?",
-) -> Path:
-    """Write a self-contained user-study page of randomised (candidate vs baseline) pairs.
-
-    For every candidate, ``pairs_per_candidate`` keys (prompt, seed, sample index) are drawn at random
-    among those both models have images for; each pair's left/right order is random, and all pairs are
-    shuffled together. The page (``study.html``) embeds the images as data URIs and never shows model
-    names; which model is on which side is kept in ``key.json`` next to it, which :func:`tally_votes` reads.
-
-    Args:
-        scores: rows with ``model``, key columns, ``prompt`` and ``path`` (relative to ``root`` or absolute).
-        root: folder that relative image paths start from.
-        out_dir: where ``study.html`` and ``key.json`` go (created).
-        baseline: the baseline model.
-        candidates: models compared with it.
-        pairs_per_candidate: pairs per candidate (fewer when fewer images exist).
-        seed: seed of the draws and the left/right order.
-        image_size: longest side of embedded images (0: the original files, unchanged).
-        title: page heading.
-
-    Returns:
-        The path of ``study.html``.
-    """
-    rng = random.Random(seed)
-    has = scores[scores["path"].astype(str) != ""] if "path" in scores else scores.iloc[0:0]
-    base = has[has["model"] == baseline].set_index(KEY)
-    study_id = _source_hash(
-        {"seed": seed, "baseline": baseline, "candidates": list(candidates), "n": pairs_per_candidate}
-    )[:10]
-    pairs, key = [], {}
-    for cand in candidates:
-        c = has[has["model"] == cand].set_index(KEY)
-        common = sorted(set(c.index) & set(base.index))
-        if not common:
-            log.warning("user study: %s and %s share no images; no pairs for %s", cand, baseline, cand)
-            continue
-        chosen = rng.sample(common, min(pairs_per_candidate, len(common)))
-        for k in chosen:
-            pid = f"p{len(key):04d}"
-            cand_left = rng.random() < 0.5
-            cpath, bpath = Path(str(c.loc[k, "path"])), Path(str(base.loc[k, "path"]))
-            cpath, bpath = (p if p.is_absolute() else root / p for p in (cpath, bpath))
-            left, right = (cpath, bpath) if cand_left else (bpath, cpath)
-            prompt = str(c.loc[k, "prompt"])
-            pairs.append(
-                {
-                    "id": pid,
-                    "prompt": prompt,
-                    "left": _data_uri(left, image_size),
-                    "right": _data_uri(right, image_size),
-                }
-            )
-            key[pid] = {
-                "candidate": cand,
-                "baseline": baseline,
-                "left": cand if cand_left else baseline,
-                "right": baseline if cand_left else cand,
-                "prompt": prompt,
-                **{kk: int(v) for kk, v in zip(KEY, k, strict=True)},
-            }
-    order = list(range(len(pairs)))
-    rng.shuffle(order)
-    pairs = [pairs[i] for i in order]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    template = resources.files("pgot").joinpath("data/study.html").read_text(encoding="utf-8")
-    payload = json.dumps({"study_id": study_id, "title": title, "pairs": pairs}).replace("</", "<\\/")
-    html = template.replace("/*__STUDY_DATA__*/", payload)
-    (out_dir / "study.html").write_text(html, encoding="utf-8")
-    (out_dir / "key.json").write_text(json.dumps({"study_id": study_id, "baseline": baseline, "pairs": key}, indent=1))
-    log.info("user study: %d pairs written to %s", len(pairs), out_dir / "study.html")
-    return out_dir / "study.html"
-
-
-def tally_votes(vote_files: Sequence[str | Path], key_file: str | Path, confidence: float = 0.95) -> pd.DataFrame:
-    """Tally vote files downloaded from the study page into win rates of each candidate against the baseline.
-
-    Every vote counts (several annotators may rate the same pair); a later vote of the same annotator on
-    the same pair replaces the earlier one. ``win_rate = (wins + ties / 2) / votes`` with a Wilson score
-    interval (:func:`pgot.metrics.wilson_interval`).
-
-    Returns:
-        One row per candidate (index ``candidate``): ``votes``, ``wins``, ``ties``, ``losses``, ``win_rate``,
-        ``low``, ``high``, ``annotators``.
-
-    Raises:
-        ValueError: a file that is not a vote file of this study.
-    """
-    key = json.loads(Path(key_file).read_text())
-    pairs = key["pairs"]
-    by: dict[tuple[str, str], str] = {}
-    for i, vf in enumerate(vote_files):
-        p = Path(vf)
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"eval.votes.{i}={str(vf)!r} is not a readable JSON vote file: {exc}") from None
-        if not isinstance(data, dict) or data.get("format") != "pgot-study-votes":
-            raise ValueError(f"eval.votes.{i}={str(vf)!r} is not a pgot study vote file (no format: pgot-study-votes).")
-        if data.get("study_id") != key["study_id"]:
-            raise ValueError(
-                f"eval.votes.{i}={str(vf)!r} belongs to study {data.get('study_id')!r}, but {str(key_file)!r} is study "
-                f"{key['study_id']!r}. Tally votes with the evaluation folder that wrote their page."
-            )
-        annotator = str(data.get("annotator") or f"file{i}")
-        for v in data.get("votes", []):
-            if v.get("pair") not in pairs or v.get("choice") not in ("left", "right", "tie"):
-                raise ValueError(f"eval.votes.{i}={str(vf)!r} has a vote for unknown pair or choice: {v!r}.")
-            by[(annotator, v["pair"])] = v["choice"]
-    rows: dict[str, dict[str, Any]] = {}
-    for (annotator, pair), choice in by.items():
-        info = pairs[pair]
-        r = rows.setdefault(info["candidate"], {"votes": 0, "wins": 0, "ties": 0, "losses": 0, "annotators": set()})
-        r["votes"] += 1
-        r["annotators"].add(annotator)
-        if choice == "tie":
-            r["ties"] += 1
-        elif info[choice] == info["candidate"]:
-            r["wins"] += 1
-        else:
-            r["losses"] += 1
-    out = []
-    for cand, r in rows.items():
-        wins = r["wins"] + 0.5 * r["ties"]
-        lo, hi = metrics.wilson_interval(wins, r["votes"], confidence)
-        out.append(
-            {
-                "candidate": cand,
-                **{k: r[k] for k in ("votes", "wins", "ties", "losses")},
-                "win_rate": wins / r["votes"],
-                "low": lo,
-                "high": hi,
-                "annotators": len(r["annotators"]),
-            }
-        )
-    cols = ["candidate", "votes", "wins", "ties", "losses", "win_rate", "low", "high", "annotators"]
-    return pd.DataFrame(out, columns=cols).set_index("candidate")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1144,13 +809,14 @@ def _score_generated(cfg: Config, out: Path, scores_path: Path, factory: Any) ->
     return scores[keep].reset_index(drop=True), models
 
 
-def _preference_section(cfg: Config, factory: Any) -> _Section:
+def _preference_section(cfg: Config, factory: Any) -> tables.Section:
+    from pgot import human_eval  # imports this module's readers: imported here, not at the top
     from pgot.devices import resolve_device
 
     e = cfg.eval
-    data = read_preference_data(e.preference_data)
+    data = human_eval.read_preference_data(e.preference_data)
     device = resolve_device(cfg.model.device)
-    acc = preference_accuracy(
+    acc = human_eval.preference_accuracy(
         factory(device),
         data,
         batch_size=e.batch_size,
@@ -1159,30 +825,12 @@ def _preference_section(cfg: Config, factory: Any) -> _Section:
         seed=e.seed,
         device=device,
     )
-    ci = e.bootstrap > 0
-    rows = [[str(r), _fmt_pct(a.accuracy, a.low, a.high, ci), str(int(a.pairs))] for r, a in acc.iterrows()]
-    long = [
-        {
-            "table": "preference",
-            "row": r,
-            "metric": "accuracy",
-            "value": a.accuracy,
-            "low": a.low,
-            "high": a.high,
-            "n": int(a.pairs),
-        }
-        for r, a in acc.iterrows()
-    ]
-    note = (
-        f"Fraction of the {len(data)} human-labelled pairs of {e.preference_data} where the reward scores the "
-        "preferred image higher (human ties excluded; reward ties count half)."
-    )
-    return _Section(
-        "Reward preference accuracy (paper Table 1 layout)", ["Reward", "accuracy (%)", "pairs"], rows, note, long
-    )
+    return tables.preference_section(acc, num_pairs=len(data), source=e.preference_data, ci=e.bootstrap > 0)
 
 
-def _votes_section(cfg: Config, out: Path, baseline: str) -> _Section:
+def _votes_section(cfg: Config, out: Path, baseline: str) -> tables.Section:
+    from pgot import human_eval
+
     e = cfg.eval
     key_file = out / "study" / "key.json"
     if not key_file.is_file():
@@ -1190,30 +838,8 @@ def _votes_section(cfg: Config, out: Path, baseline: str) -> _Section:
             f"eval.votes is set but {key_file} does not exist. Tally votes with the eval.output_dir whose "
             "study/study.html the annotators used (written with eval.study_pairs > 0)."
         )
-    tally = tally_votes(e.votes, key_file, e.confidence)
-    header = ["Candidate", "win rate (%)", "votes", "wins", "ties", "losses", "annotators"]
-    rows = [
-        [
-            str(c),
-            _fmt_pct(t.win_rate, t.low, t.high, True),
-            *(str(int(t[k])) for k in ("votes", "wins", "ties", "losses", "annotators")),
-        ]
-        for c, t in tally.iterrows()
-    ]
-    long = [
-        {
-            "table": "user_study",
-            "row": c,
-            "metric": "win_rate",
-            "value": t.win_rate,
-            "low": t.low,
-            "high": t.high,
-            "n": int(t.votes),
-        }
-        for c, t in tally.iterrows()
-    ]
-    note = f"Win rate = (wins + ties / 2) / votes, {100 * e.confidence:g}% Wilson intervals; {len(e.votes)} vote files."
-    return _Section(f"User study: win rate against {baseline} (paper Table 6 layout)", header, rows, note, long)
+    tally = human_eval.tally_votes(e.votes, key_file, e.confidence)
+    return tables.study_section(tally, baseline, confidence=e.confidence, num_files=len(e.votes))
 
 
 def run(cfg: Config) -> Path:
@@ -1221,7 +847,8 @@ def run(cfg: Config) -> Path:
 
     Steps: check settings; generate (or read) and score every model not already in ``scores.parquet``;
     tables (results.md/.csv/.tex); figures; reward preference accuracy (``eval.preference_data``); user-study
-    page (``eval.study_pairs``); tally of study votes (``eval.votes``).
+    page (``eval.study_pairs``); tally of study votes (``eval.votes``). Prints the main table (win rate, JDR and
+    JCR against the baseline, with intervals) and the definitions of JDR and JCR to stdout.
 
     Returns:
         The evaluation folder.
@@ -1261,8 +888,8 @@ def run(cfg: Config) -> Path:
     )
     ci = e.bootstrap > 0
     sections = [
-        _rate_section(rates, names, e.reward_sets, baseline, ci, e.confidence),
-        _mean_section(means, names, ci, e.confidence),
+        tables.rate_section(rates, names, e.reward_sets, baseline, ci, e.confidence),
+        tables.mean_section(means, names, ci, e.confidence),
     ]
     det = out / "determinism.json"
     if not e.manifest and det.is_file():
@@ -1276,7 +903,9 @@ def run(cfg: Config) -> Path:
     if e.preference_data:
         sections.append(_preference_section(cfg, factory))
     if e.study_pairs > 0:
-        write_study(
+        from pgot import human_eval
+
+        human_eval.write_study(
             scores, out, out / "study", baseline, ordered[1:], e.study_pairs, seed=e.seed, image_size=e.study_image_size
         )
     if e.votes:
@@ -1291,22 +920,39 @@ def run(cfg: Config) -> Path:
         f"Models: {', '.join(ordered)} (baseline: {baseline}). {scores['prompt_id'].nunique()} prompts, {source}. "
         f"Rewards: {', '.join(names)}."
     )
-    write_tables(out, sections, preamble)
+    tables.write_tables(out, sections, preamble)
     _write_figures(cfg, scores, ordered, baseline, out / "figures")
     log.info("evaluation written to %s", out)
+    num_prompts = int(groups.unique().numel())
+    brackets = (
+        f"[low, high]: {100 * e.confidence:g}% percentile bootstrap intervals over the {num_prompts} prompts "
+        f"({e.bootstrap} resamples)."
+        if ci
+        else "No intervals (eval.bootstrap=0)."
+    )
+    print(
+        "\n"
+        + tables.summary_markdown(
+            sections[0], baseline, e.reward_sets, note=f"{brackets} All tables: {out / 'results.md'}"
+        ),
+        flush=True,
+    )
     return out
 
 
-def _write_figures(cfg: Config, scores: pd.DataFrame, models: list[str], baseline: str, folder: Path) -> None:
-    from pgot import plots
+def _save_figure(fig: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), fsync=False)
 
-    folder.mkdir(parents=True, exist_ok=True)
+
+def _write_figures(cfg: Config, scores: pd.DataFrame, models: list[str], baseline: str, folder: Path) -> None:
+    """Every figure shows every model (``models``, baseline first): Pareto scatter, per-prompt box plots, and the
+    training curves of ``eval.runs``."""
     names = cfg.reward_names
     e = cfg.eval
     pids = list(dict.fromkeys(scores.loc[scores["model"] == baseline, "prompt_id"]))[: max(e.figure_prompts, 1)]
     if len(names) >= 2:
         x, y = e.scatter_rewards if e.scatter_rewards else names[:2]
-        plots.pareto_scatter(scores, x, y, pids, models).savefig(folder / f"pareto_{_safe(x)}_{_safe(y)}.png", dpi=110)
-    plots.prompt_boxplots(scores, names, pids, baseline).savefig(folder / "prompt_boxplots.png", dpi=110)
+        _save_figure(plots.pareto_scatter(scores, x, y, pids, models), folder / f"pareto_{_safe(x)}_{_safe(y)}.png")
+    _save_figure(plots.prompt_boxplots(scores, names, pids, models), folder / "prompt_boxplots.png")
     if e.runs:
-        plots.training_curves(read_training_curves(e.runs)).savefig(folder / "training_curves.png", dpi=110)
+        _save_figure(plots.training_curves(read_training_curves(e.runs)), folder / "training_curves.png")

@@ -3,12 +3,16 @@
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (so no GUI backend
 and no global state); the runner saves it with ``fig.savefig(path)``, which renders with Agg.
 
+Every figure is meant to be read by someone who did not make it: every model (or run) is drawn, one
+colour each, named in a legend; every mark (box, median, mean, Pareto front) is explained in a legend;
+axes are labelled with their units; titles are words, not metric keys.
+
 * :func:`pareto_scatter`: the paper's Figure 3. For each prompt, every model's samples in the plane
   of two rewards and each model's Pareto front (non-dominated samples, maximisation) as a staircase.
 * :func:`prompt_boxplots`: the paper's Figure 8. Distribution of each reward over the samples of
-  each prompt: prompts reach different reward bounds (heterogeneous bounds).
+  each prompt, every model side by side: prompts reach different reward bounds (heterogeneous bounds).
 * :func:`training_curves`: the paper's Figure 4. Probe JDR / JCR logged by ``pgot-train`` against the
-  training step, one line per run.
+  optimizer step, one line per run.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-__all__ = ["pareto_front_2d", "pareto_scatter", "prompt_boxplots", "training_curves"]
+from pgot import metrics
+
+__all__ = ["curve_title", "pareto_front_2d", "pareto_scatter", "prompt_boxplots", "training_curves"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,14 @@ def pareto_front_2d(points: torch.Tensor) -> torch.Tensor:
     return front[torch.argsort(front[:, 0])]
 
 
+def _colors(n: int) -> list[str]:
+    return [f"C{i % 10}" for i in range(n)]
+
+
+def _score_label(reward: str) -> str:
+    return f"{reward} (reward score, higher is better)"
+
+
 def pareto_scatter(
     scores: pd.DataFrame,
     x: str,
@@ -67,6 +83,10 @@ def pareto_scatter(
     models: Sequence[str] | None = None,
 ) -> Figure:
     """Per-prompt scatter of two rewards with each model's Pareto front (paper Figure 3).
+
+    One panel per prompt (titled with the prompt); in it, one colour per model: every sample as a small
+    translucent dot, the model's Pareto front (its non-dominated samples) as a staircase through black-edged
+    dots. The legend names the models and explains the marks.
 
     Args:
         scores: one row per sample with columns ``model``, ``prompt_id``, ``prompt``, ``x``, ``y``.
@@ -79,7 +99,7 @@ def pareto_scatter(
     """
     models = list(models) if models is not None else list(dict.fromkeys(scores["model"]))
     fig, axes = _grid(len(prompt_ids))
-    colors = [f"C{i % 10}" for i in range(len(models))]
+    colors = _colors(len(models))
     for ax, pid in zip(axes, prompt_ids, strict=True):
         sub = scores[scores["prompt_id"] == pid]
         for model, color in zip(models, colors, strict=True):
@@ -92,82 +112,218 @@ def pareto_scatter(
                 ax.step(front[:, 0], front[:, 1], where="post", color=color, linewidth=1.6)
                 ax.scatter(front[:, 0], front[:, 1], s=30, color=color, edgecolors="black", linewidths=0.6)
         prompt = str(sub["prompt"].iloc[0]) if len(sub) and "prompt" in sub else str(pid)
-        ax.set_title(_short(prompt), fontsize=8)
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
+        ax.set_title(f"prompt {pid}: {_short(prompt)}", fontsize=8)
+        ax.set_xlabel(_score_label(x), fontsize=8)
+        ax.set_ylabel(_score_label(y), fontsize=8)
         ax.grid(alpha=0.3)
-    if axes:
-        handles, labels = axes[0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=8)
-    fig.suptitle(f"Per-prompt samples and Pareto fronts ({x} vs {y})", fontsize=10)
+    handles = [Line2D([], [], marker="o", linestyle="", color=c, label=m) for m, c in zip(models, colors, strict=True)]
+    handles += [
+        Line2D([], [], marker="o", linestyle="", markersize=4, color="grey", alpha=0.45, label="sample (one image)"),
+        Line2D(
+            [], [], marker="o", color="grey", markeredgecolor="black", linewidth=1.6,
+            label="Pareto front: samples no other sample of the model beats on both rewards",
+        ),
+    ]  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
+    fig.suptitle(
+        f"Samples of each prompt and each model's Pareto front: {x} against {y} (higher is better on both)",
+        fontsize=10,
+    )
     return fig
 
 
-def prompt_boxplots(scores: pd.DataFrame, rewards: Sequence[str], prompt_ids: Sequence[int], model: str) -> Figure:
-    """Box plot of each reward over the samples of each prompt (paper Figure 8: heterogeneous bounds).
+def prompt_boxplots(
+    scores: pd.DataFrame,
+    rewards: Sequence[str],
+    prompt_ids: Sequence[int],
+    models: str | Sequence[str] | None = None,
+) -> Figure:
+    """Box plots of each reward over the samples of each prompt, every model side by side (paper Figure 8).
+
+    One panel per reward; along the x axis one group per prompt, in it one box per model (one colour per model).
+    Each box spans the 25th to 75th percentile of the model's samples of that prompt, whiskers reach the furthest
+    sample within 1.5 interquartile ranges, dots beyond are outliers; a black line marks the median and a white
+    diamond the mean. Prompts reaching different bounds is the heterogeneity PG-OT's per-prompt frontiers address.
+    Each box patch has gid ``"<model>|<prompt_id>"``.
 
     Args:
-        scores: one row per sample with columns ``model``, ``prompt_id`` and the reward columns.
+        scores: one row per sample with columns ``model``, ``prompt_id`` (``prompt``, optional, labels the
+            prompts) and the reward columns.
         rewards: reward columns, one panel each.
-        prompt_ids: prompts, one box each.
-        model: whose samples (usually the baseline).
+        prompt_ids: prompts, one group of boxes each.
+        models: models to draw, in legend order (a single name draws that model; default: order of appearance).
 
     Returns:
         The figure.
     """
-    sub = scores[(scores["model"] == model) & scores["prompt_id"].isin(list(prompt_ids))]
-    fig, axes = _grid(len(rewards), max_cols=2, size=3.6)
+    if isinstance(models, str):
+        models = [models]
+    models = list(models) if models is not None else list(dict.fromkeys(scores["model"]))
+    prompt_ids = list(prompt_ids)
+    sub = scores[scores["model"].isin(models) & scores["prompt_id"].isin(prompt_ids)]
+    colors = _colors(len(models))
+    width = 0.8 / max(len(models), 1)
+    size = max(3.6, min(12.0, 0.3 * len(prompt_ids) * len(models) + 2.0))
+    fig, axes = _grid(len(rewards), max_cols=2, size=size)
+    texts = sub.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"] if "prompt" in sub else {}
+    tick_labels = [f"{pid}: {_short(str(texts[pid]), 24)}" if pid in texts else str(pid) for pid in prompt_ids]
     for ax, reward in zip(axes, rewards, strict=True):
-        data = []
-        for pid in prompt_ids:
-            v = sub.loc[sub["prompt_id"] == pid, reward].to_numpy(dtype="float64")
-            data.append(v[~pd.isna(v)])
-        ax.boxplot(data, tick_labels=[str(p) for p in prompt_ids], showmeans=True)
-        ax.set_title(reward, fontsize=9)
-        ax.set_xlabel("prompt id")
+        for i, (model, color) in enumerate(zip(models, colors, strict=True)):
+            rows = sub[sub["model"] == model]
+            data, positions, pids = [], [], []
+            for j, pid in enumerate(prompt_ids):
+                v = rows.loc[rows["prompt_id"] == pid, reward].to_numpy(dtype="float64")
+                v = v[~pd.isna(v)]
+                if len(v):
+                    data.append(v)
+                    positions.append(j + (i - (len(models) - 1) / 2) * width)
+                    pids.append(pid)
+            if not data:
+                continue
+            parts = ax.boxplot(
+                data,
+                positions=positions,
+                widths=width * 0.85,
+                patch_artist=True,
+                showmeans=True,
+                manage_ticks=False,
+                boxprops={"facecolor": color, "alpha": 0.6, "edgecolor": color},
+                medianprops={"color": "black", "linewidth": 1.3},
+                meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black", "markersize": 4},
+                whiskerprops={"color": color},
+                capprops={"color": color},
+                flierprops={"marker": ".", "markersize": 4, "markeredgecolor": color},
+            )
+            for box, pid in zip(parts["boxes"], pids, strict=True):
+                box.set_gid(f"{model}|{pid}")
+        ax.set_xticks(range(len(prompt_ids)), tick_labels)
+        ax.set_xlim(-0.6, len(prompt_ids) - 0.4)
+        ax.set_title(f"{reward} per prompt", fontsize=9)
+        ax.set_xlabel("prompt (id: text)", fontsize=8)
+        ax.set_ylabel(_score_label(reward), fontsize=8)
         ax.tick_params(axis="x", labelrotation=90, labelsize=7)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"Per-prompt reward distributions of {model}", fontsize=10)
+    handles: list = [Patch(facecolor=c, alpha=0.6, edgecolor=c, label=m) for m, c in zip(models, colors, strict=True)]
+    handles += [
+        Patch(
+            facecolor="white", edgecolor="black", label="box: 25th-75th percentile, whiskers: 1.5 IQR, dots: outliers"
+        ),
+        Line2D([], [], color="black", linewidth=1.3, label="median"),
+        Line2D([], [], marker="D", linestyle="", markerfacecolor="white", markeredgecolor="black", label="mean"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
+    fig.suptitle(
+        "Reward distribution over the samples of each prompt, per model (prompts reach different reward bounds)",
+        fontsize=10,
+    )
     return fig
 
 
-def training_curves(curves: Mapping[str, pd.DataFrame], keys: Sequence[str] | None = None) -> Figure:
-    """Probe JDR / JCR against the training step, one panel per key, one line per run (paper Figure 4).
+_RATE_NAMES = {"jdr": "Joint domination rate", "jcr": "Joint collapse rate"}
+_REWARD_METRICS = {
+    "win": "Win rate of {} against the step-0 model",
+    "mean": "Mean {} score",
+    "std": "Standard deviation of the {} score",
+    "kl": "Gaussian KL divergence of the {} score from step 0",
+}
+
+
+def curve_title(key: str, reward_sets: Mapping[str, Sequence[str]] | None = None) -> str:
+    """A metric key of ``metrics.jsonl`` in words.
+
+    ``probe/jdr_all`` -> ``"Joint domination rate, all rewards (JDR)"``; ``probe/jcr_JDR4`` -> ``"Joint collapse
+    rate, reward set JDR4 (JCR4)"``, or ``"Joint collapse rate on ict, hp, clip, hps (JCR4)"`` when ``reward_sets``
+    gives the set's members; ``probe/win_hps`` -> ``"Win rate of hps against the step-0 model"``. An unknown key is
+    returned as is.
+    """
+    name = key.removeprefix("probe/")
+    kind, _, rest = name.partition("_")
+    if kind in _RATE_NAMES and rest:
+        if rest == "all":
+            return f"{_RATE_NAMES[kind]}, all rewards ({kind.upper()})"
+        jdr_col, jcr_col = metrics.rate_columns([], {rest: []})
+        abbr = jdr_col if kind == "jdr" else jcr_col
+        members = (reward_sets or {}).get(rest)
+        if members:
+            return f"{_RATE_NAMES[kind]} on {', '.join(members)} ({abbr})"
+        return f"{_RATE_NAMES[kind]}, reward set {rest} ({abbr})"
+    if kind in _REWARD_METRICS and rest:
+        return _REWARD_METRICS[kind].format(rest)
+    return key
+
+
+def _is_rate(key: str) -> bool:
+    return key.removeprefix("probe/").split("_", 1)[0] in ("jdr", "jcr", "win")
+
+
+def training_curves(
+    curves: Mapping[str, pd.DataFrame],
+    keys: Sequence[str] | None = None,
+    reward_sets: Mapping[str, Sequence[str]] | None = None,
+) -> Figure:
+    """Probe JDR / JCR against the optimizer step, one panel per key, one line per run (paper Figure 4).
+
+    ``pgot-train`` probes every ``train.probe_every`` steps: the current model and its step-0 model generate the
+    same probe prompts with the same seeds, and the rates count the pairs. Rates are drawn in percent. Panels are
+    titled in words (:func:`curve_title`); the legend names the runs. With as many JDR as JCR keys (at most 4),
+    JDR panels fill the first row and the JCR of the same set sits under each.
 
     Args:
         curves: run label -> frame with a ``step`` column and metric columns such as
-            ``probe/jdr_<set>`` (as logged in a run's ``metrics.jsonl``).
+            ``probe/jdr_<set>`` (as logged in a run's ``metrics.jsonl``); the labels appear in the legend.
+            A frame's ``attrs["reward_sets"]`` (set name -> members, as :func:`pgot.evaluate.read_training_curves`
+            reads it from the run's config) names the rewards of each set in the titles.
         keys: metric columns to draw (default: every ``probe/jdr*`` then every ``probe/jcr*`` column found;
             ``pgot-train`` logs ``probe/jdr_<set>`` and ``probe/jcr_<set>``).
+        reward_sets: set name -> members for the titles (default: from the frames' attrs, first run first).
 
     Returns:
         The figure.
     """
+    cols = 3
     if keys is None:
         found = sorted({c for df in curves.values() for c in df.columns if c.startswith("probe/")})
         jdr = [k for k in found if k.startswith("probe/jdr")]
         jcr = [k for k in found if k.startswith("probe/jcr")]
         keys = jdr + jcr
-    fig, axes = _grid(len(keys) or 1, max_cols=3, size=3.4)
+        if jdr and [k.removeprefix("probe/jdr") for k in jdr] == [k.removeprefix("probe/jcr") for k in jcr]:
+            cols = len(jdr) if len(jdr) <= 4 else 3
+    if reward_sets is None:
+        reward_sets = {}
+        for df in reversed(list(curves.values())):
+            reward_sets.update(df.attrs.get("reward_sets") or {})
+    fig, axes = _grid(len(keys) or 1, max_cols=cols, size=3.4)
     if not keys:
         axes[0].text(
-            0.5, 0.5, "no probe/jdr* or probe/jcr* metrics in the runs' metrics.jsonl", ha="center", va="center"
+            0.5,
+            0.5,
+            "no probe/jdr* or probe/jcr* metrics in the runs' metrics.jsonl\n(pgot-train logs them every "
+            "train.probe_every steps)",
+            ha="center",
+            va="center",
+            fontsize=8,
         )
         axes[0].set_axis_off()
+        fig.suptitle("Probe JDR / JCR during training", fontsize=10)
         return fig
+    colors = dict(zip(curves, _colors(len(curves)), strict=True))
     for ax, key in zip(axes, keys, strict=True):
-        for i, (label, df) in enumerate(curves.items()):
+        rate = _is_rate(key)
+        for label, df in curves.items():
             if key not in df:
                 continue
             d = df[["step", key]].dropna()
-            ax.plot(d["step"], d[key] * 100.0, marker="o", markersize=3, color=f"C{i % 10}", label=label)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("%")
+            ys = d[key] * 100.0 if rate else d[key]
+            ax.plot(d["step"], ys, marker="o", markersize=3, color=colors[label], label=label)
+        ax.set_title(curve_title(key, reward_sets), fontsize=9, wrap=True)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("% of probe pairs (vs. step-0 model)" if rate else "reward score")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles = [Line2D([], [], marker="o", markersize=3, color=c, label=label) for label, c in colors.items()]
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=8)
-    fig.suptitle("Probe JDR / JCR during training", fontsize=10)
+        fig.legend(handles=handles, title="run", loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
+    fig.suptitle(
+        "Probe JDR / JCR during training: each run's model against its step-0 model, same probe prompts and seeds",
+        fontsize=10,
+    )
     return fig

@@ -147,6 +147,60 @@ def test_figures_and_study_written(evaluated):
     assert (evaluated / "study" / "study.html").stat().st_size > 1000
 
 
+def test_run_prints_the_main_table_with_definitions_and_intervals(evaluated, loras, capsys):
+    evaluate.run(_cfg(evaluated, _models(loras)))  # every model already scored: tables and figures only
+    out = capsys.readouterr().out
+    assert "## Win rate, JDR and JCR (paper Table 3 layout)" in out
+    for model in ["base (baseline)", "again", "tuned", "soup"]:
+        assert f"| {model} |" in out
+    assert "| base (baseline) | 0.00 [0.00, 0.00]" in out  # intervals shown
+    lines = out.splitlines()
+    assert any(x.startswith("JDR (joint domination rate):") and "strictly higher than base" in x for x in lines)
+    assert any(x.startswith("JCR (joint collapse rate):") and "strictly lower than base" in x for x in lines)
+    assert "Reward sets: JDR2/JCR2: colorfulness, contrast; JDR_all/JCR_all: colorfulness, contrast, sharpness." in out
+    assert "[low, high]: 95% percentile bootstrap intervals over the 3 prompts (200 resamples)." in out
+    md = (evaluated / "results.md").read_text()
+    table = out[out.index("| Model |") : out.index("\n\n", out.index("| Model |"))]
+    assert table in md  # the printed table is results.md's
+
+
+def test_figures_show_every_model(evaluated, loras, monkeypatch):
+    figures = {}
+    monkeypatch.setattr(evaluate, "_save_figure", lambda fig, path: figures.__setitem__(path.name, fig))
+    cfg = _cfg(evaluated, _models(loras), f"eval.runs=[PG-OT={loras / 'run_a'}]")
+    scores = pd.read_parquet(evaluated / "scores.parquet")
+    models = ["base", "again", "tuned", "soup"]
+    evaluate._write_figures(cfg, scores, models, "base", evaluated / "figures")
+    assert set(figures) == {"pareto_colorfulness_contrast.png", "prompt_boxplots.png", "training_curves.png"}
+    pids = sorted(set(scores["prompt_id"]))
+    for ax in [a for a in figures["prompt_boxplots.png"].axes if a.get_visible()]:
+        assert sorted(p.get_gid() for p in ax.patches) == sorted(f"{m}|{p}" for m in models for p in pids)
+    legend = [t.get_text() for t in figures["pareto_colorfulness_contrast.png"].legends[0].get_texts()]
+    assert legend[:4] == models
+    curves = figures["training_curves.png"]
+    assert [t.get_text() for t in curves.legends[0].get_texts()] == ["PG-OT"]
+
+
+def test_training_curve_labels(loras, tmp_path):
+    from pgot.config import save_config
+
+    run = loras / "run_a"
+    other = tmp_path / "x" / "run_a"
+    other.mkdir(parents=True)
+    (other / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    cfg = load_config(ROOT / "configs" / "debug.yaml", ["train.objective=weighted_sum"])
+    save_config(cfg, other / "config.yaml")
+    curves = evaluate.read_training_curves([f"mine={run}", str(run), str(other)])
+    # a given label; the folder name; what the run trained, from its config.yaml (a taken label gets the parent)
+    assert list(curves) == ["mine", "run_a", "run_a (weighted sum)"]
+    assert curves["run_a (weighted sum)"].attrs["reward_sets"] == {"all": cfg.reward_names}
+    assert curves["mine"]["probe/jdr_all"].tolist() == [0.1, 0.2, 0.3]
+    again = evaluate.read_training_curves([str(run), str(run)])
+    assert list(again) == ["run_a", f"{loras.name}/run_a"]
+    with pytest.raises(ValueError, match=r"eval.runs names 'x=/nonexistent', which has no metrics.jsonl"):
+        evaluate.read_training_curves(["x=/nonexistent"])
+
+
 def test_rerun_skips_scored_models_and_adds_new_ones(evaluated, loras, caplog):
     scores = evaluated / "scores.parquet"
     before = scores.read_bytes()
@@ -287,45 +341,6 @@ def _png(color: tuple[int, int, int]) -> bytes:
     im.putpixel((0, 0), (255 - color[0], 255 - color[1], 255 - color[2]))
     im.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def test_preference_accuracy_by_hand(tmp_path):
-    from pgot.rewards import build
-
-    vivid, gray = _png((230, 20, 40)), _png((120, 120, 120))
-    # the human preferred the vivid image in pairs 0-3 and the gray one in pair 4; pair 5 is a tie (dropped)
-    pairs = [
-        ("a", vivid, gray, 0),
-        ("b", gray, vivid, 1),
-        ("c", vivid, gray, 0),
-        ("d", gray, vivid, 1),
-        ("e", vivid, gray, 1),
-        ("f", vivid, gray, 0.5),
-    ]
-    pd.DataFrame([{"prompt": p, "image_0": a, "image_1": b, "label": lab} for p, a, b, lab in pairs]).to_parquet(
-        tmp_path / "prefs.parquet"
-    )
-    data = evaluate.read_preference_data(tmp_path / "prefs.parquet")
-    assert len(data) == 5
-    rewards = build(load_config(DEBUG).rewards)
-    acc = evaluate.preference_accuracy(rewards, data, num_resamples=100)
-    # colorfulness always prefers the vivid image: right on 4 of 5 pairs
-    assert acc.loc["colorfulness", "accuracy"] == pytest.approx(0.8)
-    assert acc.loc["colorfulness", "low"] <= 0.8 <= acc.loc["colorfulness", "high"]
-    assert (acc["pairs"] == 5).all()
-    # Pick-a-Pic's label_0 column (1: image 0 won) works as well
-    pd.DataFrame([{"prompt": p, "jpg_0": a, "jpg_1": b, "label_0": 1 - lab} for p, a, b, lab in pairs]).to_parquet(
-        tmp_path / "pap.parquet"
-    )
-    acc2 = evaluate.preference_accuracy(
-        rewards, evaluate.read_preference_data(tmp_path / "pap.parquet"), num_resamples=0
-    )
-    assert acc2.loc["colorfulness", "accuracy"] == pytest.approx(0.8)
-    pd.DataFrame([{"prompt": "x", "image_0": "nope.png", "image_1": "nope2.png", "label": 0}]).to_csv(
-        tmp_path / "bad.csv", index=False
-    )
-    with pytest.raises(ValueError, match="2 images do not exist"):
-        evaluate.read_preference_data(tmp_path / "bad.csv")
 
 
 def test_shipped_eval_configs_load():

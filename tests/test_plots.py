@@ -91,9 +91,85 @@ def test_training_curves_from_probe_keys(tmp_path):
     assert list(curves) == ["run_a"] and curves["run_a"]["step"].tolist() == [10, 20]
     fig = plots.training_curves(curves)
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
-    assert titles == ["probe/jdr_all", "probe/jcr_all"]
+    assert titles == ["Joint domination rate, all rewards (JDR)", "Joint collapse rate, all rewards (JCR)"]
     ys = fig.axes[0].lines[0].get_ydata()
     assert list(ys) == [10.0, 20.0]  # percent
     _saved(fig, tmp_path / "curves.png")
     empty = plots.training_curves({"x": pd.DataFrame({"step": [1]})})
     _saved(empty, tmp_path / "empty.png")
+
+
+def _legend_texts(fig: Figure) -> list[str]:
+    return [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+
+
+def _four_models() -> pd.DataFrame:
+    df = _scores()
+    base = df[df["model"] == "base"]
+    more = [base.assign(model=m, r1=base["r1"] + k) for k, m in enumerate(["soup", "again"], start=1)]
+    return pd.concat([df, *more], ignore_index=True)
+
+
+def test_boxplots_show_every_model_side_by_side_with_a_legend():
+    df = _four_models()
+    models = ["base", "tuned", "soup", "again"]
+    fig = plots.prompt_boxplots(df, ["r1", "r2"], [0, 1, 2], models)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2
+    for ax, reward in zip(axes, ["r1", "r2"], strict=True):
+        # one box (one artist group) per model and prompt, grouped by prompt, models in legend order
+        gids = [p.get_gid() for p in ax.patches]
+        assert sorted(gids) == sorted(f"{m}|{p}" for m in models for p in range(3))
+        boxes = {p.get_gid(): p for p in ax.patches}
+        for p in range(3):
+            centres = [boxes[f"{m}|{p}"].get_path().vertices[:, 0].mean() for m in models]
+            assert centres == sorted(centres) and p - 0.5 < centres[0] and centres[-1] < p + 0.5
+        # one colour per model, the same for every prompt
+        colors = {m: {tuple(boxes[f"{m}|{p}"].get_facecolor()) for p in range(3)} for m in models}
+        assert all(len(c) == 1 for c in colors.values()) and len({next(iter(c)) for c in colors.values()}) == 4
+        # the box of a model and prompt holds that model's samples: its median line is their median
+        sub = df[(df["model"] == "soup") & (df["prompt_id"] == 1)][reward]
+        medians = [line for line in ax.lines if line.get_color() == "black" and len(line.get_xdata()) == 2]
+        assert any(abs(line.get_ydata()[0] - sub.median()) < 1e-12 for line in medians)
+        assert ax.get_title() == f"{reward} per prompt"
+        assert ax.get_xlabel() == "prompt (id: text)" and "reward score" in ax.get_ylabel()
+        assert [t.get_text() for t in ax.get_xticklabels()][0].startswith("0: prompt number 0")
+    texts = _legend_texts(fig)
+    assert texts[:4] == models
+    assert "median" in texts and "mean" in texts and any(t.startswith("box: 25th-75th percentile") for t in texts)
+    assert "per model" in fig.get_suptitle()
+
+
+def test_pareto_scatter_legend_explains_models_and_front_markers():
+    df = _four_models()
+    fig = plots.pareto_scatter(df, "r1", "r2", [0, 1], ["base", "tuned", "soup", "again"])
+    texts = _legend_texts(fig)
+    assert texts[:4] == ["base", "tuned", "soup", "again"]
+    assert any(t.startswith("Pareto front") for t in texts) and any(t.startswith("sample") for t in texts)
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("r1 (reward score") and ax.get_ylabel().startswith("r2 (reward score")
+    assert ax.get_title().startswith("prompt 0: prompt number 0")
+    assert len(ax.lines) == 4  # one front per model
+    assert "Pareto front" in fig.get_suptitle()
+
+
+def test_training_curves_titles_legend_and_axes_in_words():
+    curves = {
+        "PG-OT": pd.DataFrame({"step": [10, 20], "probe/jdr_JDR2": [0.1, 0.2], "probe/jcr_JDR2": [0.0, 0.05]}),
+        "weighted sum": pd.DataFrame({"step": [10, 20], "probe/jdr_JDR2": [0.1, 0.0], "probe/jcr_JDR2": [0.1, 0.3]}),
+    }
+    curves["PG-OT"].attrs["reward_sets"] = {"JDR2": ["ict", "hp"]}
+    fig = plots.training_curves(curves)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == [
+        "Joint domination rate on ict, hp (JDR2)",
+        "Joint collapse rate on ict, hp (JCR2)",
+    ]
+    assert all(ax.get_xlabel() == "optimizer step" and "%" in ax.get_ylabel() for ax in axes)
+    assert _legend_texts(fig) == ["PG-OT", "weighted sum"]
+    assert [line.get_label() for line in axes[0].lines] == ["PG-OT", "weighted sum"]
+    assert list(axes[1].lines[1].get_ydata()) == [10.0, 30.0]
+    assert plots.curve_title("probe/jdr_all") == "Joint domination rate, all rewards (JDR)"
+    assert plots.curve_title("probe/jcr_x") == "Joint collapse rate, reward set x (JCR_x)"
+    assert plots.curve_title("probe/win_hps") == "Win rate of hps against the step-0 model"
+    assert plots.curve_title("loss") == "loss"

@@ -1,12 +1,14 @@
-"""Tests of the user-study kit (pgot/data/study.html, evaluate.write_study / tally_votes).
+"""Tests of pgot/human_eval.py: reward preference accuracy by hand, and the user-study kit
+(pgot/data/study.html, write_study / tally_votes).
 
-The page is driven in headless Chromium (Debian's ``chromium`` package) through its ``#autotest=`` hook,
+The study page is driven in headless Chromium (Debian's ``chromium`` package) through its ``#autotest=`` hook,
 which replays real DOM click and keydown events and writes the votes JSON, read back from the download
 Blob, into the DOM; ``--dump-dom`` prints it. The test skips when no Chromium is installed.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -18,9 +20,60 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pgot.evaluate import tally_votes, write_study
+from pgot import human_eval
+from pgot.config import load_config
+from pgot.human_eval import tally_votes, write_study
 
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "eval_debug.yaml"
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    im = Image.new("RGB", (16, 16), color)
+    im.putpixel((0, 0), (255 - color[0], 255 - color[1], 255 - color[2]))
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_preference_accuracy_by_hand(tmp_path):
+    from pgot.rewards import build
+
+    vivid, gray = _png((230, 20, 40)), _png((120, 120, 120))
+    # the human preferred the vivid image in pairs 0-3 and the gray one in pair 4; pair 5 is a tie (dropped)
+    pairs = [
+        ("a", vivid, gray, 0),
+        ("b", gray, vivid, 1),
+        ("c", vivid, gray, 0),
+        ("d", gray, vivid, 1),
+        ("e", vivid, gray, 1),
+        ("f", vivid, gray, 0.5),
+    ]
+    pd.DataFrame([{"prompt": p, "image_0": a, "image_1": b, "label": lab} for p, a, b, lab in pairs]).to_parquet(
+        tmp_path / "prefs.parquet"
+    )
+    data = human_eval.read_preference_data(tmp_path / "prefs.parquet")
+    assert len(data) == 5
+    rewards = build(load_config(DEBUG).rewards)
+    acc = human_eval.preference_accuracy(rewards, data, num_resamples=100)
+    # colorfulness always prefers the vivid image: right on 4 of 5 pairs
+    assert acc.loc["colorfulness", "accuracy"] == pytest.approx(0.8)
+    assert acc.loc["colorfulness", "low"] <= 0.8 <= acc.loc["colorfulness", "high"]
+    assert (acc["pairs"] == 5).all()
+    # Pick-a-Pic's label_0 column (1: image 0 won) works as well
+    pd.DataFrame([{"prompt": p, "jpg_0": a, "jpg_1": b, "label_0": 1 - lab} for p, a, b, lab in pairs]).to_parquet(
+        tmp_path / "pap.parquet"
+    )
+    acc2 = human_eval.preference_accuracy(
+        rewards, human_eval.read_preference_data(tmp_path / "pap.parquet"), num_resamples=0
+    )
+    assert acc2.loc["colorfulness", "accuracy"] == pytest.approx(0.8)
+    pd.DataFrame([{"prompt": "x", "image_0": "nope.png", "image_1": "nope2.png", "label": 0}]).to_csv(
+        tmp_path / "bad.csv", index=False
+    )
+    with pytest.raises(ValueError, match="2 images do not exist"):
+        human_eval.read_preference_data(tmp_path / "bad.csv")
 
 
 def _scores(tmp_path: Path, models=("base", "cand"), prompts=3, samples=2) -> pd.DataFrame:
