@@ -47,13 +47,13 @@ def _fail(problems: Sequence[str]) -> int:
     return 2
 
 
-def _main(prog: str, description: str, stage: Callable[[Config], object], argv: Sequence[str] | None) -> int:
+def _main(prog: str, description: str, stage: Callable[[Config], object], argv: Sequence[str] | None, name: str) -> int:
     args = _parser(prog, description).parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, stage=name)
     except ConfigError as exc:
         return _fail(exc.problems)
     try:
@@ -77,7 +77,7 @@ def precompute_main(argv: Sequence[str] | None = None) -> int:
 
         return precompute.run(cfg)
 
-    return _main("pgot-precompute", precompute_main.__doc__ or "", stage, argv)
+    return _main("pgot-precompute", precompute_main.__doc__ or "", stage, argv, "precompute")
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -88,7 +88,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
         return train.run(cfg)
 
-    return _main("pgot-train", train_main.__doc__ or "", stage, argv)
+    return _main("pgot-train", train_main.__doc__ or "", stage, argv, "train")
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
@@ -99,7 +99,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
         return evaluate.run(cfg)
 
-    return _main("pgot-eval", eval_main.__doc__ or "", stage, argv)
+    return _main("pgot-eval", eval_main.__doc__ or "", stage, argv, "eval")
 
 
 _STAGES = {"precompute": precompute_main, "train": train_main, "eval": eval_main}

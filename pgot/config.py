@@ -356,6 +356,25 @@ class EvalModelConfig:
     lora_scale: float = 1.0
     """Scale applied to the LoRA."""
 
+    def resolved_name(self, index: int) -> str:
+        """The label of the ``index``-th model: ``name``, else one derived from its LoRA path or soup.
+
+        ``runs/x``, ``runs/x/final`` and ``runs/x/final/pytorch_lora_weights.safetensors`` give ``x``; ``y.safetensors``
+        gives ``y``; a soup ``soup-<w1>:<w2>``; no LoRA ``base`` (first model) or ``model<index>``.
+        """
+        if self.name:
+            return self.name
+        if self.soup:
+            return "soup-" + ":".join(f"{w:g}" for w in self.soup.values())
+        if self.lora:
+            p = Path(self.lora)
+            if p.suffix == ".safetensors":
+                if not p.name.startswith("pytorch_lora_weights"):
+                    return p.stem
+                p = p.parent
+            return p.parent.name if p.name == "final" else p.name
+        return "base" if index == 0 else f"model{index}"
+
 
 @dataclass
 class EvalConfig:
@@ -506,8 +525,8 @@ def _check_ranges(cfg: Config) -> list[str]:
                 n in names,
                 f"train.reward_sets.{set_name} names {n!r}, which is not in rewards ({', '.join(names) or 'none'}).{_did_you_mean(n, names)}",
             )
-    model_names = [mm.name for mm in e.models]
-    if e.baseline and model_names:
+    model_names = [mm.resolved_name(i) for i, mm in enumerate(e.models)]
+    if e.baseline and model_names and not e.manifest:  # with a manifest, the models come from its model column
         need(
             e.baseline in model_names,
             f"eval.baseline is {e.baseline!r}, not one of eval.models ({', '.join(model_names)}).",

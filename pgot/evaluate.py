@@ -110,19 +110,6 @@ class ModelSpec:
         return list(self.soup) if self.soup else ([self.lora] if self.lora is not None else [])
 
 
-def _default_name(m: EvalModelConfig, i: int) -> str:
-    if m.soup:
-        return "soup-" + ":".join(f"{w:g}" for w in m.soup.values())
-    if m.lora:  # runs/x, runs/x/final, runs/x/final/pytorch_lora_weights.safetensors -> x; y.safetensors -> y
-        p = Path(m.lora)
-        if p.suffix == ".safetensors":
-            if not p.name.startswith("pytorch_lora_weights"):
-                return p.stem
-            p = p.parent
-        return p.parent.name if p.name == "final" else p.name
-    return "base" if i == 0 else f"model{i}"
-
-
 def model_specs(models: Sequence[EvalModelConfig]) -> list[ModelSpec]:
     """Resolve ``eval.models`` (default: the base model alone) into :class:`ModelSpec` with checked LoRA files.
 
@@ -135,7 +122,7 @@ def model_specs(models: Sequence[EvalModelConfig]) -> list[ModelSpec]:
         return [ModelSpec(name="base")]
     specs = []
     for i, m in enumerate(models):
-        name = m.name or _default_name(m, i)
+        name = m.resolved_name(i)
         if m.soup:
             soup = {resolve_lora_file(p, f"eval.models.{i}.soup"): float(w) for p, w in m.soup.items()}
             specs.append(ModelSpec(name=name, soup=soup))
@@ -738,24 +725,12 @@ def read_training_curves(runs: Sequence[str]) -> dict[str, pd.DataFrame]:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_reward_sets(cfg: Config, scored: Sequence[str]) -> None:
-    problems = []
-    for set_name, members in cfg.eval.reward_sets.items():
-        if not members:
-            problems.append(f"eval.reward_sets.{set_name} is empty; list at least one reward.")
-        for n in members:
-            if n not in scored:
-                problems.append(
-                    f"eval.reward_sets.{set_name} names {n!r}, which is not a scored reward ({', '.join(scored) or 'none'}). "
-                    f"Add it to rewards, or set eval.reward_sets, e.g. eval.reward_sets='{{all: [{', '.join(scored)}]}}'."
-                )
-    sr = cfg.eval.scatter_rewards
-    if sr and (len(sr) != 2 or any(n not in scored for n in sr)):
-        problems.append(f"eval.scatter_rewards must name two scored rewards ({', '.join(scored)}), got {sr}.")
-    if not scored:
-        problems.append("rewards is empty; list the reward models to score, e.g. rewards.0.name=clip.")
-    if problems:
-        raise ValueError("\n".join(problems))
+def _baseline(cfg: Config, models: Sequence[str]) -> str:
+    """``eval.baseline``, or the first model; it must be one of the evaluated ``models``."""
+    baseline = cfg.eval.baseline or models[0]
+    if baseline not in models:
+        raise ValueError(f"eval.baseline is {baseline!r}, not one of the evaluated models ({', '.join(models)}).")
+    return baseline
 
 
 def _rewards_factory(cfg: Config) -> Any:
@@ -799,9 +774,7 @@ def _score_generated(cfg: Config, out: Path, scores_path: Path, factory: Any) ->
     e = cfg.eval
     specs = model_specs(e.models)
     models = [s.name for s in specs]
-    if e.baseline and e.baseline not in models:
-        raise ValueError(f"eval.baseline is {e.baseline!r}, not one of eval.models ({', '.join(models)}).")
-    _generate_and_score(cfg, specs, e.baseline or models[0], scores_path, out, factory)
+    _generate_and_score(cfg, specs, _baseline(cfg, models), scores_path, out, factory)
     _, ids = _eval_prompts(cfg)
     scores = read_scores(scores_path)
     keep = scores["model"].isin(models) & scores["prompt_id"].isin(ids) & (scores["seed"] == e.seed)
@@ -857,11 +830,11 @@ def run(cfg: Config) -> Path:
         ValueError: a user mistake (unknown reward in a reward set, LoRA that does not fit the base model,
             missing images, ...), with what to change. Scores already written stay in ``scores.parquet``.
     """
-    from pgot.config import save_config
+    from pgot.config import save_config, validate
 
+    validate(cfg, "eval")
     e = cfg.eval
     names = cfg.reward_names
-    _check_reward_sets(cfg, names)
     out = Path(e.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -871,9 +844,7 @@ def run(cfg: Config) -> Path:
         scores, models = _score_manifest(cfg, scores_path, factory)
     else:
         scores, models = _score_generated(cfg, out, scores_path, factory)
-    baseline = e.baseline or models[0]
-    if baseline not in models:
-        raise ValueError(f"eval.baseline is {baseline!r}, not one of the evaluated models ({', '.join(models)}).")
+    baseline = _baseline(cfg, models)
     ordered = [baseline] + [m for m in models if m != baseline]
 
     boot = {"num_resamples": e.bootstrap, "confidence": e.confidence, "seed": e.seed}
