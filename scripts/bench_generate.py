@@ -35,8 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pgot.config import ModelConfig, RewardConfig  # noqa: E402
+from pgot.embeddings import PromptEmbeds, encode_prompts  # noqa: E402
 from pgot.generate import decode, make_noise, sample  # noqa: E402
-from pgot.model import PromptEmbeds, SD3Model, add_lora, encode_prompts, load_model  # noqa: E402
+from pgot.model import SD3Model, add_lora, load_model  # noqa: E402
 
 # stabilityai/stable-diffusion-3.5-large transformer/config.json (Large and Large-Turbo share it)
 SD35_LARGE = {

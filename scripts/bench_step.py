@@ -17,8 +17,9 @@ LoRA r=32, batch 1, rewards: three analytic ones plus a small random CLIP tower 
     python scripts/bench_step.py --device cuda --json bench_step_h100.json
 
 Phases: ``sampling`` = noise + 4 Euler steps (gradients in the last K) + VAE decode; ``rewards`` = the reward
-forward; ``objective`` = the loss from the (P, N, M) reward vectors (PG-OT: front lookup to the device, the
-dominated-sample count train.py logs, normalisation, Sinkhorn; online: the pool and its dominating sets);
+forward; ``objective`` = :func:`pgot.objectives.compute` on the (P, N, M) reward vectors, as pgot-train calls it (PG-OT:
+front lookup to the device, normalisation, Sinkhorn, the logged diagnostics; online: the pool and its dominating
+sets);
 ``backward`` = ``loss.backward()`` + AdamW step on the LoRA. Peak memory: CUDA ``max_memory_allocated`` per
 objective; CPU the process's peak RSS. Prints a markdown table; ``--json PATH`` writes the numbers.
 """
@@ -41,9 +42,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from pgot import objectives, rewards  # noqa: E402
 from pgot.config import ModelConfig, OTConfig, RewardConfig  # noqa: E402
+from pgot.embeddings import PromptEmbeds, encode_prompts  # noqa: E402
 from pgot.generate import decode, make_noise, sample  # noqa: E402
-from pgot.model import PromptEmbeds, add_lora, encode_prompts, load_model  # noqa: E402
-from pgot.pareto import dominated_by, dominating_sets, pareto_mask  # noqa: E402
+from pgot.model import add_lora, load_model  # noqa: E402
+from pgot.pareto import pareto_mask  # noqa: E402
 
 PHASES = ("sampling", "rewards", "objective", "backward")
 _ot = OTConfig()  # the shipped defaults
@@ -70,34 +72,28 @@ def _fronts(base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def make_objectives(base: torch.Tensor, world: int) -> dict:
-    """name -> loss(scores (P, N, M)) doing what train.py does for that objective; fronts from ``base`` (P, n, M)."""
+    """name -> loss(scores (P, N, M)): :func:`pgot.objectives.compute`, the dispatch pgot-train runs, with the inputs
+    train.py gives it (fronts from ``base`` (P, n, M) copied to the device per step as ``Frontier.lookup`` does,
+    the store's per-reward std as the OT scale, the pool of ``world`` processes for the online strategy)."""
     front_cpu, fmask_cpu, std = _fronts(base)
     m = base.shape[-1]
 
     def weighted_sum(scores: torch.Tensor) -> torch.Tensor:
-        w = torch.ones(m, device=scores.device)
-        return objectives.weighted_sum(scores, w, torch.ones(m, device=scores.device))
+        targets = torch.ones(m, device=scores.device)
+        return objectives.compute("weighted_sum", scores, targets=targets, **OT)[0]
 
     def pgot_offline(scores: torch.Tensor) -> torch.Tensor:
         dev = scores.device
         front, fmask = front_cpu.to(dev), fmask_cpu.to(dev)  # Frontier.lookup: a host-to-device copy per step
-        scale = std.to(dev)
-        n_dom = dominated_by(scores.detach(), front, fmask).sum()  # logged by train.py
-        loss = objectives.pgot_offline(
-            objectives.normalize(scores, scale), objectives.normalize(front, scale), fmask, **OT
-        )
-        return loss + 0 * n_dom
+        return objectives.compute("pgot", scores, front=front, front_mask=fmask, scale=std.to(dev), **OT)[0]
 
     def pgot_online(scores: torch.Tensor) -> torch.Tensor:
         # the gathered pool of `world` processes: this process's vectors plus (world - 1) shifted copies
         pool = torch.cat([scores.detach() + 0.01 * i for i in range(world)], dim=1)  # (P, world*N, M)
         mask = torch.isfinite(pool).all(-1)
-        scale = std.to(scores.device)
-        n_dom = dominating_sets(scores.detach(), pool, mask).any(-1).sum()
-        loss = objectives.pgot_online(
-            objectives.normalize(scores, scale), objectives.normalize(pool, scale), mask, **OT
-        )
-        return loss + 0 * n_dom
+        return objectives.compute(
+            "pgot", scores, strategy="online", pool=pool, pool_mask=mask, scale=std.to(scores.device), **OT
+        )[0]
 
     return {"weighted_sum": weighted_sum, "pgot_offline": pgot_offline, "pgot_online": pgot_online}
 
