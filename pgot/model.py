@@ -62,10 +62,10 @@ TRAIN_ADAPTER = "default"
 """Name of the trainable peft adapter that :func:`add_lora` creates."""
 
 _GET_WEIGHTS = (
-    "Get the weights with `huggingface-cli download stabilityai/stable-diffusion-3.5-large-turbo "
-    "--local-dir <folder>` (a gated model: accept the Stability Community License on its hub page and "
-    "`huggingface-cli login` first), then set model.path=<folder>; or use model.tiny=true for a small random "
-    "model that needs no weights."
+    "Get the weights with `pgot-fetch --config <your config>` (it downloads every checkpoint the config names and "
+    "writes the config again with local paths), or `hf download stabilityai/stable-diffusion-3.5-large-turbo "
+    "--local-dir <folder>` and set model.path=<folder> (a gated model: accept the Stability AI Community License "
+    "on its hub page and `hf auth login` first); or use model.tiny=true for a small random model that needs no weights."
 )
 
 
@@ -176,9 +176,12 @@ def _check_folder(path: str) -> Path:
     folder = Path(path).expanduser()
     if not folder.exists():
         looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-        if looks_like_hub_id:
-            return Path(path)  # a hub id; from_pretrained says what is wrong when the hub is unreachable
-        raise ValueError(f"model.path={path!r} does not exist. {_GET_WEIGHTS}")
+        if not looks_like_hub_id:
+            raise ValueError(f"model.path={path!r} does not exist. {_GET_WEIGHTS}")
+        from pgot.hub import resolve
+
+        # the snapshot folder in the local hub cache (never downloaded here), then checked as any folder
+        folder = resolve(path, key="model.path", kind="model", hint=_GET_WEIGHTS)
     if not folder.is_dir():
         raise _not_sd3(path, "is a file, not a folder")
     index = folder / "model_index.json"
@@ -243,17 +246,6 @@ def load_model(
     fp = _folder_fingerprint(folder) if folder.is_dir() else "hub-" + hashlib.sha1(src.encode()).hexdigest()[:16]
     logger.info("loading SD3 from %s (%s, %s)", src, dev, dt)
     kw = {"torch_dtype": dt}
-    if not folder.is_dir():  # a hub id: fail early, with the how-to, when the hub is unreachable or the id wrong
-        try:
-            from huggingface_hub import hf_hub_download
-
-            hf_hub_download(src, "model_index.json")
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(
-                f"model.path={cfg.path!r} is not a local folder and could not be fetched from the hub ({first}). "
-                f"{_GET_WEIGHTS}"
-            ) from None
     transformer = SD3Transformer2DModel.from_pretrained(src, subfolder="transformer", **kw)
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler")

@@ -88,7 +88,7 @@ def test_bad_model_path_errors(tmp_path, kind):
     with pytest.raises(ValueError) as info:
         load_model(ModelConfig(path=path, device="cpu"))
     msg = str(info.value)
-    assert "huggingface-cli download stabilityai/stable-diffusion-3.5-large-turbo" in msg
+    assert "hf download stabilityai/stable-diffusion-3.5-large-turbo" in msg
     assert "model.tiny=true" in msg
     if path:
         assert repr(path) in msg
@@ -98,7 +98,7 @@ def test_bad_model_path_errors(tmp_path, kind):
         "no_index": "no model_index.json",
         "other_pipeline": "FluxPipeline",
         "empty": "model.path is empty",
-        "hub_id": "could not be fetched from the hub",
+        "hub_id": "is not in the local hub cache",
     }
     assert expected[kind] in msg
 

@@ -14,7 +14,6 @@ checkpointing.
 from __future__ import annotations
 
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -82,15 +81,17 @@ def check_inputs(name: str, images: torch.Tensor, prompts: Sequence[str]) -> Non
         )
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.+-]+)*$")
 
 
 def resolve_path(name: str, path: str, what: str) -> Path:
-    """A local checkpoint file/folder, or a hub id (``org/repo`` or ``org/repo/file``) fetched via the HF cache.
+    """A local checkpoint file/folder, or a hub id (``org/repo`` or ``org/repo/file``) read from the local hub cache.
 
-    Hub ids honour ``HF_HUB_OFFLINE`` (then only the local cache is used). ``what`` describes the
-    expected checkpoint for the error message.
+    Hub ids resolve through :func:`pgot.hub.resolve`: only the local hub cache is read (nothing is
+    downloaded at run time; ``pgot-fetch`` downloads). ``what`` describes the expected checkpoint for the
+    error message.
     """
+    from pgot import hub
+
     if not path:
         raise ValueError(
             f"reward {name!r}: no checkpoint path. Set the reward's path (rewards.<i>.path=...) to {what}, or to `tiny` for a random test build."
@@ -98,20 +99,14 @@ def resolve_path(name: str, path: str, what: str) -> Path:
     local = Path(path).expanduser()
     if local.exists():
         return local
-    if not path.startswith(("/", ".", "~")) and _HUB_ID.match(path):
-        try:
-            import huggingface_hub
-
-            parts = path.split("/")
-            repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
-            if filename:
-                return Path(huggingface_hub.hf_hub_download(repo, filename))
-            return Path(huggingface_hub.snapshot_download(repo))
-        except Exception as err:  # offline, unknown repo, gated: all mean "not available here"
-            logger.info("hub lookup of %s failed: %s", path, err)
+    if hub.is_hub_id(path):
+        return hub.resolve(
+            path, key="rewards.<i>.path", kind=name, subject=f"reward {name!r}: checkpoint path {path!r}"
+        )
     raise ValueError(
-        f"reward {name!r}: checkpoint path {path!r} does not exist (and is not a hub id available offline or online). "
-        f"Set the reward's path (rewards.<i>.path=...) to {what}, or to `tiny` for a random test build."
+        f"reward {name!r}: checkpoint path {path!r} does not exist. "
+        f"Set the reward's path (rewards.<i>.path=...) to {what}, or to `tiny` for a random test build; "
+        "`pgot-fetch --config <your config>` downloads every checkpoint a config names."
     )
 
 
