@@ -24,10 +24,11 @@ from test_rewards_imagereward import _write_released_format
 
 from pgot import hub
 from pgot.config import ModelConfig, RewardConfig, load_config
-from pgot.model import load_model, save_tiny
+from pgot.model import load_model
 from pgot.rewards import REWARDS, build, score
 from pgot.rewards.base import LinearMLP
 from pgot.rewards.clip import tiny_clip_model
+from pgot.tiny import save_tiny
 
 SD3 = "stabilityai/stable-diffusion-3.5-large-turbo"
 PROMPTS = ["a photo of a cat", "a red house at night"]
