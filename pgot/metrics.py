@@ -359,7 +359,8 @@ def _outcome_columns(
     _check_pair(candidate, baseline)
     if len(reward_names) != candidate.shape[1]:
         raise ValueError(
-            f"reward_names has {len(reward_names)} names for {candidate.shape[1]} reward columns; give one name per column."
+            f"reward_names has {len(reward_names)} names for {candidate.shape[1]} reward columns; "
+            "give one name per column."
         )
     candidate, baseline = candidate.detach(), baseline.detach()
     idx = _set_columns(reward_names, reward_sets)

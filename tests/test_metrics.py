@@ -249,7 +249,8 @@ def test_tables_are_exact_counts_and_intervals_contain_the_point(seed):
 
 @pytest.mark.parametrize(("p", "row"), [(7, [0.2054385934615871]), (7, [0.7629971687438133, 0.2558997317667261])])
 def test_bootstrap_interval_contains_point_despite_rounding(p, row):
-    """Identical prompts: replicates equal the mean up to the last bit, which raw percentiles missed (found by search)."""
+    """Identical prompts: replicates equal the mean up to the last bit, which raw percentiles missed (found by
+    search)."""
     values = torch.tensor(row * p, dtype=F64)
     groups = torch.arange(p).repeat_interleave(len(row))
     reps = metrics.bootstrap_samples(values, groups, num_resamples=100)[:, 0]
