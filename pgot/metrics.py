@@ -10,14 +10,33 @@ initial noise (``seed``, ``prompt_id``, ``sample_index``); row ``b`` of ``candid
 
 All comparisons are strict: a tie on a reward is neither a win nor a loss, so a pair with a tie on
 one reward of a set is neither jointly dominating nor collapsed, and the baseline compared with
-itself gives JDR = JCR = 0 and win rate 0 (the sanity row of the evaluation tables). A NaN reward
-compares false both ways, so a pair with a NaN in a column counts as neither win nor loss on that
-column (and as neither domination nor collapse), but it stays in the denominator: a NaN reward is
-reported as a failure to improve, never silently dropped.
+itself gives JDR = JCR = 0 and win rate 0 (the sanity row of the evaluation tables).
+
+**Exact counts.** Every rate is an integer count divided by the number of pairs, computed in float64
+as ``count / pairs`` (so it equals ``float(Fraction(count, pairs))``, the correctly rounded value:
+12 wins of 18 pairs is ``0.6666666666666666``), whatever the dtype of the rewards. Counts are int64.
+
+**Non-finite rewards** (NaN, +inf, -inf: what a diverged model or a broken reward produces). A
+*non-finite pair* of a reward set is a pair with a non-finite value among the rewards of that set
+(for the win rate of reward ``m`` the set is ``{m}``), in the candidate or in the baseline. The
+denominator is always **all pairs**; a non-finite pair is never dropped:
+
+* candidate non-finite, baseline finite: a **collapse** (it counts in JCR, and as a loss in the win
+  rates); never a domination or a win. A model whose rewards diverge therefore shows JCR -> 100%,
+  not JDR = JCR = 0;
+* baseline non-finite (whatever the candidate): **neither** (the pair cannot be judged);
+* both finite: the strict comparisons above (``+inf`` on the candidate side is not a win either:
+  an infinite reward is a failure, not a score).
+
+Every counting function reports how many pairs were non-finite: :func:`count_outcomes` (the counts
+behind :func:`win_rate`, :func:`jdr` and :func:`jcr`, which log a warning when there are any),
+:func:`comparison_nonfinite` next to :func:`comparison_indicators`, the ``*_nonfinite`` and
+``nonfinite`` columns of :func:`comparison_table`, and the per-reward ``*_nonfinite`` columns of
+:func:`mean_score_table`.
 
 Rates are reported with percentile bootstrap confidence intervals over **prompts** (the sampling
 unit of an evaluation set): prompts are resampled with replacement and all samples of a chosen prompt
-are kept (a cluster bootstrap), see :func:`bootstrap_ci`.
+are kept (a cluster bootstrap), see :func:`bootstrap_ci`. Every interval contains its point estimate.
 
 Callers select a reward subset by indexing columns first: ``jdr(cand[:, idx], base[:, idx])``.
 """
@@ -27,15 +46,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
 __all__ = [
+    "Outcomes",
     "bootstrap_ci",
     "bootstrap_samples",
     "comparison_indicators",
+    "comparison_nonfinite",
     "comparison_table",
+    "count_outcomes",
     "gaussian_kl",
     "jcr",
     "jdr",
@@ -55,10 +78,138 @@ def _check_pair(candidate: torch.Tensor, baseline: torch.Tensor) -> None:
             f"candidate and baseline must both be (B, M) with the same shape, got {tuple(candidate.shape)} and "
             f"{tuple(baseline.shape)}. Pair rows by (prompt_id, seed, sample_index) before comparing."
         )
+    if candidate.shape[1] == 0:
+        raise ValueError(
+            "candidate and baseline have no reward column (M = 0); a joint rate over no reward is undefined. "
+            "Select at least one reward column."
+        )
+
+
+def _rate(count: torch.Tensor | int, pairs: int) -> torch.Tensor:
+    """``count / pairs`` in float64 (one correctly rounded division); NaN when ``pairs == 0``."""
+    count = torch.as_tensor(count)
+    if pairs == 0:
+        return torch.full(count.shape, float("nan"), dtype=torch.float64, device=count.device)
+    return count.to(torch.float64) / pairs
+
+
+def _judge(candidate: torch.Tensor, baseline: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-pair, per-reward outcomes under the non-finite rule of the module docstring.
+
+    Returns ``(win, loss, bad_c, bad_b)``, each ``(B, M)`` bool: ``win`` both finite and ``c > b``;
+    ``loss`` baseline finite and (candidate non-finite or ``c < b``); ``bad_*`` the non-finite cells.
+    """
+    bad_c, bad_b = ~torch.isfinite(candidate), ~torch.isfinite(baseline)
+    win = (candidate > baseline) & ~bad_c & ~bad_b
+    loss = ~bad_b & (bad_c | (candidate < baseline))
+    return win, loss, bad_c, bad_b
+
+
+def _joint(win: torch.Tensor, bad_c: torch.Tensor, bad_b: torch.Tensor, lt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Joint outcomes of one reward set from its ``(B, M_set)`` columns: (domination, collapse, nonfinite,
+    unjudged), each ``(B,)`` bool (paper eqs. 2-3 with the non-finite rule)."""
+    unjudged = bad_b.any(dim=1)
+    nonfinite = unjudged | bad_c.any(dim=1)
+    domination = win.all(dim=1)  # win needs both sides finite, so this is ``~nonfinite & all(c > b)``
+    collapse = ~unjudged & (bad_c.any(dim=1) | lt.all(dim=1))
+    return domination, collapse, nonfinite, unjudged
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Integer outcome counts of B paired comparisons on M rewards (one reward set).
+
+    Attributes:
+        pairs: B, the denominator of every rate (non-finite pairs included).
+        wins: ``(M,)`` int64, pairs with ``candidate > baseline`` on that reward, both finite.
+        losses: ``(M,)`` int64, pairs with a finite baseline and a candidate that is lower or non-finite.
+        nonfinite_by_reward: ``(M,)`` int64, pairs with a non-finite value on that reward (either side).
+        dominations: pairs strictly better on every reward, all finite (the JDR count, eq. 2).
+        collapses: pairs strictly worse on every reward, or with a non-finite candidate and a finite
+            baseline (the JCR count, eq. 3).
+        nonfinite: pairs with a non-finite value on any of the M rewards, on either side.
+        unjudged: the part of ``nonfinite`` whose baseline is non-finite (counted as neither); the other
+            ``nonfinite - unjudged`` pairs are all collapses.
+    """
+
+    pairs: int
+    wins: torch.Tensor
+    losses: torch.Tensor
+    nonfinite_by_reward: torch.Tensor
+    dominations: int
+    collapses: int
+    nonfinite: int
+    unjudged: int
+
+    @property
+    def win_rate(self) -> torch.Tensor:
+        """``(M,)`` float64 ``wins / pairs``; NaN when ``pairs == 0``."""
+        return _rate(self.wins, self.pairs)
+
+    @property
+    def jdr(self) -> torch.Tensor:
+        """0-dim float64 ``dominations / pairs`` (paper eq. 2); NaN when ``pairs == 0``."""
+        return _rate(self.dominations, self.pairs)
+
+    @property
+    def jcr(self) -> torch.Tensor:
+        """0-dim float64 ``collapses / pairs`` (paper eq. 3); NaN when ``pairs == 0``."""
+        return _rate(self.collapses, self.pairs)
+
+
+def count_outcomes(candidate: torch.Tensor, baseline: torch.Tensor) -> Outcomes:
+    """Count wins, losses, joint dominations and collapses of paired reward vectors, and the non-finite pairs.
+
+    The counts behind :func:`win_rate`, :func:`jdr` and :func:`jcr` (paper eqs. 2-3), with the
+    non-finite rule of the module docstring. Example (B=3, M=2)::
+
+        candidate = [[2, 2], [nan, 5], [0, 0]]
+        baseline  = [[1, 1], [1,   1], [1, 1]]
+        pair 0 dominates; pair 1 has a NaN candidate and a finite baseline: a collapse (and a loss on
+        reward 0, where the NaN is; on reward 1, 5 > 1 is a win); pair 2 is strictly worse: a collapse
+        -> pairs 3, dominations 1, collapses 2, nonfinite 1, unjudged 0, wins [1, 2], losses [2, 1]
+
+    Args:
+        candidate: ``(B, M)`` reward vectors of the candidate model (select the reward set's columns first).
+        baseline: ``(B, M)`` reward vectors of the baseline on the same prompts and noise.
+
+    Returns:
+        :class:`Outcomes` (int64 counts on the device of the inputs; scalars as Python ints).
+
+    Raises:
+        ValueError: shapes differ, are not (B, M), or M == 0.
+    """
+    _check_pair(candidate, baseline)
+    candidate, baseline = candidate.detach(), baseline.detach()
+    win, loss, bad_c, bad_b = _judge(candidate, baseline)
+    domination, collapse, nonfinite, unjudged = _joint(win, bad_c, bad_b, candidate < baseline)
+    return Outcomes(
+        pairs=int(candidate.shape[0]),
+        wins=win.sum(dim=0),
+        losses=loss.sum(dim=0),
+        nonfinite_by_reward=(bad_c | bad_b).sum(dim=0),
+        dominations=int(domination.sum()),
+        collapses=int(collapse.sum()),
+        nonfinite=int(nonfinite.sum()),
+        unjudged=int(unjudged.sum()),
+    )
+
+
+def _warn_nonfinite(name: str, out: Outcomes) -> None:
+    if out.nonfinite:
+        log.warning(
+            "%s: %d of %d pairs have a non-finite reward (%d with a non-finite candidate counted as collapses and "
+            "losses, %d with a non-finite baseline counted as neither); count_outcomes() reports them.",
+            name,
+            out.nonfinite,
+            out.pairs,
+            out.nonfinite - out.unjudged,
+            out.unjudged,
+        )
 
 
 def win_rate(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
-    """Per-reward fraction of pairs where the candidate scores strictly higher.
+    """Per-reward fraction of pairs where the candidate scores strictly higher: ``wins / pairs``.
 
     Example (B=4 pairs, M=2 rewards)::
 
@@ -67,15 +218,24 @@ def win_rate(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
         column 0: 2>1 yes, 1>1 tie, 3>2 yes, 0>1 no  -> 2/4 = 0.50
         column 1: 1>1 tie, 1>2 no,  0>1 no,  5>4 yes -> 1/4 = 0.25
 
+    Non-finite pairs of reward ``m`` (a NaN or ±inf on that reward, either side) stay in the
+    denominator and are never wins: a non-finite candidate against a finite baseline is a loss, a
+    non-finite baseline is neither. Their number is ``count_outcomes(...).nonfinite_by_reward``, and a
+    warning is logged when there are any.
+
     Args:
         candidate: ``(B, M)`` reward vectors of the candidate model.
         baseline: ``(B, M)`` reward vectors of the baseline on the same prompts and noise.
 
     Returns:
-        ``(M,)`` float tensor in ``[0, 1]``; NaN when ``B == 0``.
+        ``(M,)`` float64 tensor in ``[0, 1]``, exactly ``wins / B`` correctly rounded; NaN when ``B == 0``.
+
+    Raises:
+        ValueError: shapes differ, are not (B, M), or M == 0.
     """
-    _check_pair(candidate, baseline)
-    return (candidate > baseline).float().mean(dim=0)
+    out = count_outcomes(candidate, baseline)
+    _warn_nonfinite("win_rate", out)
+    return out.win_rate
 
 
 def jdr(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
@@ -87,15 +247,22 @@ def jdr(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
         pair 2: 3>2 and 0>1? no           pair 3: 0>1? no               -> JDR = 0/4 = 0
         with candidate[1] = [2, 3] instead: 2>1 and 3>2 -> pair 1 dominates -> JDR = 1/4
 
+    A non-finite pair (NaN or ±inf on any column, either side) never dominates and stays in the
+    denominator; ``count_outcomes(...).nonfinite`` counts them, and a warning is logged when there are any.
+
     Args:
         candidate: ``(B, M)`` reward vectors (select the reward set's columns first).
         baseline: ``(B, M)``.
 
     Returns:
-        0-dim float tensor in ``[0, 1]``; NaN when ``B == 0``.
+        0-dim float64 tensor in ``[0, 1]``, exactly ``dominations / B``; NaN when ``B == 0``.
+
+    Raises:
+        ValueError: shapes differ, are not (B, M), or M == 0.
     """
-    _check_pair(candidate, baseline)
-    return (candidate > baseline).all(dim=-1).float().mean()
+    out = count_outcomes(candidate, baseline)
+    _warn_nonfinite("jdr", out)
+    return out.jdr
 
 
 def jcr(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
@@ -107,28 +274,41 @@ def jcr(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
         pair 3: 0<1 and 5<4? no                                        -> JCR = 0/4 = 0
         with candidate[3] = [0, 3]: 0<1 and 3<4 -> pair 3 collapsed    -> JCR = 1/4
 
+    A pair whose candidate has a non-finite value (NaN or ±inf) on any column while the baseline is
+    finite there is a collapse (a diverged model reads JCR = 100%); a pair with a non-finite baseline
+    is neither. Both stay in the denominator; ``count_outcomes(...).nonfinite`` counts them, and a
+    warning is logged when there are any.
+
     Args:
         candidate: ``(B, M)`` reward vectors (select the reward set's columns first).
         baseline: ``(B, M)``.
 
     Returns:
-        0-dim float tensor in ``[0, 1]``; NaN when ``B == 0``.
+        0-dim float64 tensor in ``[0, 1]``, exactly ``collapses / B``; NaN when ``B == 0``.
+
+    Raises:
+        ValueError: shapes differ, are not (B, M), or M == 0.
     """
-    _check_pair(candidate, baseline)
-    return (candidate < baseline).all(dim=-1).float().mean()
+    out = count_outcomes(candidate, baseline)
+    _warn_nonfinite("jcr", out)
+    return out.jcr
 
 
 def mean_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Per-reward mean over the finite entries of each column (Table 5 of the paper).
+    """Per-reward mean over the finite entries of each column (Table 5 of the paper), in float64.
+
+    Non-finite entries (NaN, ±inf) are skipped; count them with ``(~torch.isfinite(scores)).sum(0)``
+    (:func:`mean_score_table` reports them per reward).
 
     Args:
         scores: ``(B, M)`` reward vectors.
 
     Returns:
-        ``(M,)``; NaN for a column with no finite entry. Count NaNs separately to report them.
+        ``(M,)`` float64; NaN for a column with no finite entry.
     """
-    finite = torch.isfinite(scores)
-    total = torch.where(finite, scores, torch.zeros_like(scores)).sum(dim=0)
+    s = scores.detach().to(torch.float64)
+    finite = torch.isfinite(s)
+    total = torch.where(finite, s, torch.zeros_like(s)).sum(dim=0)
     return total / finite.sum(dim=0)
 
 
@@ -154,6 +334,47 @@ def _set_suffix(set_name: str) -> str:
     return suffix if suffix[:1].isdigit() or suffix[:1] in "_-" else f"_{suffix}"
 
 
+def _set_columns(reward_names: Sequence[str], reward_sets: Mapping[str, Sequence[str]]) -> list[torch.Tensor]:
+    """Column indices of each reward set. Raises ValueError naming ``eval.reward_sets.<set>`` for unknown rewards."""
+    names = list(reward_names)
+    out = []
+    for set_name, members in reward_sets.items():
+        missing = [n for n in members if n not in names]
+        if missing or not members:
+            raise ValueError(
+                f"eval.reward_sets.{set_name} names {', '.join(map(repr, missing)) or 'no reward'}, which is not "
+                f"among the scored rewards ({', '.join(names)}). Score that reward (add it to rewards) or edit "
+                f"eval.reward_sets.{set_name}."
+            )
+        out.append(torch.tensor([names.index(n) for n in members], dtype=torch.long))
+    return out
+
+
+def _outcome_columns(
+    candidate: torch.Tensor,
+    baseline: torch.Tensor,
+    reward_names: Sequence[str],
+    reward_sets: Mapping[str, Sequence[str]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indicators, nonfinite), both ``(B, K)`` bool in the column order of :func:`rate_columns`."""
+    _check_pair(candidate, baseline)
+    if len(reward_names) != candidate.shape[1]:
+        raise ValueError(
+            f"reward_names has {len(reward_names)} names for {candidate.shape[1]} reward columns; "
+            "give one name per column."
+        )
+    candidate, baseline = candidate.detach(), baseline.detach()
+    idx = _set_columns(reward_names, reward_sets)
+    win, loss, bad_c, bad_b = _judge(candidate, baseline)
+    lt = candidate < baseline
+    ind, bad = [win], [bad_c | bad_b]  # (B, M) each
+    for cols in idx:
+        domination, collapse, nonfinite, _ = _joint(win[:, cols], bad_c[:, cols], bad_b[:, cols], lt[:, cols])
+        ind += [domination[:, None], collapse[:, None]]
+        bad += [nonfinite[:, None], nonfinite[:, None]]
+    return torch.cat(ind, dim=1), torch.cat(bad, dim=1)
+
+
 def comparison_indicators(
     candidate: torch.Tensor,
     baseline: torch.Tensor,
@@ -163,7 +384,10 @@ def comparison_indicators(
     """Per-pair 0/1 outcomes whose column means are the win rates, JDRs and JCRs.
 
     Column order is :func:`rate_columns`; ``indicators.mean(0)`` equals ``win_rate``, ``jdr`` and
-    ``jcr`` on the matching columns, and bootstrapping the rows gives their confidence intervals.
+    ``jcr`` on the matching columns (including the non-finite rule of the module docstring: a pair
+    with a non-finite candidate and a finite baseline on a set is 1 in its JCR column and 0 in its
+    JDR column), and bootstrapping the rows gives their confidence intervals. Which pairs were
+    non-finite for each column is :func:`comparison_nonfinite`.
 
     Args:
         candidate: ``(B, M)``, columns in the order of ``reward_names``.
@@ -172,27 +396,56 @@ def comparison_indicators(
         reward_sets: set name -> reward names (each must be in ``reward_names``).
 
     Returns:
-        ``(B, M + 2 * len(reward_sets))`` float tensor of 0/1.
+        ``(B, M + 2 * len(reward_sets))`` float64 tensor of 0/1 (never NaN).
 
     Raises:
-        ValueError: a set names a reward that is not a column.
+        ValueError: a set names a reward that is not a column, or bad shapes.
     """
-    _check_pair(candidate, baseline)
-    names = list(reward_names)
-    out = [(candidate > baseline).float()]  # (B, M)
-    for set_name, members in reward_sets.items():
-        missing = [n for n in members if n not in names]
-        if missing or not members:
-            raise ValueError(
-                f"eval.reward_sets.{set_name} names {', '.join(map(repr, missing)) or 'no reward'}, which is not "
-                f"among the scored rewards ({', '.join(names)}). Score that reward (add it to rewards) or edit "
-                f"eval.reward_sets.{set_name}."
-            )
-        idx = torch.tensor([names.index(n) for n in members])
-        c, b = candidate[:, idx], baseline[:, idx]
-        out.append((c > b).all(dim=-1, keepdim=True).float())
-        out.append((c < b).all(dim=-1, keepdim=True).float())
-    return torch.cat(out, dim=1)
+    return _outcome_columns(candidate, baseline, reward_names, reward_sets)[0].to(torch.float64)
+
+
+def comparison_nonfinite(
+    candidate: torch.Tensor,
+    baseline: torch.Tensor,
+    reward_names: Sequence[str],
+    reward_sets: Mapping[str, Sequence[str]],
+) -> torch.Tensor:
+    """Per-pair flags of the non-finite pairs of each column of :func:`comparison_indicators`.
+
+    ``out[b, k]`` is true iff pair ``b`` has a non-finite value (NaN, ±inf; candidate or baseline) among the
+    rewards of column ``k``: reward ``m`` for ``win_<m>``, the set's rewards for its JDR and JCR columns
+    (which therefore hold the same flags). ``out.sum(0)`` is the ``<column>_nonfinite`` count of
+    :func:`comparison_table`.
+
+    Args:
+        candidate: ``(B, M)``, columns in the order of ``reward_names``.
+        baseline: ``(B, M)``.
+        reward_names: the M column names.
+        reward_sets: set name -> reward names.
+
+    Returns:
+        ``(B, M + 2 * len(reward_sets))`` bool tensor, column order :func:`rate_columns`.
+
+    Raises:
+        ValueError: as :func:`comparison_indicators`.
+    """
+    return _outcome_columns(candidate, baseline, reward_names, reward_sets)[1]
+
+
+def _group_sums(values: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group sums and counts of the finite entries: ``(G, K)`` float64 each (exact for integer values)."""
+    v = values.detach().reshape(values.shape[0], -1).to(torch.float64)  # (B, K)
+    if groups.shape != (v.shape[0],):
+        raise ValueError(f"groups must be (B,)=({v.shape[0]},), got {tuple(groups.shape)}.")
+    if v.shape[0] == 0:
+        return torch.zeros(0, v.shape[1], dtype=torch.float64), torch.zeros(0, v.shape[1], dtype=torch.float64)
+    _, inv = torch.unique(groups.cpu(), return_inverse=True)
+    v = v.cpu()
+    num_groups = int(inv.max()) + 1
+    finite = torch.isfinite(v)
+    sums = torch.zeros(num_groups, v.shape[1], dtype=torch.float64).index_add_(0, inv, torch.where(finite, v, 0.0))
+    counts = torch.zeros(num_groups, v.shape[1], dtype=torch.float64).index_add_(0, inv, finite.double())
+    return sums, counts
 
 
 def bootstrap_samples(
@@ -206,31 +459,30 @@ def bootstrap_samples(
 
     Each replicate draws P prompts with replacement out of the P distinct ``groups`` and keeps every row
     of every drawn prompt (a prompt drawn twice counts twice); the replicate is the mean over those rows
-    of each column, skipping NaN entries per column. With ``w_p`` the number of times prompt ``p`` was
-    drawn, ``S_p`` and ``n_p`` its column sums and row counts: ``stat = sum_p w_p S_p / sum_p w_p n_p``.
+    of each column, skipping non-finite entries (NaN, ±inf) per column. With ``w_p`` the number of
+    times prompt ``p`` was drawn, ``S_p`` and ``n_p`` its column sums and finite-row counts:
+    ``stat = sum_p w_p S_p / sum_p w_p n_p``, in float64 (exact sums for 0/1 outcomes, so a replicate
+    is a correctly rounded fraction; NaN when the drawn prompts have no finite entry in the column).
 
     Example: prompt 0 has rows (1, 1, 1), prompt 1 has row (0); the P=2 draws {0,0}, {0,1}, {1,0},
     {1,1} give 1, 3/4, 3/4, 0, so replicates take these values with probabilities 1/4, 1/2, 1/4.
 
     Args:
-        values: ``(B,)`` or ``(B, K)`` per-row values (0/1 outcomes for rates, or scores).
+        values: ``(B,)`` or ``(B, K)`` per-row values (0/1 outcomes for rates, or scores), any dtype.
         groups: ``(B,)`` integer prompt id of each row.
         num_resamples: R.
         seed: seed of the resampling generator (deterministic).
 
     Returns:
         ``(R, K)`` float64 replicates (``K = 1`` for 1-D ``values``).
+
+    Raises:
+        ValueError: ``groups`` is not ``(B,)``.
     """
-    v = values.reshape(values.shape[0], -1).double()  # (B, K)
-    if groups.shape != (v.shape[0],):
-        raise ValueError(f"groups must be (B,)=({v.shape[0]},), got {tuple(groups.shape)}.")
-    if v.shape[0] == 0 or num_resamples <= 0:
-        return torch.zeros(0, v.shape[1], dtype=torch.float64)
-    _, inv = torch.unique(groups, return_inverse=True)
-    num_groups = int(inv.max()) + 1
-    finite = torch.isfinite(v)
-    sums = torch.zeros(num_groups, v.shape[1], dtype=torch.float64).index_add_(0, inv, torch.where(finite, v, 0.0))
-    counts = torch.zeros(num_groups, v.shape[1], dtype=torch.float64).index_add_(0, inv, finite.double())
+    sums, counts = _group_sums(values, groups)
+    if sums.shape[0] == 0 or num_resamples <= 0:
+        return torch.zeros(0, sums.shape[1], dtype=torch.float64)
+    num_groups = sums.shape[0]
     gen = torch.Generator().manual_seed(seed)
     draws = torch.randint(num_groups, (num_resamples, num_groups), generator=gen)  # (R, P)
     weight = torch.zeros(num_resamples, num_groups, dtype=torch.float64).scatter_add_(
@@ -250,7 +502,11 @@ def bootstrap_ci(
     """Percentile cluster-bootstrap interval of column means, resampling prompts (Efron & Tibshirani 1993, ch. 13).
 
     The interval is the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of the
-    :func:`bootstrap_samples` replicates. Deterministic for a ``seed``.
+    :func:`bootstrap_samples` replicates, widened where needed to contain the point estimate (the
+    float64 mean of the finite entries of each column, ``count / n`` exactly for 0/1 outcomes): a
+    percentile interval can miss it by rounding or, with few prompts, by skew, and a reported
+    interval that excludes its own estimate is a bug. So ``low <= point <= high`` for every column
+    with a finite point. Deterministic for a ``seed``.
 
     Args:
         values: ``(B,)`` or ``(B, K)`` per-row values (0/1 outcomes for rates, or scores).
@@ -260,40 +516,74 @@ def bootstrap_ci(
         seed: seed of the resampling generator.
 
     Returns:
-        ``(low, high)``, each ``(K,)`` (or 0-dim for 1-D ``values``), float64.
+        ``(low, high)``, each ``(K,)`` (or 0-dim for 1-D ``values``), float64; NaN for a column without
+        finite entries.
+
+    Raises:
+        ValueError: ``confidence`` outside ``(0, 1)`` (``eval.confidence``), or ``groups`` not ``(B,)``.
     """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"eval.confidence must be in (0, 1), got {confidence}.")
     squeeze = values.dim() == 1
-    stats = bootstrap_samples(values, groups, num_resamples=num_resamples, seed=seed)  # (R, K)
-    if stats.shape[0] == 0:
-        low = torch.full((stats.shape[1],), float("nan"), dtype=torch.float64)
-        high = low.clone()
-    else:
-        alpha = (1.0 - confidence) / 2.0
-        bounds = torch.nanquantile(stats, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64), dim=0)  # (2, K)
-        low, high = bounds[0], bounds[1]
+    sums, counts = _group_sums(values, groups)
+    point = sums.sum(dim=0) / counts.sum(dim=0)  # (K,); NaN where no finite entry
+    low, high = _interval(values, groups, point, num_resamples, confidence, seed)
     return (low[0], high[0]) if squeeze else (low, high)
 
 
+def _interval(
+    values: torch.Tensor, groups: torch.Tensor, point: torch.Tensor, num_resamples: int, confidence: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Percentile bounds ``(K,)`` of the replicates, widened to contain ``point`` ``(K,)`` where both are finite.
+
+    The tables pass the point they report, so their interval contains it even when their estimate and the
+    replicates round differently (a sum over rows and a sum over prompt sums can differ in the last bit)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"eval.confidence must be in (0, 1), got {confidence}.")
+    stats = bootstrap_samples(values, groups, num_resamples=num_resamples, seed=seed)  # (R, K)
+    if stats.shape[0] == 0:
+        nan = torch.full((stats.shape[1],), float("nan"), dtype=torch.float64)
+        return nan, nan.clone()
+    alpha = (1.0 - confidence) / 2.0
+    bounds = torch.nanquantile(stats, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64), dim=0)  # (2, K)
+    point = point.detach().to(device="cpu", dtype=torch.float64)
+    ok = ~torch.isnan(point) & ~torch.isnan(bounds[0])
+    return torch.where(ok, torch.minimum(bounds[0], point), bounds[0]), torch.where(
+        ok, torch.maximum(bounds[1], point), bounds[1]
+    )
+
+
 def wilson_interval(successes: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (Wilson 1927).
+    """Wilson score interval of a binomial proportion (Wilson 1927), in float64.
 
     ``p = k / n``, ``z`` the normal quantile; centre ``(p + z^2 / 2n) / (1 + z^2 / n)``, half-width
     ``z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2)``. Fractional ``successes`` (ties counted
-    as half a win) are accepted. Example: k=8, n=10, 95%: (0.490, 0.943).
+    as half a win) are accepted; tensors and numpy scalars are converted to Python floats first, so
+    the arithmetic is float64 whatever their dtype. The interval is clipped to ``[0, 1]`` and always
+    contains ``p`` (rounding can otherwise put the lower bound a hair above ``p = 0``).
+    Example: k=8, n=10, 95%: (0.490, 0.943).
 
     Returns:
-        ``(low, high)``; ``(nan, nan)`` when ``n == 0``.
+        ``(low, high)`` Python floats; ``(nan, nan)`` when ``n == 0``.
+
+    Raises:
+        ValueError: ``n < 0``, ``successes`` outside ``[0, n]`` or not finite, or ``confidence`` outside ``(0, 1)``.
     """
-    if n <= 0:
+    k, n = float(successes), float(n)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
+    if not (math.isfinite(n) and n >= 0):
+        raise ValueError(f"wilson_interval needs a number of trials n >= 0, got {n}.")
+    if n == 0:
         return float("nan"), float("nan")
+    if not (math.isfinite(k) and 0.0 <= k <= n):
+        raise ValueError(
+            f"wilson_interval needs 0 <= successes <= n = {n:g}, got {k}. Count successes out of the n trials."
+        )
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2.0, dtype=torch.float64)).item()
-    p = successes / n
+    p = k / n
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def comparison_table(
@@ -309,6 +599,10 @@ def comparison_table(
 ) -> pd.DataFrame:
     """The layout of the paper's Table 3: win rates, JDR and JCR of every model against the baseline.
 
+    Rates are exact (``count / pairs`` in float64) and follow the non-finite rule of the module
+    docstring: a pair with a non-finite candidate and a finite baseline is a collapse and a loss, a
+    pair with a non-finite baseline is neither, and both stay in ``pairs``.
+
     Args:
         scores: model name -> ``(B, M)`` reward vectors, rows paired across models (same prompt,
             seed and sample index in the same row).
@@ -320,7 +614,13 @@ def comparison_table(
 
     Returns:
         One row per model (index ``model``): for each rate column ``c`` of :func:`rate_columns`,
-        ``c`` (a fraction), ``c_low`` and ``c_high``; plus ``pairs``.
+        ``c`` (float64 fraction ``c_count / pairs``), ``c_low`` and ``c_high`` (bootstrap interval,
+        containing ``c``), ``c_count`` (int, the pairs counted) and ``c_nonfinite`` (int, pairs with a
+        non-finite value among the rewards of ``c``); plus ``pairs`` (int) and ``nonfinite`` (int,
+        pairs with a non-finite value on any of the M rewards).
+
+    Raises:
+        ValueError: unknown ``baseline``, a set naming an unknown reward, or shapes that differ.
     """
     if baseline not in scores:
         raise ValueError(f"eval.baseline {baseline!r} has no scores; models scored: {', '.join(scores)}.")
@@ -328,14 +628,19 @@ def comparison_table(
     base = scores[baseline]
     rows = []
     for model, cand in scores.items():
-        ind = comparison_indicators(cand, base, reward_names, reward_sets)  # (B, K)
-        point = ind.mean(dim=0) if ind.shape[0] else torch.full((len(cols),), float("nan"))
-        low, high = bootstrap_ci(ind, groups, num_resamples=num_resamples, confidence=confidence, seed=seed)
-        row: dict[str, object] = {"model": model, "pairs": int(ind.shape[0])}
+        ind, bad = _outcome_columns(cand, base, reward_names, reward_sets)  # (B, K) bool each
+        pairs = int(ind.shape[0])
+        count, nonfinite = ind.sum(dim=0).cpu(), bad.sum(dim=0).cpu()  # (K,) int64
+        point = _rate(count, pairs)
+        low, high = _interval(ind, groups, point, num_resamples, confidence, seed)
+        row: dict[str, object] = {"model": model, "pairs": pairs}
         for k, c in enumerate(cols):
             row[c] = float(point[k])
             row[f"{c}_low"] = float(low[k])
             row[f"{c}_high"] = float(high[k])
+            row[f"{c}_count"] = int(count[k])
+            row[f"{c}_nonfinite"] = int(nonfinite[k])
+        row["nonfinite"] = int((~torch.isfinite(cand) | ~torch.isfinite(base)).any(dim=1).sum())
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
 
@@ -351,25 +656,44 @@ def mean_score_table(
 ) -> pd.DataFrame:
     """The layout of the paper's Table 5: mean score of every reward per model, with bootstrap CIs.
 
+    Means are float64 over the finite values of each reward; non-finite values (NaN, ±inf) are not
+    averaged but counted, per reward, in ``<reward>_nonfinite``. A reward whose values are all
+    non-finite has a NaN mean next to a ``_nonfinite`` count equal to ``samples``.
+
     Args:
         scores: model name -> ``(B_model, M)`` reward vectors (all of a model's samples).
         groups: model name -> ``(B_model,)`` prompt ids.
         reward_names: the M columns.
+        num_resamples, confidence, seed: see :func:`bootstrap_ci`.
 
     Returns:
-        One row per model: ``<reward>``, ``<reward>_low``, ``<reward>_high`` for each reward,
-        ``samples`` and ``nan`` (rows with at least one NaN reward).
+        One row per model: ``<reward>`` (float64 mean of the finite values), ``<reward>_low``,
+        ``<reward>_high`` (bootstrap interval, containing the mean) and ``<reward>_nonfinite`` (int)
+        for each reward; ``samples`` (int); ``nonfinite`` (int, rows with a non-finite value on any
+        reward) and ``nan``, the same number under its former name.
+
+    Raises:
+        ValueError: a model's scores are not ``(B, M)`` with one column per reward name, or its groups
+            are not ``(B,)``.
     """
     rows = []
     for model, s in scores.items():
+        if s.dim() != 2 or s.shape[1] != len(reward_names):
+            raise ValueError(
+                f"scores of {model!r} must be (B, {len(reward_names)}) (one column per reward name), "
+                f"got {tuple(s.shape)}."
+            )
         mean = mean_scores(s)
-        low, high = bootstrap_ci(s, groups[model], num_resamples=num_resamples, confidence=confidence, seed=seed)
+        low, high = _interval(s, groups[model], mean, num_resamples, confidence, seed)
+        bad = ~torch.isfinite(s.detach())
+        per_reward = bad.sum(dim=0).cpu()
         row: dict[str, object] = {"model": model, "samples": int(s.shape[0])}
         for k, name in enumerate(reward_names):
             row[name] = float(mean[k])
             row[f"{name}_low"] = float(low[k])
             row[f"{name}_high"] = float(high[k])
-        row["nan"] = int((~torch.isfinite(s)).any(dim=1).sum())
+            row[f"{name}_nonfinite"] = int(per_reward[k])
+        row["nonfinite"] = row["nan"] = int(bad.any(dim=1).sum())
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
 

@@ -9,9 +9,16 @@ Conventions shared by every function here:
 
 - **Duplicates** do not dominate each other, so all copies of a non-dominated vector are on the front
   (``moocore.is_nondominated(..., keep_weakly=True)``).
-- **NaN:** a row with any NaN never dominates, is never dominated and is never on a front. A NaN reward
-  is the caller's to report; here it only cannot poison the other rows (moocore, pymoo and paretoset
-  silently drop valid front points when a NaN is present).
+- **NaN:** a row with any NaN is incomparable: it never dominates, is never dominated and is never on a
+  front (DESIGN.md: "never on a frontier and never dominates anything"; it is not dominated either, since
+  dominance needs every reward compared). A NaN reward is the caller's to report; here it only cannot
+  poison the other rows (moocore, pymoo and paretoset silently drop valid front points when a NaN is present).
+- **Infinities:** ``+inf`` and ``-inf`` are ordinary ordered values, ``-inf < x < +inf`` for every finite
+  ``x`` and ``inf == inf`` (a tie). A row holding ``+inf`` can be on the front; a row holding ``-inf`` can
+  dominate. Every backend and dtype gives this same answer: the torch kernels compare infinities natively;
+  the moocore backend never sees them (columns with an infinity are replaced by their dense ranks, a strictly
+  increasing map that keeps every dominance relation, since moocore 0.3 crashes with SIGSEGV on ``+inf``
+  and returns wrong fronts with ``-inf``).
 - **Padding:** an optional boolean mask marks the real rows of a padded batch; padding rows behave
   like NaN rows.
 - **Memory:** the work is ``O(N^2 M)`` comparisons per set. On CPU the temporaries are a few
@@ -20,7 +27,9 @@ Conventions shared by every function here:
   booleans instead (5 kernels instead of ``2M + 3``). Either way the rows are processed in chunks
   above ``max_bytes``, so peak temporaries stay under about ``max_bytes``.
 
-Comparisons run in the input dtype (float32 stays float32; integer inputs are compared as float64).
+Comparisons run in the input dtype (float32, float16 and bfloat16 stay as they are; integer inputs are compared
+as float64; the moocore backend compares in float64, an exact widening of every float dtype), so the answer is
+exactly the brute-force one on the given values whatever the backend or device.
 Everything is batched over leading dimensions and runs on any device; no function here has a gradient.
 """
 
@@ -113,15 +122,19 @@ def dominance_matrix(
 
     ``D[..., i, j]`` is true iff row ``i`` dominates row ``j``: ``s_i >= s_j`` on every reward and
     ``s_i > s_j`` on at least one. The diagonal is false, duplicates do not dominate each other, and
-    rows with a NaN or outside ``valid`` neither dominate nor are dominated.
+    rows with a NaN or outside ``valid`` neither dominate nor are dominated. ``±inf`` are ordinary values
+    (``[inf, 0]`` dominates ``[5, 0]``; ``[-inf, 1]`` is dominated by ``[0, 1]``).
 
     Args:
-        scores: Reward vectors, shape (..., N, M); higher is better.
+        scores: Reward vectors, shape (..., N, M), any float or integer dtype; higher is better.
         valid: Optional bool mask (..., N) of real rows in a padded batch.
         max_bytes: Byte budget of the temporaries; bigger sets are processed in row chunks.
 
     Returns:
         Bool tensor (..., N, N).
+
+    Raises:
+        ValueError: ``scores`` is not (..., N, M) with M >= 1, or ``valid`` does not have shape (..., N).
     """
     s = _prepare(scores, valid, "scores", "valid")
     n = s.shape[-2]
@@ -137,25 +150,49 @@ def dominance_matrix(
     return out
 
 
+def _finite_ranks(x: np.ndarray) -> np.ndarray:
+    """(n, M) float64 without NaN -> a finite (n, M) with the same dominance relations.
+
+    Each column holding an infinity is replaced by its dense ranks (0, 1, ... in increasing order, equal values
+    sharing a rank, -0.0 equal to 0.0). A strictly increasing map of each column keeps every ``>=`` and ``>``
+    between two rows, so the front does not change; moocore only ever sees finite numbers (it crashes with
+    SIGSEGV on some +inf inputs and returns wrong fronts with -inf). Finite columns are passed through.
+    """
+    inf_cols = np.flatnonzero(np.isinf(x).any(0))
+    if inf_cols.size:
+        x = x.copy()
+        for k in inf_cols:
+            x[:, k] = np.unique(x[:, k], return_inverse=True)[1].reshape(-1)
+    return x
+
+
 def _pareto_mask_moocore(s: torch.Tensor) -> torch.Tensor:
-    """The same front as the torch path, from moocore, one set at a time (CPU, large N)."""
+    """The same front as the torch path, from moocore, one set at a time (CPU, large N).
+
+    Nothing non-finite reaches moocore: NaN rows are left out of its call (they are never on a front, and moocore
+    lets one NaN row wipe out the front) and columns with an infinity are replaced by their dense ranks
+    (:func:`_finite_ranks`). Finite inputs skip both steps (one ``isfinite`` pass).
+    """
     if moocore is None:
         raise ValueError("pareto_mask(backend='moocore') needs the moocore package: pip install moocore.")
     # float32 -> float64 is exact; numpy's cast is a few µs cheaper than torch's here
     x = s.numpy().astype(np.float64, copy=False) if s.dtype in (torch.float32, torch.float64) else s.double().numpy()
-    if s.ndim == 2 and not np.isnan(x).any():  # one set: no batch bookkeeping
-        return torch.from_numpy(moocore.is_nondominated(x, maximise=True, keep_weakly=True))
     n, m = s.shape[-2], s.shape[-1]
+    if n == 0:
+        return torch.zeros(s.shape[:-1], dtype=torch.bool)
+    finite = bool(np.isfinite(x).all())
+    if s.ndim == 2 and finite:  # one set: no batch bookkeeping
+        return torch.from_numpy(moocore.is_nondominated(x, maximise=True, keep_weakly=True))
     flat = x.reshape(-1, n, m)  # (B, N, M)
-    if not np.isnan(flat).any():  # common case: one call per set, no row selection
+    if finite:  # common case: one call per set, no row selection
         out = np.stack([moocore.is_nondominated(x, maximise=True, keep_weakly=True) for x in flat])
         return torch.from_numpy(out).reshape(s.shape[:-1])
-    finite = ~np.isnan(flat).any(-1)  # (B, N); moocore lets a NaN row wipe out the front
+    comparable = ~np.isnan(flat).any(-1)  # (B, N)
     out = np.zeros(flat.shape[:2], dtype=bool)
     for b in range(flat.shape[0]):
-        rows = np.flatnonzero(finite[b])
+        rows = np.flatnonzero(comparable[b])
         if rows.size:
-            out[b, rows] = moocore.is_nondominated(flat[b, rows], maximise=True, keep_weakly=True)
+            out[b, rows] = moocore.is_nondominated(_finite_ranks(flat[b, rows]), maximise=True, keep_weakly=True)
     return torch.from_numpy(out).reshape(s.shape[:-1])
 
 
@@ -187,9 +224,11 @@ def pareto_mask(
     A row is on the front iff no other row dominates it, it has no NaN and it is ``valid``. All
     copies of a duplicated front point are kept; this equals
     ``moocore.is_nondominated(scores, maximise=True, keep_weakly=True)`` on the finite valid rows.
+    ``±inf`` are ordinary values on every backend: ``[[-inf, 1, 0], [2, 0, 2], [1, 0, 1]]`` gives
+    ``[True, True, False]`` (nothing beats the second reward of row 0).
 
     Args:
-        scores: Reward vectors, shape (..., N, M); higher is better.
+        scores: Reward vectors, shape (..., N, M), any float or integer dtype; higher is better.
         valid: Optional bool mask (..., N) of real rows in a padded batch; padding rows are never
             on the front and never dominate.
         backend: ``"torch"`` (batched dominance matrix, any device), ``"moocore"`` (CPU, one set at a
@@ -199,6 +238,10 @@ def pareto_mask(
 
     Returns:
         Bool tensor (..., N), on the device of ``scores``.
+
+    Raises:
+        ValueError: unknown ``backend``, ``backend="moocore"`` without moocore installed, or bad shapes
+            (see :func:`dominance_matrix`).
     """
     if backend not in ("auto", "torch", "moocore"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'moocore', got {backend!r}.")
@@ -248,7 +291,8 @@ def dominating_sets(
 
     ``S[..., q, g]`` is true iff ``pool[..., g]`` dominates ``queries[..., q]``. A query that is also
     in the pool is not dominated by its own copy. NaN pool rows and rows outside ``pool_mask`` never
-    dominate; a query with a NaN is dominated by nothing (its dominating set is empty).
+    dominate; a query with a NaN is dominated by nothing (its dominating set is empty). ``±inf`` are
+    ordinary values: a pool row ``[inf, 0]`` dominates a query ``[7, 0]``, and nothing dominates ``[inf, inf]``.
 
     Args:
         queries: Reward vectors, shape (..., Q, M).
@@ -259,6 +303,9 @@ def dominating_sets(
 
     Returns:
         Bool tensor (..., Q, G).
+
+    Raises:
+        ValueError: bad shapes, or ``queries`` and ``pool`` with different M.
     """
     q = _prepare(queries, None, "queries", "")
     p = _prepare(pool, pool_mask, "pool", "pool_mask")
@@ -296,6 +343,10 @@ def dominated_by(
         max_bytes: Byte budget of the temporaries.
 
     Returns:
-        Bool tensor (..., Q). NaN points are never dominated.
+        Bool tensor (..., Q). NaN points are never dominated, NaN front rows never dominate, and ``±inf``
+        are ordinary values (the rules of :func:`dominating_sets`, which this reduces).
+
+    Raises:
+        ValueError: bad shapes, or ``points`` and ``front`` with different M.
     """
     return dominating_sets(points, front, front_mask, max_bytes=max_bytes).any(-1)

@@ -1,10 +1,12 @@
-"""Tests of pgot/metrics.py: hand-worked examples, brute-force oracles, bootstrap behaviour."""
+"""Tests of pgot/metrics.py: hand-worked examples, brute-force oracles, exact counts, non-finite pairs, bootstrap."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -14,51 +16,142 @@ from pgot import metrics
 # The hand-worked pairs of the docstrings (B=4, M=2).
 CAND = torch.tensor([[2.0, 1.0], [1.0, 1.0], [3.0, 0.0], [0.0, 5.0]])
 BASE = torch.tensor([[1.0, 1.0], [1.0, 2.0], [2.0, 1.0], [1.0, 4.0]])
+F64 = torch.float64
 
 
 def test_hand_worked_example():
-    assert_close(metrics.win_rate(CAND, BASE), torch.tensor([0.5, 0.25]))
-    assert_close(metrics.jdr(CAND, BASE), torch.tensor(0.0))
-    assert_close(metrics.jcr(CAND, BASE), torch.tensor(0.0))
+    assert_close(metrics.win_rate(CAND, BASE), torch.tensor([0.5, 0.25], dtype=F64))
+    assert_close(metrics.jdr(CAND, BASE), torch.tensor(0.0, dtype=F64))
+    assert_close(metrics.jcr(CAND, BASE), torch.tensor(0.0, dtype=F64))
     c = CAND.clone()
     c[1] = torch.tensor([2.0, 3.0])  # 2>1 and 3>2: dominates
-    assert_close(metrics.jdr(c, BASE), torch.tensor(0.25))
+    assert_close(metrics.jdr(c, BASE), torch.tensor(0.25, dtype=F64))
     c[3] = torch.tensor([0.0, 3.0])  # 0<1 and 3<4: collapsed
-    assert_close(metrics.jcr(c, BASE), torch.tensor(0.25))
+    assert_close(metrics.jcr(c, BASE), torch.tensor(0.25, dtype=F64))
     assert metrics.jdr(c, BASE).dim() == 0 and metrics.win_rate(c, BASE).shape == (2,)
 
 
 def test_ties_are_neither_and_self_comparison_is_zero():
     x = torch.randn(10, 3)
-    assert_close(metrics.jdr(x, x), torch.tensor(0.0))
-    assert_close(metrics.jcr(x, x), torch.tensor(0.0))
-    assert_close(metrics.win_rate(x, x), torch.zeros(3))
+    assert metrics.jdr(x, x).item() == 0.0 and metrics.jcr(x, x).item() == 0.0
+    assert metrics.win_rate(x, x).tolist() == [0.0, 0.0, 0.0]
     # better on two rewards, tied on the third: neither jointly dominating nor collapsed
     c, b = torch.tensor([[2.0, 2.0, 1.0]]), torch.tensor([[1.0, 1.0, 1.0]])
     assert metrics.jdr(c, b) == 0 and metrics.jcr(c, b) == 0 and metrics.jcr(b, c) == 0
 
 
-def test_nan_rows_count_as_neither_but_stay_in_the_denominator():
+def test_nonfinite_candidate_is_a_collapse_and_stays_in_the_denominator(caplog):
     c = torch.tensor([[2.0, 2.0], [float("nan"), 5.0], [0.0, 0.0]])
     b = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
-    assert_close(metrics.jdr(c, b), torch.tensor(1 / 3))
-    assert_close(metrics.jcr(c, b), torch.tensor(1 / 3))
-    assert_close(metrics.win_rate(c, b), torch.tensor([1 / 3, 2 / 3]))
+    with caplog.at_level("WARNING", logger="pgot.metrics"):
+        assert metrics.jdr(c, b).item() == 1 / 3
+        assert metrics.jcr(c, b).item() == 2 / 3  # pair 1: NaN candidate, finite baseline -> collapse
+        assert metrics.win_rate(c, b).tolist() == [1 / 3, 2 / 3]  # reward 1 of pair 1 is finite: 5 > 1 wins
+    assert "1 of 3 pairs have a non-finite reward" in caplog.text
+    out = metrics.count_outcomes(c, b)  # the docstring example
+    assert (out.pairs, out.dominations, out.collapses, out.nonfinite, out.unjudged) == (3, 1, 2, 1, 0)
+    assert out.wins.tolist() == [1, 2] and out.losses.tolist() == [2, 1]
+    assert out.nonfinite_by_reward.tolist() == [1, 0]
+    assert out.wins.dtype == torch.int64 and isinstance(out.collapses, int)
 
 
-def test_against_brute_force_loops():
-    g = torch.Generator().manual_seed(3)
-    c = torch.randint(0, 3, (50, 4), generator=g).float()  # small integers: many ties
-    b = torch.randint(0, 3, (50, 4), generator=g).float()
-    wins = [sum(c[i, m] > b[i, m] for i in range(50)) / 50 for m in range(4)]
-    dom = sum(all(c[i, m] > b[i, m] for m in range(4)) for i in range(50)) / 50
-    col = sum(all(c[i, m] < b[i, m] for m in range(4)) for i in range(50)) / 50
-    assert_close(metrics.win_rate(c, b), torch.tensor(wins, dtype=torch.float32))
-    assert metrics.jdr(c, b).item() == pytest.approx(float(dom))
-    assert metrics.jcr(c, b).item() == pytest.approx(float(col))
-    # subsets by indexing columns; JDR on one column is its win rate
-    for m in range(4):
-        assert metrics.jdr(c[:, [m]], b[:, [m]]).item() == pytest.approx(metrics.win_rate(c, b)[m].item())
+def _oracle(c: list, b: list) -> dict:
+    """The rule of the module docstring, from the definitions, on Python floats."""
+
+    def bad(v):
+        return not math.isfinite(v)
+
+    def joint(cols):
+        n_dom = n_col = n_bad = n_unj = 0
+        for cr, br in zip(c, b, strict=True):
+            cv, bv = [cr[m] for m in cols], [br[m] for m in cols]
+            if any(map(bad, bv)):
+                n_bad, n_unj = n_bad + 1, n_unj + 1
+            elif any(map(bad, cv)):
+                n_bad, n_col = n_bad + 1, n_col + 1
+            else:
+                n_dom += all(x > y for x, y in zip(cv, bv, strict=True))
+                n_col += all(x < y for x, y in zip(cv, bv, strict=True))
+        return n_dom, n_col, n_bad, n_unj
+
+    m = len(c[0])
+    per = [joint([k]) for k in range(m)]
+    return {"win": [p[0] for p in per], "loss": [p[1] for p in per], "bad": [p[2] for p in per], "all": joint(range(m))}
+
+
+def _sprinkled(gen: torch.Generator, shape: tuple[int, ...], rate: float) -> torch.Tensor:
+    """Small integers (many ties) with NaN, +inf and -inf cells, each at ``rate``."""
+    x = torch.randint(0, 3, shape, generator=gen).double()
+    u = torch.rand(shape, generator=gen, dtype=F64)
+    x[u < rate] = float("nan")
+    x[(u >= rate) & (u < 2 * rate)] = float("inf")
+    x[(u >= 2 * rate) & (u < 3 * rate)] = float("-inf")
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.3])
+def test_counts_and_exact_rates_against_brute_force(dtype, rate):
+    """Counts equal the oracle; every rate is float(Fraction(count, pairs)) exactly, in float64."""
+    g = torch.Generator().manual_seed(int(rate * 100) + 7)
+    for b_pairs in (1, 7, 18, 50):
+        c, b = _sprinkled(g, (b_pairs, 4), rate).to(dtype), _sprinkled(g, (b_pairs, 4), rate).to(dtype)
+        want = _oracle(c.double().tolist(), b.double().tolist())
+        out = metrics.count_outcomes(c, b)
+        assert out.wins.tolist() == want["win"] and out.losses.tolist() == want["loss"]
+        assert out.nonfinite_by_reward.tolist() == want["bad"]
+        assert (out.dominations, out.collapses, out.nonfinite, out.unjudged) == want["all"]
+        wr, d, k = metrics.win_rate(c, b), metrics.jdr(c, b), metrics.jcr(c, b)
+        assert wr.dtype == d.dtype == k.dtype == F64
+        assert wr.tolist() == [float(Fraction(w, b_pairs)) for w in want["win"]]
+        assert d.item() == float(Fraction(want["all"][0], b_pairs))
+        assert k.item() == float(Fraction(want["all"][1], b_pairs))
+        for m in range(4):  # JDR on one column is its win rate; JCR on one column its loss rate
+            assert metrics.jdr(c[:, [m]], b[:, [m]]).item() == wr[m].item()
+            assert metrics.jcr(c[:, [m]], b[:, [m]]).item() == float(Fraction(want["loss"][m], b_pairs))
+
+
+def test_issue_example_six_prompts_three_samples_is_exact():
+    """6 prompts x 3 samples, 2 of 3 winning: 12/18 exactly (was 0.6666666865348816), and the interval contains it."""
+    base = torch.zeros(18, 2, dtype=torch.float32)
+    cand = torch.tensor([[1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]] * 6, dtype=torch.float32)
+    groups = torch.arange(6).repeat_interleave(3)
+    two_thirds = 0.6666666666666666
+    assert metrics.win_rate(cand, base).tolist() == [two_thirds, two_thirds]
+    assert metrics.jdr(cand, base).item() == two_thirds and metrics.jcr(cand, base).item() == 1 / 3
+    t = metrics.comparison_table({"base": base, "cand": cand}, groups, "base", ["x", "y"], {"all": ["x", "y"]})
+    for col in ("win_x", "win_y", "JDR_all"):
+        assert t.loc["cand", col] == two_thirds and t.loc["cand", f"{col}_count"] == 12
+        assert t.loc["cand", f"{col}_low"] <= two_thirds <= t.loc["cand", f"{col}_high"]
+    assert t.loc["cand", "JCR_all"] == 1 / 3 and t.loc["cand", "pairs"] == 18
+    ind = metrics.comparison_indicators(cand, base, ["x", "y"], {"all": ["x", "y"]})
+    lo, hi = metrics.bootstrap_ci(ind, groups, num_resamples=200)
+    assert ind.dtype == F64 and (lo <= ind.mean(0)).all() and (ind.mean(0) <= hi).all()
+    assert lo[0].item() == hi[0].item() == two_thirds  # every prompt is 2/3: a point interval, on the point
+
+
+def test_diverged_model_reads_as_collapsed_not_healthy():
+    """train.learning_rate=1e6: every reward NaN or inf. Before: JDR 0% / JCR 0%. Now JCR 100%, all pairs non-finite."""
+    base = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        cand = torch.full((12, 3), bad)
+        out = metrics.count_outcomes(cand, base)
+        assert (out.dominations, out.collapses, out.nonfinite, out.unjudged) == (0, 12, 12, 0)
+        assert metrics.jcr(cand, base).item() == 1.0 and metrics.jdr(cand, base).item() == 0.0
+        assert metrics.win_rate(cand, base).tolist() == [0.0] * 3  # +inf is not a win
+        # the baseline broken instead: nothing can be judged, everything is counted
+        out = metrics.count_outcomes(base, cand)
+        assert (out.dominations, out.collapses, out.nonfinite, out.unjudged) == (0, 0, 12, 12)
+        assert metrics.jcr(base, cand).item() == 0.0 and metrics.jdr(base, cand).item() == 0.0
+    cand = base.clone()
+    cand[:4, 2] = float("nan")  # one reward diverged on a third of the pairs
+    sets = {"ab": ["a", "b"], "all": ["a", "b", "c"]}
+    t = metrics.comparison_table({"base": base, "cand": cand}, torch.arange(12) // 3, "base", ["a", "b", "c"], sets)
+    r = t.loc["cand"]
+    assert r["JCR_all"] == 4 / 12 and r["JCR_all_count"] == 4 and r["JCR_all_nonfinite"] == 4
+    assert r["JDR_all"] == 0 and r["JCR_ab"] == 0 and r["JCR_ab_nonfinite"] == 0  # a, b untouched (ties)
+    assert r["win_c_nonfinite"] == 4 and r["win_a_nonfinite"] == 0 and r["nonfinite"] == 4 and r["pairs"] == 12
+    assert t.loc["base", "nonfinite"] == 0 and t.loc["base", "JCR_all"] == 0
 
 
 def test_shape_mismatch_is_a_clear_error():
@@ -82,9 +175,92 @@ def test_indicator_columns_match_the_functions():
         metrics.comparison_indicators(c, b, names, {"bad": ["a", "zz"]})
 
 
-def test_mean_scores_skip_nan():
-    s = torch.tensor([[1.0, float("nan")], [3.0, 2.0]])
-    assert_close(metrics.mean_scores(s), torch.tensor([2.0, 2.0]))
+def test_empty_reward_set_is_an_error_and_empty_batch_is_nan():
+    with pytest.raises(ValueError, match="no reward column"):
+        metrics.jdr(torch.zeros(3, 0), torch.zeros(3, 0))
+    assert math.isnan(metrics.jdr(torch.zeros(0, 2), torch.zeros(0, 2)).item())
+    assert metrics.count_outcomes(torch.zeros(0, 2), torch.zeros(0, 2)).pairs == 0
+
+
+def test_mean_scores_skip_nonfinite_in_float64():
+    s = torch.tensor([[1.0, float("nan")], [3.0, 2.0], [float("inf"), float("-inf")]])
+    assert metrics.mean_scores(s).tolist() == [2.0, 2.0] and metrics.mean_scores(s).dtype == F64
+    x = torch.tensor([[0.1], [0.2], [0.7]], dtype=torch.float32)  # the float64 mean of the float32 values
+    assert metrics.mean_scores(x).item() == sum(x[:, 0].double().tolist()) / 3
+    assert math.isnan(metrics.mean_scores(torch.full((2, 1), float("nan"))).item())
+
+
+def test_indicators_and_nonfinite_flags_follow_the_rule():
+    names, sets = ["a", "b", "c"], {"JDR2": ["a", "b"], "all": ["a", "b", "c"]}
+    g = torch.Generator().manual_seed(4)
+    c, b = _sprinkled(g, (60, 3), 0.05), _sprinkled(g, (60, 3), 0.05)
+    ind = metrics.comparison_indicators(c, b, names, sets)
+    bad = metrics.comparison_nonfinite(c, b, names, sets)
+    assert ind.dtype == F64 and not torch.isnan(ind).any() and bad.dtype == torch.bool
+    full, two = metrics.count_outcomes(c, b), metrics.count_outcomes(c[:, :2], b[:, :2])
+    assert ind.sum(0).tolist() == [
+        *full.wins.tolist(),
+        two.dominations,
+        two.collapses,
+        full.dominations,
+        full.collapses,
+    ]
+    assert ind.mean(0)[5].item() == metrics.jdr(c, b).item() and ind.mean(0)[6].item() == metrics.jcr(c, b).item()
+    assert bad.sum(0).tolist() == [
+        *full.nonfinite_by_reward.tolist(),
+        two.nonfinite,
+        two.nonfinite,
+        full.nonfinite,
+        full.nonfinite,
+    ]
+    assert full.nonfinite > 0 and full.collapses > full.nonfinite - full.unjudged - 1
+    with pytest.raises(ValueError, match="one name per column"):
+        metrics.comparison_indicators(c, b, ["a", "b"], {})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tables_are_exact_counts_and_intervals_contain_the_point(seed):
+    """Random integer tables with NaN/inf: rate == Fraction(count, pairs) exactly; low <= point <= high."""
+    g = torch.Generator().manual_seed(seed)
+    p, n = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+    groups = torch.arange(p).repeat_interleave(n)
+    names, sets = ["x", "y", "z"], {"JDR3": ["x", "y", "z"], "xy": ["x", "y"]}
+    scores = {m: _sprinkled(g, (p * n, 3), 0.04).float() for m in ("base", "a", "b")}
+    t = metrics.comparison_table(scores, groups, "base", names, sets, num_resamples=50, confidence=0.5, seed=seed)
+    for model, r in t.iterrows():
+        want = metrics.count_outcomes(scores[model], scores["base"])
+        assert r["pairs"] == p * n and r["JDR3_count"] == want.dominations and r["JCR3_count"] == want.collapses
+        assert r["JDR3_nonfinite"] == r["JCR3_nonfinite"] == r["nonfinite"] == want.nonfinite
+        for c in metrics.rate_columns(names, sets):
+            assert t[f"{c}_count"].dtype == t[f"{c}_nonfinite"].dtype == np.int64 and t[c].dtype == np.float64
+            assert r[c] == float(Fraction(int(r[f"{c}_count"]), p * n))
+            assert r[f"{c}_low"] <= r[c] <= r[f"{c}_high"]
+    m = metrics.mean_score_table(scores, {k: groups for k in scores}, names, num_resamples=50, confidence=0.5)
+    for model, r in m.iterrows():
+        s = scores[model]
+        for k, name in enumerate(names):
+            assert r[f"{name}_nonfinite"] == int((~torch.isfinite(s[:, k])).sum())
+            if r[f"{name}_nonfinite"] < len(s):
+                assert r[f"{name}_low"] <= r[name] <= r[f"{name}_high"]
+            else:
+                assert math.isnan(r[name])
+        assert r["nonfinite"] == r["nan"] == int((~torch.isfinite(s)).any(1).sum())
+
+
+@pytest.mark.parametrize(("p", "row"), [(7, [0.2054385934615871]), (7, [0.7629971687438133, 0.2558997317667261])])
+def test_bootstrap_interval_contains_point_despite_rounding(p, row):
+    """Identical prompts: replicates equal the mean up to the last bit, which raw percentiles missed (found by
+    search)."""
+    values = torch.tensor(row * p, dtype=F64)
+    groups = torch.arange(p).repeat_interleave(len(row))
+    reps = metrics.bootstrap_samples(values, groups, num_resamples=100)[:, 0]
+    raw = torch.quantile(reps, torch.tensor([0.025, 0.975], dtype=F64))
+    point = (values.reshape(p, -1).sum(1).sum() / len(values)).item()  # the estimator's own sum order
+    assert not raw[0].item() <= point <= raw[1].item()  # the raw percentile interval misses it by a bit
+    lo, hi = metrics.bootstrap_ci(values, groups, num_resamples=100)
+    assert lo.item() <= point <= hi.item() and hi.item() - lo.item() < 1e-15
+    table = metrics.mean_score_table({"m": values[:, None]}, {"m": groups}, ["r"], num_resamples=100)
+    assert table.loc["m", "r_low"] <= table.loc["m", "r"] <= table.loc["m", "r_high"]
 
 
 def test_bootstrap_replicates_match_exhaustive_enumeration():
@@ -149,6 +325,26 @@ def test_wilson_interval_against_closed_form():
     assert all(math.isnan(v) for v in metrics.wilson_interval(0, 0))
 
 
+def test_wilson_interval_is_float64_and_contains_the_proportion():
+    """float32 tensors in, Python floats out, equal to the float64 computation; p inside for every k."""
+    exact = metrics.wilson_interval(2, 3)
+    got = metrics.wilson_interval(torch.tensor(2.0, dtype=torch.float32), torch.tensor(3, dtype=torch.int32))
+    assert got == exact and all(type(v) is float for v in got)
+    for n in (1, 2, 3, 7, 10, 1000):
+        for k in range(0, n + 1, max(1, n // 10)):
+            lo, hi = metrics.wilson_interval(k, n, 0.9)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0
+    assert metrics.wilson_interval(10, 10)[1] == 1.0 and metrics.wilson_interval(0, 10)[0] == 0.0
+    with pytest.raises(ValueError, match="0 <= successes <= n"):
+        metrics.wilson_interval(11, 10)
+    with pytest.raises(ValueError, match="0 <= successes <= n"):
+        metrics.wilson_interval(float("nan"), 10)
+    with pytest.raises(ValueError, match="n >= 0"):
+        metrics.wilson_interval(0, -1)
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
+        metrics.wilson_interval(1, 2, 1.0)
+
+
 def test_tables():
     a = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
     b = torch.tensor([[2.0, 2.0], [3.0, 1.0], [0.0, 2.0], [0.0, 0.0]])
@@ -161,4 +357,10 @@ def test_tables():
     assert t.loc["b", "JDR2"] == pytest.approx(0.5) and t.loc["b", "JCR2"] == pytest.approx(0.25)
     assert t.loc["b", "JDR2_low"] <= 0.5 <= t.loc["b", "JDR2_high"]
     m = metrics.mean_score_table({"a": a}, {"a": groups}, ["x", "y"], num_resamples=10)
-    assert m.loc["a", "x"] == pytest.approx(1.0) and m.loc["a", "y"] == pytest.approx(1.25) and m.loc["a", "nan"] == 0
+    assert (
+        m.loc["a", "x"] == 1.0 and m.loc["a", "y"] == 1.25 and m.loc["a", "nan"] == 0 and m.loc["a", "nonfinite"] == 0
+    )
+    assert m.loc["a", "x_nonfinite"] == 0 and m.loc["a", "samples"] == 4
+    assert t.loc["b", "JDR2_count"] == 2 and t.loc["b", "JCR2_count"] == 1 and t.loc["b", "nonfinite"] == 0
+    with pytest.raises(ValueError, match=r"must be \(B, 2\)"):
+        metrics.mean_score_table({"a": a[:, :1]}, {"a": groups}, ["x", "y"])

@@ -237,3 +237,177 @@ def test_cuda_equals_cpu():
     scores = _cases(torch.Generator().manual_seed(8))["nan"]
     torch.testing.assert_close(pareto_mask(scores.cuda()).cpu(), pareto_mask(scores))
     torch.testing.assert_close(dominating_sets(scores.cuda(), scores.cuda()).cpu(), dominating_sets(scores, scores))
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite rewards: NaN rows are incomparable, ±inf are ordinary ordered values, on every path
+# --------------------------------------------------------------------------------------------
+
+_CRASH_CASES = r"""
+import json, sys
+import torch
+from pgot.pareto import pareto_mask
+inf = float("inf")
+x = torch.randint(0, 3, (256, 3), generator=torch.Generator().manual_seed(0)).double()
+x[5, 1] = inf  # issue 10: SIGSEGV inside moocore on the default backend (N >= MOOCORE_MIN_N)
+small = torch.tensor([[-inf, 1.0, 0.0], [2.0, 0.0, 2.0], [1.0, 0.0, 1.0]])
+out = {
+    "default_256": pareto_mask(x).tolist(),
+    "torch_256": pareto_mask(x, backend="torch").tolist(),
+    "moocore_small": pareto_mask(small, backend="moocore").tolist(),
+    "moocore_small_f64": pareto_mask(small.double(), backend="moocore").tolist(),
+}
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def moocore_survives_infinity():
+    """Run the reported crashing cases in a child process first: a regression fails here, and the in-process
+    moocore tests below are not run (they would take pytest down with a segmentation fault)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CRASH_CASES], capture_output=True, text=True, env=env, cwd=root, timeout=300
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"pareto_mask on infinities exited with {proc.returncode} (139 = SIGSEGV):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def test_reported_infinity_cases_in_a_subprocess(moocore_survives_infinity):
+    out = moocore_survives_infinity
+    x = torch.randint(0, 3, (256, 3), generator=torch.Generator().manual_seed(0)).double()
+    x[5, 1] = float("inf")
+    expect = _oracle_front(x.numpy()).tolist()
+    assert out["default_256"] == expect and out["torch_256"] == expect
+    assert expect[5]  # (.., inf, ..) with a 0..2 elsewhere is not dominated
+    assert out["moocore_small"] == [True, True, False]  # was [False, True, False]
+    assert out["moocore_small_f64"] == [True, True, False]
+
+
+def _oracle_dominates(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Brute force from the definition: ``out[i, j]`` iff ``x_i >= y_j`` everywhere and ``>`` somewhere, neither NaN.
+
+    x (A, M), y (C, M) float64 (every float dtype widens to float64 exactly) -> (A, C) bool.
+    """
+    ge = (x[:, None, :] >= y[None, :, :]).all(-1)
+    gt = (x[:, None, :] > y[None, :, :]).any(-1)
+    comparable = ~np.isnan(x).any(-1)[:, None] & ~np.isnan(y).any(-1)[None, :]
+    return ge & gt & comparable
+
+
+def _oracle_front(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    keep = ~np.isnan(x).any(-1) if valid is None else valid & ~np.isnan(x).any(-1)
+    return keep & ~(_oracle_dominates(x, x) & keep[:, None]).any(0)
+
+
+def _sprinkled(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, rate: float = 0.06) -> torch.Tensor:
+    """Tie-heavy small integers with NaN, +inf and -inf cells, each at ``rate``."""
+    x = (torch.randint(0, 4, shape, generator=gen) - 1).to(torch.float64)
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    x[u < rate] = float("nan")
+    x[(u >= rate) & (u < 2 * rate)] = float("inf")
+    x[(u >= 2 * rate) & (u < 3 * rate)] = float("-inf")
+    return x.to(dtype)
+
+
+_PATHS = ["cpu", "batch_inner", "chunked", "fused", "fused_chunked"]
+_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _force_path(path: str, monkeypatch) -> dict:
+    """Select a torch kernel on CPU: the per-reward loop, the batch-innermost kernel, the (..., A, C, M) broadcast
+    that runs on accelerators (``_fused``), and their row-chunked forms. Returns the keyword arguments to pass."""
+    import pgot.pareto as pareto
+
+    if path == "batch_inner":
+        monkeypatch.setattr(pareto, "BATCH_INNER_MIN", 1)
+    if path.startswith("fused"):
+        monkeypatch.setattr(pareto, "_fused", lambda x: True)
+    return {"max_bytes": 1} if path.endswith("chunked") else {}
+
+
+@pytest.mark.parametrize("n", [1, 7, 40, 300])
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize("path", _PATHS)
+def test_torch_paths_match_brute_force_on_nonfinite(path, dtype, n, monkeypatch):
+    """pareto_mask(backend='torch'), dominance_matrix, dominating_sets and dominated_by on every torch path."""
+    if n == 300 and path in ("chunked", "fused_chunked"):
+        pytest.skip("max_bytes=1 at N=300 is 300 kernel calls; N=40 covers the chunked paths")
+    gen = torch.Generator().manual_seed(n * 31 + _DTYPES.index(dtype))
+    b, m = (3, 3) if n < 300 else (2, 4)
+    scores = _sprinkled(gen, (b, n, m), dtype)
+    valid = torch.rand(b, n, generator=gen) > 0.25
+    queries = _sprinkled(gen, (b, 9, m), dtype)
+    kw = _force_path(path, monkeypatch)
+    x, xq = scores.double().numpy(), queries.double().numpy()
+    for v in (None, valid):
+        ok = np.ones((b, n), dtype=bool) if v is None else v.numpy()
+        front = pareto_mask(scores, v, backend="torch", **kw)
+        dom = dominance_matrix(scores, v, **kw)
+        sets = dominating_sets(queries, scores, v, **kw)
+        flags = dominated_by(queries, scores, v, **kw)
+        for i in range(b):
+            d = _oracle_dominates(x[i], x[i]) & ok[i][:, None] & ok[i][None, :]
+            assert dom[i].numpy().tolist() == d.tolist()
+            assert front[i].numpy().tolist() == _oracle_front(x[i], ok[i]).tolist()
+            s = (_oracle_dominates(x[i], xq[i]) & ok[i][:, None]).T  # (Q, G): pool row g dominates query q
+            assert sets[i].numpy().tolist() == s.tolist()
+            assert flags[i].numpy().tolist() == s.any(-1).tolist()
+    cells = torch.cat([scores.flatten(), queries.flatten()])
+    assert torch.isnan(cells).any() and (cells == float("inf")).any() and (cells == float("-inf")).any()
+
+
+@pytest.mark.parametrize("n", [1, 7, 40, 255, 256, 300])
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize("backend", ["moocore", "auto"])
+def test_moocore_and_auto_match_brute_force_on_nonfinite(backend, dtype, n, moocore_survives_infinity):
+    gen = torch.Generator().manual_seed(1000 + n * 7 + _DTYPES.index(dtype))
+    for shape in ((n, 3), (2, n, 3), (2, n, 1)):
+        scores = _sprinkled(gen, shape, dtype)
+        valid = torch.rand(shape[:-1], generator=gen) > 0.25
+        for v in (None, valid):
+            got = pareto_mask(scores, v, backend=backend).numpy().reshape(-1, n)
+            x = scores.double().numpy().reshape(-1, n, shape[-1])
+            ok = np.ones(x.shape[:2], dtype=bool) if v is None else v.numpy().reshape(-1, n)
+            for i in range(x.shape[0]):
+                assert got[i].tolist() == _oracle_front(x[i], ok[i]).tolist()
+
+
+def test_infinite_only_columns_and_rows(moocore_survives_infinity):
+    """Whole columns of ±inf, a row of +inf (dominates every row with something finite), duplicated ±inf rows."""
+    inf, nan = float("inf"), float("nan")
+    rows = torch.tensor(
+        [[inf, inf], [inf, inf], [-inf, -inf], [3.0, -inf], [3.0, 2.0], [nan, inf], [-inf, inf], [inf, nan]]
+    )
+    expect = [True, True, False, False, False, False, False, False]  # [inf, inf] beats [-inf, inf] on reward 0
+    for backend in ("torch", "moocore"):
+        assert pareto_mask(rows, backend=backend).tolist() == expect
+        assert pareto_mask(rows.repeat(40, 1), backend=backend).tolist() == expect * 40
+    col = torch.tensor([[inf, 1.0], [inf, 2.0], [inf, 0.0]])
+    assert pareto_mask(col, backend="moocore").tolist() == [False, True, False]
+    d = dominance_matrix(rows)
+    assert d[0, 2] and d[0, 3] and d[0, 4] and d[0, 6] and not d[0, 1] and not d[1, 0] and d[4, 3] and d[6, 2]
+    assert not d[5].any() and not d[:, 5].any() and not d[7].any() and not d[:, 7].any()
+
+
+def test_finite_ranks_keep_every_relation():
+    """The moocore guard: dense ranks per infinite column give the same dominance matrix, and are finite."""
+    from pgot.pareto import _finite_ranks
+
+    gen = torch.Generator().manual_seed(12)
+    x = _sprinkled(gen, (60, 4), torch.float64, rate=0.1)
+    x = x[~torch.isnan(x).any(-1)].numpy()
+    x[0, 0], x[1, 0] = -0.0, 0.0  # equal, must share a rank
+    r = _finite_ranks(x)
+    assert np.isfinite(r).all() and r[0, 0] == r[1, 0]
+    np.testing.assert_array_equal(_oracle_dominates(r, r), _oracle_dominates(x, x))
+    finite = np.arange(12.0).reshape(4, 3)
+    assert _finite_ranks(finite) is finite  # finite inputs are passed through, not copied
