@@ -25,12 +25,12 @@ def test_missing_config_file(main, tmp_path, capsys):
     [
         ("model: [unclosed\n", None, "is not valid YAML"),
         (
-            "model: {tiny: true}\ntrain: {max_stepz: 3}\n",
+            "model: {tiny: true}\nrewards: [{name: contrast}]\ntrain: {max_stepz: 3}\n",
             None,
             "unknown key 'train.max_stepz'. Did you mean 'max_steps'?",
         ),
-        ("model: {tiny: true}\n", "train.max_steps=many", "train.max_steps must be an integer, got 'many'."),
-        ("model: {tiny: true}\n", "draft.k=9", "draft.k must be in [0, draft.num_steps=4], got 9."),
+        ("model: {tiny: true}\nrewards: [{name: contrast}]\n", "train.max_steps=many", "train.max_steps must be an integer, got 'many'."),
+        ("model: {tiny: true}\nrewards: [{name: contrast}]\n", "draft.k=9", "draft.k must be in [0, draft.num_steps=4], got 9."),
     ],
     ids=["bad-yaml", "unknown-key", "wrong-type", "out-of-range"],
 )

@@ -53,14 +53,18 @@ def test_rate_section_matches_the_metrics_and_shows_optional_columns():
     assert s.header == ["Model", "a win (%)", "b win (%)", "c win (%)", "JDR2 (%)", "JCR2 (%)", "JDR_all (%)"] + [
         "JCR_all (%)",
         "pairs",
+        "non-finite pairs",  # metrics always count them: every table says how many (0 here)
     ]
     assert s.rows[0][0] == "base (baseline)" and s.rows[0][1] == "0.00 [0.00, 0.00]"
     cand, base = scores["tuned"], scores["base"]
     jdr2 = float((cand[:, :2] > base[:, :2]).all(1).double().mean())
     row = dict(zip(s.header, s.rows[1], strict=True))
     assert row["JDR2 (%)"].startswith(tables.format_percent(jdr2) + " [")
-    assert row["pairs"] == "30" and "non-finite pairs" not in s.header
-    assert "Non-finite" not in s.note and "95% percentile bootstrap" in s.note
+    assert row["pairs"] == "30" and row["non-finite pairs"] == "0"
+    assert "95% percentile bootstrap" in s.note
+    # without the column (an older metrics frame), nothing is shown
+    s0 = tables.rate_section(rates.drop(columns=["nonfinite"]), NAMES, SETS, "base", True, 0.95)
+    assert "non-finite pairs" not in s0.header and "Non-finite" not in s0.note
     long = tables.results_csv([s])
     got = long[(long["row"] == "tuned") & (long["metric"] == "JDR2")].iloc[0]
     assert got["value"] == pytest.approx(jdr2, abs=1e-7) and got["n"] == 30
@@ -107,7 +111,7 @@ def test_render_and_write(tmp_path):
     assert tex.count(r"\begin{tabular}") == 2 and "JDR\\_all" in tex and r"\toprule" in tex
     csv = pd.read_csv(tmp_path / "results.csv")
     assert list(csv.columns) == tables.LONG_COLUMNS and set(csv["table"]) == {"joint", "mean"}
-    assert len(csv) == 2 * 7 + 2 * 3
+    assert len(csv) == 2 * (7 + 1) + 2 * 3  # 7 rates + the non-finite count per model, 3 means per model
     assert not list(tmp_path.glob(".*.tmp"))
 
 
