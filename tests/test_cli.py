@@ -29,8 +29,16 @@ def test_missing_config_file(main, tmp_path, capsys):
             None,
             "unknown key 'train.max_stepz'. Did you mean 'max_steps'?",
         ),
-        ("model: {tiny: true}\nrewards: [{name: contrast}]\n", "train.max_steps=many", "train.max_steps must be an integer, got 'many'."),
-        ("model: {tiny: true}\nrewards: [{name: contrast}]\n", "draft.k=9", "draft.k must be in [0, draft.num_steps=4], got 9."),
+        (
+            "model: {tiny: true}\nrewards: [{name: contrast}]\n",
+            "train.max_steps=many",
+            "train.max_steps must be an integer, got 'many'.",
+        ),
+        (
+            "model: {tiny: true}\nrewards: [{name: contrast}]\n",
+            "draft.k=9",
+            "draft.k must be in [0, draft.num_steps=4], got 9.",
+        ),
     ],
     ids=["bad-yaml", "unknown-key", "wrong-type", "out-of-range"],
 )

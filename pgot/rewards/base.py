@@ -81,8 +81,6 @@ def check_inputs(name: str, images: torch.Tensor, prompts: Sequence[str]) -> Non
         )
 
 
-
-
 def resolve_path(name: str, path: str, what: str) -> Path:
     """A local checkpoint file/folder, or a hub id (``org/repo`` or ``org/repo/file``) read from the local hub cache.
 
