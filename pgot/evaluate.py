@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KEY",
     "ModelSpec",
+    "check_bases",
     "find_table",
     "model_specs",
     "read_manifest",
@@ -104,6 +104,10 @@ class ModelSpec:
     lora_scale: float = 1.0
     soup: dict[Path, float] = field(default_factory=dict)
     """LoRA file -> weight of a reward soup."""
+    key: str = ""
+    """The config key of its LoRA files (``eval.models.1.lora``, ``eval.models.2.soup``), named in errors."""
+    allow_lora_transfer: bool = False
+    """Apply LoRAs recorded as trained on another base model (``eval.models.<i>.allow_lora_transfer``)."""
 
     @property
     def files(self) -> list[Path]:
@@ -113,32 +117,65 @@ class ModelSpec:
 def model_specs(models: Sequence[EvalModelConfig]) -> list[ModelSpec]:
     """Resolve ``eval.models`` (default: the base model alone) into :class:`ModelSpec` with checked LoRA files.
 
+    Every LoRA file is checked from its header (:func:`pgot.model.check_lora_file`: a LoRA of the SD3 transformer
+    in a naming pgot reads, complete), before any model loads; every problem of every model is reported at once.
+
     Raises:
-        ValueError: a LoRA path that does not exist, or two models with the same name.
+        ValueError: a LoRA path that does not exist or is not a usable LoRA file, or two models with the same name.
     """
-    from pgot.model import resolve_lora_file
+    from pgot.model import check_lora_file, resolve_lora_file
 
     if not models:
         return [ModelSpec(name="base")]
-    specs = []
+    specs, problems = [], []
     for i, m in enumerate(models):
         name = m.resolved_name(i)
-        if m.soup:
-            soup = {resolve_lora_file(p, f"eval.models.{i}.soup"): float(w) for p, w in m.soup.items()}
-            specs.append(ModelSpec(name=name, soup=soup))
-        elif m.lora:
-            specs.append(
-                ModelSpec(name=name, lora=resolve_lora_file(m.lora, f"eval.models.{i}.lora"), lora_scale=m.lora_scale)
-            )
-        else:
-            specs.append(ModelSpec(name=name))
+        spec = ModelSpec(name=name, allow_lora_transfer=m.allow_lora_transfer)
+        paths = list(m.soup) if m.soup else ([m.lora] if m.lora else [])
+        spec.key = f"eval.models.{i}.soup" if m.soup else f"eval.models.{i}.lora"
+        files = []
+        for p in paths:
+            try:
+                files.append(resolve_lora_file(p, spec.key))
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+            problems += check_lora_file(files[-1], key=spec.key)
+        if len(files) == len(paths):
+            if m.soup:
+                spec.soup = {f: float(w) for f, w in zip(files, m.soup.values(), strict=True)}
+            elif m.lora:
+                spec.lora, spec.lora_scale = files[0], m.lora_scale
+        specs.append(spec)
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(
+        problems.append(
             f"eval.models has several models named {', '.join(map(repr, dup))}; give each a distinct eval.models.<i>.name."
         )
+    if problems:
+        raise ValueError("\n".join(problems))
     return specs
+
+
+def check_bases(specs: Sequence[ModelSpec], fingerprint: str) -> None:
+    """Check, before anything is generated, that every LoRA of ``specs`` was trained on the base model ``fingerprint``
+    (where the file records its base; :func:`pgot.model.check_lora_file`).
+
+    Raises:
+        ValueError: every LoRA recorded as trained on another base model whose eval model does not set
+            ``eval.models.<i>.allow_lora_transfer``, one line each.
+    """
+    from pgot.model import check_lora_file
+
+    problems = []
+    for spec in specs:
+        if spec.allow_lora_transfer:
+            continue
+        for f in spec.files:
+            problems += check_lora_file(f, key=spec.key, fingerprint=fingerprint)
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,44 +303,21 @@ def _eval_prompts(cfg: Config) -> tuple[list[str], list[int]]:
 
 
 def _activate(model: Any, spec: ModelSpec) -> list[str]:
-    """Load ``spec``'s LoRA or soup into ``model``; check every tensor of the file found a module."""
+    """Load ``spec``'s LoRA or soup into ``model`` through :mod:`pgot.model`'s one loading path: every tensor of every
+    file reaches the transformer, or nothing is loaded and the error names the config key."""
     from pgot.model import load_lora, load_lora_soup
 
     if not spec.files:
         return []
-    what = f"model {model.path or 'tiny'!r} (fingerprint {model.fingerprint})"
-    prefix = "eval_" + _safe(spec.name)
-    try:
-        with warnings.catch_warnings():
-            # peft warns when a second adapter is added after the first was deleted; that is intended here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            if spec.soup:
-                names = load_lora_soup(model, {str(p): w for p, w in spec.soup.items()}, prefix=prefix)
-            else:
-                names = [load_lora(model, str(spec.lora), scale=spec.lora_scale, adapter_name=prefix)]
-    except (RuntimeError, KeyError, ValueError) as exc:
-        _deactivate(model, [n for n in (getattr(model.transformer, "peft_config", None) or {}) if n.startswith(prefix)])
-        files = ", ".join(repr(str(f)) for f in spec.files)
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = next((line for line in lines if "mismatch" in line or "Missing" in line), lines[0] if lines else "")
-        raise ValueError(
-            f"LoRA {files} of eval model {spec.name!r} does not fit the base {what}: {detail[:300].rstrip('.')}. "
-            "Evaluate it with the base model it was trained on (model.path, model.tiny_seed)."
-        ) from None
-    from safetensors import safe_open
-
-    for name, f in zip(names, spec.files, strict=True):
-        with safe_open(str(f), framework="pt") as fh:
-            expected = sum(1 for k in fh.keys() if k.startswith("transformer.") and "lora_" in k)
-        loaded = sum(1 for pname, _ in model.transformer.named_parameters() if f".{name}." in pname)
-        if loaded < expected:
-            _deactivate(model, names)
-            raise ValueError(
-                f"LoRA {str(f)!r} of eval model {spec.name!r} does not fit the base {what}: only {loaded} of its "
-                f"{expected} LoRA tensors match a module of the transformer. Evaluate it with the base model it was "
-                "trained on (model.path, model.tiny_seed)."
-            )
-    return names
+    prefix = "eval_" + _safe(spec.name).replace(".", "_")  # peft adapter names must not hold dots
+    kw = {
+        "key": spec.key or None,
+        "label": f" of eval model {spec.name!r}",
+        "allow_other_base": spec.allow_lora_transfer,
+    }
+    if spec.soup:
+        return load_lora_soup(model, {str(p): w for p, w in spec.soup.items()}, prefix=prefix, **kw)
+    return [load_lora(model, str(spec.lora), scale=spec.lora_scale, adapter_name=prefix, **kw)]
 
 
 def _deactivate(model: Any, names: list[str]) -> None:
@@ -387,11 +401,10 @@ def _generate_and_score(
         "dtype": cfg.model.dtype,
         "batch_size": e.batch_size,
     }
-    model = None
+    model = load_model(cfg.model)
+    check_bases(specs, model.fingerprint)  # before generating anything
     rewards = None
     for spec in specs:
-        if model is None:
-            model = load_model(cfg.model)
         ident = {
             "base": model.fingerprint,
             "sampler": sampler,
