@@ -58,9 +58,12 @@ import pandas as pd
 import torch
 import yaml
 
-from pgot import metrics, plots, tables
-from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet
+from pgot import human_eval, metrics, plots, tables
+from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet, source_hash
 from pgot.images import load_image, save_png
+from pgot.model import check_lora_file, load_lora, load_lora_soup, load_model, resolve_lora_file
+from pgot.prompts import SAMPLE_KEY, find_table, read_table
+from pgot.rewards import score_images
 
 if TYPE_CHECKING:
     from pgot.config import Config, EvalModelConfig
@@ -69,24 +72,19 @@ __all__ = [
     "KEY",
     "ModelSpec",
     "check_bases",
-    "find_table",
     "model_specs",
     "read_manifest",
     "read_scores",
-    "read_table",
     "read_training_curves",
     "run",
-    "score_images",
-    "source_hash",
 ]
 
 log = logging.getLogger(__name__)
 
-KEY = ["prompt_id", "seed", "sample_index"]
-"""Columns that pair rows across models."""
+KEY = SAMPLE_KEY
+"""Columns that pair rows across models (:data:`pgot.prompts.SAMPLE_KEY`)."""
 
 _BASE_COLUMNS = ["model", "prompt_id", "prompt", "seed", "sample_index"]
-_MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,8 +121,6 @@ def model_specs(models: Sequence[EvalModelConfig]) -> list[ModelSpec]:
     Raises:
         ValueError: a LoRA path that does not exist or is not a usable LoRA file, or two models with the same name.
     """
-    from pgot.model import check_lora_file, resolve_lora_file
-
     if not models:
         return [ModelSpec(name="base")]
     specs, problems = [], []
@@ -166,8 +162,6 @@ def check_bases(specs: Sequence[ModelSpec], fingerprint: str) -> None:
         ValueError: every LoRA recorded as trained on another base model whose eval model does not set
             ``eval.models.<i>.allow_lora_transfer``, one line each.
     """
-    from pgot.model import check_lora_file
-
     problems = []
     for spec in specs:
         if spec.allow_lora_transfer:
@@ -231,11 +225,6 @@ def _sha1_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def source_hash(obj: Any) -> str:
-    """A 16-hex-digit hash of a JSON-able object (keys sorted): what produced a set of rows."""
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _reward_identity(cfg: Config) -> list[dict]:
     return [
         {"name": r.name, "path": r.path, "arch": r.arch, "dtype": r.dtype, "tiny_seed": r.tiny_seed}
@@ -250,40 +239,6 @@ def _reward_identity(cfg: Config) -> list[dict]:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
-
-
-def score_images(
-    rewards: list,
-    images: Sequence[torch.Tensor],
-    prompts: Sequence[str],
-    batch_size: int,
-    device: torch.device | str,
-) -> torch.Tensor:
-    """Score a list of ``(3, H, W)`` images (sizes may differ), batching runs of equal size.
-
-    Args:
-        rewards: built reward models (:func:`pgot.rewards.build`).
-        images: B images in [0, 1].
-        prompts: B prompts.
-        batch_size: most images per forward pass.
-        device: where to score.
-
-    Returns:
-        ``(B, M)`` float64 on the CPU.
-    """
-    from pgot.rewards import score
-
-    out: list[torch.Tensor] = []
-    i = 0
-    while i < len(images):
-        j = i + 1
-        while j < len(images) and j - i < batch_size and images[j].shape == images[i].shape:
-            j += 1
-        batch = torch.stack(list(images[i:j])).to(device)
-        with torch.no_grad():
-            out.append(score(rewards, batch, list(prompts[i:j])).double().cpu())
-        i = j
-    return torch.cat(out) if out else torch.zeros(0, len(rewards), dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,8 +260,6 @@ def _eval_prompts(cfg: Config) -> tuple[list[str], list[int]]:
 def _activate(model: Any, spec: ModelSpec) -> list[str]:
     """Load ``spec``'s LoRA or soup into ``model`` through :mod:`pgot.model`'s one loading path: every tensor of every
     file reaches the transformer, or nothing is loaded and the error names the config key."""
-    from pgot.model import load_lora, load_lora_soup
-
     if not spec.files:
         return []
     prefix = "eval_" + _safe(spec.name).replace(".", "_")  # peft adapter names must not hold dots
@@ -376,7 +329,6 @@ def _generate_and_score(
     from tqdm.auto import tqdm
 
     from pgot.devices import resolve_device
-    from pgot.model import load_model
 
     e = cfg.eval
     prompts, ids = _eval_prompts(cfg)
@@ -453,115 +405,91 @@ def _generate_and_score(
 # --------------------------------------------------------------------------------------------
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """A .csv, .jsonl / .json or .parquet file as a frame.
-
-    Raises:
-        ValueError: another suffix.
-    """
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return pd.read_csv(path)
-    if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=suffix == ".jsonl")
-    if suffix == ".parquet":
-        return pd.read_parquet(path)
-    raise ValueError(f"{str(path)!r}: unsupported table format {suffix!r}; use .csv, .jsonl or .parquet.")
-
-
-def find_table(path: str, key: str) -> Path:
-    """The table file ``path`` names: the file itself, or ``manifest.{csv,jsonl,parquet}`` in a folder.
-
-    Args:
-        path: as the user typed it.
-        key: the config key that gave it (``eval.manifest``), for the error.
-
-    Raises:
-        ValueError: a folder without a manifest, or a path that does not exist.
-    """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for name in _MANIFEST_NAMES:
-            if (p / name).is_file():
-                return p / name
-        raise ValueError(
-            f"{key}={path!r} is a folder without {', '.join(_MANIFEST_NAMES)}. Point {key} at the manifest file."
-        )
-    if not p.is_file():
-        raise ValueError(
-            f"{key}={path!r} does not exist. Point {key} at a .csv/.jsonl/.parquet manifest or a folder holding manifest.csv."
-        )
-    return p
-
-
 def read_manifest(
     path: str | Path, default_seed: int = 0, prompt_texts: Mapping[int, str] | None = None
 ) -> pd.DataFrame:
     """Read and check a manifest of images on disk.
 
+    The file is read by :func:`pgot.prompts.read_table` (BOM, CRLF, empty cells: an empty ``prompt`` cell is the
+    prompt ``""``; an empty ``model`` or ``path`` cell, or a row with neither ``prompt`` nor ``prompt_id``, is an
+    error naming its line and column; every unusable row is listed at once).
+
     Args:
-        path: a .csv / .jsonl / .parquet file, or a folder holding ``manifest.{csv,jsonl,parquet}``.
-        default_seed: ``seed`` of rows without one.
-        prompt_texts: prompt id -> text, for manifests that give only ``prompt_id``.
+        path: a .csv / .jsonl / .json / .parquet file, or a folder holding ``manifest.{csv,jsonl,json,parquet}``.
+        default_seed: ``seed`` of rows when the manifest has no ``seed`` column.
+        prompt_texts: prompt id -> text, for rows that give only ``prompt_id``.
 
     Returns:
-        Columns ``model``, ``prompt_id``, ``prompt``, ``seed``, ``sample_index``, ``path`` (absolute).
-        Without ``prompt_id``, ids are those of ``prompt_texts`` when it holds every text, else the distinct
-        texts numbered in order of first appearance;
-        without ``sample_index`` it is 0 (pairs then match on ``seed``).
+        Columns ``model``, ``prompt_id``, ``prompt``, ``seed``, ``sample_index``, ``path`` (absolute); the index
+        holds each row's line in the file. A row without ``prompt_id`` takes the id of the same text in another row,
+        else its id in ``prompt_texts`` when that holds every such text, else a new id (distinct texts numbered in
+        order of first appearance, after the ids in the file); a row without text takes it from ``prompt_texts``.
+        Without ``sample_index`` it is 0 (pairs then match on ``seed``).
 
     Raises:
-        ValueError: missing columns, duplicate keys, or images that do not exist (the first few listed).
+        ValueError: missing columns or values, prompt ids without text, duplicate keys, or images that do not exist
+            (each named by its line).
     """
     file = find_table(str(path), "eval.manifest")
-    df = read_table(file)
-    missing_cols = [c for c in ("model", "path") if c not in df.columns]
-    if "prompt" not in df.columns and "prompt_id" not in df.columns:
-        missing_cols.append("prompt (or prompt_id)")
-    if missing_cols:
+    df = read_table(
+        file,
+        required=["model", ("prompt", "prompt_id"), "path"],
+        text_columns=["prompt"],
+        integer_columns=["prompt_id", "seed", "sample_index"],
+        key="eval.manifest",
+        hint="A manifest needs the columns model, prompt (or prompt_id), path, and seed and/or sample_index.",
+    )
+    where = f"eval.manifest={str(file)!r}"
+    lines = [int(x) for x in df.index]
+    n = len(df)
+    texts: list[str | None] = list(df["prompt"]) if "prompt" in df else [None] * n
+    ids: list[int | None] = (
+        [None if pd.isna(v) else int(v) for v in df["prompt_id"]] if "prompt_id" in df else [None] * n
+    )
+    by_text = {t: i for t, i in zip(texts, ids, strict=True) if t is not None and i is not None}
+    known = dict(prompt_texts or {})
+    unknown = [(line, i) for line, t, i in zip(lines, texts, ids, strict=True) if t is None and i not in known]
+    if unknown:
+        shown = ", ".join(f"line {line} (prompt_id {i})" for line, i in unknown[:10])
         raise ValueError(
-            f"eval.manifest {str(file)!r} lacks the column(s) {', '.join(missing_cols)}; it has {', '.join(map(str, df.columns))}. "
-            "A manifest needs model, prompt (or prompt_id), seed and/or sample_index, and path."
+            f"{where} gives prompt_id without prompt text in {len(unknown)} rows whose ids are not in the prompt set "
+            f"(prompts.path): {shown}. Add a prompt column, or point prompts.path at the prompts the ids refer to."
         )
-    out = pd.DataFrame({"model": df["model"].astype(str)})
-    if "prompt_id" in df.columns:
-        out["prompt_id"] = df["prompt_id"].astype("int64")
-        if "prompt" in df.columns:
-            out["prompt"] = df["prompt"].astype(str)
-        else:
-            texts = dict(prompt_texts or {})
-            unknown = sorted(set(out["prompt_id"]) - set(texts))
-            if unknown:
-                raise ValueError(
-                    f"eval.manifest {str(file)!r} gives prompt_id without prompt text, and prompt ids {unknown[:5]} are not "
-                    "in the prompt set (prompts.path). Add a prompt column, or point prompts.path at the prompts the ids refer to."
-                )
-            out["prompt"] = out["prompt_id"].map(texts)
+    missing_ids = [t for t, i in zip(texts, ids, strict=True) if i is None and t not in by_text]
+    by_known_text = {t: i for i, t in known.items()}
+    if missing_ids and all(t in by_known_text for t in missing_ids):
+        by_text.update({t: by_known_text[t] for t in missing_ids})  # every text is in the prompt set: its ids
     else:
-        out["prompt"] = df["prompt"].astype(str)
-        known = {t: i for i, t in (prompt_texts or {}).items()}
-        if known and set(out["prompt"]) <= set(known):
-            codes = known  # every text is in the prompt set: keep its ids
-        else:
-            codes = {p: i for i, p in enumerate(dict.fromkeys(out["prompt"]))}
-        out["prompt_id"] = out["prompt"].map(codes).astype("int64")
-    out["seed"] = df["seed"].astype("int64") if "seed" in df.columns else int(default_seed)
-    out["sample_index"] = df["sample_index"].astype("int64") if "sample_index" in df.columns else 0
+        start = max([i for i in ids if i is not None], default=-1) + 1
+        for t in dict.fromkeys(missing_ids):
+            by_text[t] = start
+            start += 1
+    out = pd.DataFrame(index=df.index)
+    out["model"] = df["model"].astype(str)
+    out["prompt_id"] = [i if i is not None else by_text[t] for t, i in zip(texts, ids, strict=True)]
+    out["prompt_id"] = out["prompt_id"].astype("int64")
+    out["prompt"] = [t if t is not None else known[i] for t, i in zip(texts, out["prompt_id"], strict=True)]
+    out["seed"] = df["seed"].astype("int64") if "seed" in df else int(default_seed)
+    out["sample_index"] = df["sample_index"].astype("int64") if "sample_index" in df else 0
     base = file.parent
     out["path"] = [str(p if p.is_absolute() else (base / p)) for p in map(Path, df["path"].astype(str))]
     dup = out.duplicated(subset=["model", *KEY], keep=False)
     if dup.any():
-        first = out[dup].iloc[0]
-        raise ValueError(
-            f"eval.manifest {str(file)!r} has {int(dup.sum())} rows sharing (model, prompt_id, seed, sample_index), e.g. model "
-            f"{first.model!r} prompt {first.prompt!r} seed {first.seed} sample_index {first.sample_index}. Give each image a "
-            "distinct seed or sample_index."
+        groups = out[dup].groupby(["model", *KEY], sort=False)
+        shown = "; ".join(
+            f"lines {', '.join(str(x) for x in g.index)} (model {k[0]!r}, prompt_id {k[1]}, seed {k[2]}, "
+            f"sample_index {k[3]})"
+            for k, g in list(groups)[:5]
         )
-    absent = [p for p in out["path"] if not Path(p).is_file()]
-    if absent:
-        shown = "\n  ".join(absent[:5])
         raise ValueError(
-            f"eval.manifest {str(file)!r}: {len(absent)} of {len(out)} images do not exist, e.g.\n  {shown}\n"
+            f"{where} has {int(dup.sum())} rows sharing (model, prompt_id, seed, sample_index): {shown}. Give each "
+            "image a distinct seed or sample_index, or delete the repeated rows."
+        )
+    absent = [(line, p) for line, p in zip(out.index, out["path"], strict=True) if not Path(p).is_file()]
+    if absent:
+        shown = "\n  ".join(f"line {line}: {p}" for line, p in absent[:5])
+        raise ValueError(
+            f"{where}: {len(absent)} of {len(out)} images do not exist, e.g.\n  {shown}\n"
             "Paths are relative to the manifest's folder; fix the paths or remove those rows."
         )
     return out[_BASE_COLUMNS + ["path"]]
@@ -796,7 +724,6 @@ def _score_generated(cfg: Config, out: Path, scores_path: Path, factory: Any) ->
 
 
 def _preference_section(cfg: Config, factory: Any) -> tables.Section:
-    from pgot import human_eval  # imports this module's readers: imported here, not at the top
     from pgot.devices import resolve_device
 
     e = cfg.eval
@@ -815,8 +742,6 @@ def _preference_section(cfg: Config, factory: Any) -> tables.Section:
 
 
 def _votes_section(cfg: Config, out: Path, baseline: str) -> tables.Section:
-    from pgot import human_eval
-
     e = cfg.eval
     key_file = out / "study" / "key.json"
     if not key_file.is_file():
@@ -887,8 +812,6 @@ def run(cfg: Config) -> Path:
     if e.preference_data:
         sections.append(_preference_section(cfg, factory))
     if e.study_pairs > 0:
-        from pgot import human_eval
-
         human_eval.write_study(
             scores, out, out / "study", baseline, ordered[1:], e.study_pairs, seed=e.seed, image_size=e.study_image_size
         )

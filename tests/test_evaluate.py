@@ -331,7 +331,7 @@ def test_manifest_with_missing_images(tmp_path):
         str(tmp_path / "gone" / "0.png") in msg and str(tmp_path / "gone" / "4.png") in msg and "gone/5.png" not in msg
     )
     pd.DataFrame([{"model": "m", "seed": 0, "path": "x.png"}]).to_csv(tmp_path / "m2.csv", index=False)
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) prompt \(or prompt_id\)"):
+    with pytest.raises(ValueError, match=r"has no column 'prompt' \(or 'prompt_id'\)"):
         evaluate.read_manifest(tmp_path / "m2.csv")
 
 
