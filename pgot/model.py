@@ -501,6 +501,10 @@ def _where(path: str | Path, key: str | None, label: str = "") -> str:
     return f"{key}: LoRA {str(path)!r}{label}" if key else f"LoRA {str(path)!r}{label}"
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def _examples(items: Sequence[str]) -> str:
     shown = ", ".join(repr(x) for x in list(items)[:_MAX_SHOWN])
     return shown + (f" and {len(items) - _MAX_SHOWN} more" if len(items) > _MAX_SHOWN else "")
@@ -560,7 +564,7 @@ def _inspect(path: str | Path, key: str | None, label: str = "") -> _LoraFile:
         ) from None
     lf = _LoraFile(path=f, where=where, shapes=shapes, metadata=metadata, config=_recorded_config(metadata, f))
     if not shapes:
-        lf.problems.append(f"{where} holds no tensors.")
+        lf.problems.append(f"{where} holds no tensors: the file is empty. Save the LoRA again.")
         return lf
     text_encoder, unsupported, not_lora, unknown, duplicate = [], {}, [], [], []
     namings = set()
@@ -596,34 +600,34 @@ def _inspect(path: str | Path, key: str | None, label: str = "") -> _LoraFile:
     lora_found = bool(lf.layers)
     if text_encoder and not lora_found and not unknown:
         lf.problems.append(
-            f"{where} holds only text-encoder LoRA weights ({len(text_encoder)} tensors such as {text_encoder[0]!r}); "
+            f"{where} holds only text-encoder LoRA weights ({_n(len(text_encoder), 'tensor')} such as {text_encoder[0]!r}); "
             "pgot applies LoRAs to the SD3 transformer only. Point it at a LoRA of the transformer."
         )
     elif text_encoder:
         lf.problems.append(
-            f"{where} also holds {len(text_encoder)} text-encoder LoRA tensors ({_examples(text_encoder)}), which pgot "
+            f"{where} also holds {_n(len(text_encoder), 'text-encoder LoRA tensor')} ({_examples(text_encoder)}), which pgot "
             "cannot apply (it adapts the SD3 transformer only), so the file would load only in part. Save the "
             "transformer's LoRA alone (its keys start with 'transformer.') and use that file."
         )
     for kind_name, keys in unsupported.items():
         lf.problems.append(
-            f"{where} holds {kind_name} weights ({len(keys)} tensors such as {keys[0]!r}), which pgot does not load. "
+            f"{where} holds {kind_name} weights ({_n(len(keys), 'tensor')} such as {keys[0]!r}), which pgot does not load. "
             "Use a plain LoRA (lora_A / lora_B or lora_down / lora_up weights)."
         )
     if not_lora and not lora_found and not text_encoder and not unsupported and not unknown:
         lf.problems.append(
-            f"{where} holds no LoRA weights ({len(not_lora)} tensors such as {not_lora[0]!r}): it looks like a model "
+            f"{where} holds no LoRA weights ({_n(len(not_lora), 'tensor')} such as {not_lora[0]!r}): it looks like a model "
             "checkpoint, not a LoRA. Point it at a LoRA file (keys ending in lora_A.weight / lora_B.weight, or "
             "lora_down.weight / lora_up.weight)."
         )
     elif not_lora:
         lf.problems.append(
-            f"{where} holds {len(not_lora)} tensors that are not LoRA weights ({_examples(not_lora)}), which would "
+            f"{where} holds {_n(len(not_lora), 'tensor')} besides LoRA weights ({_examples(not_lora)}), which would "
             "not be loaded. Remove them from the file, or use the LoRA they belong with."
         )
     if unknown:
         lf.problems.append(
-            f"{where} has {len(unknown)} LoRA tensors for layers that an SD3 transformer does not have "
+            f"{where} has {_n(len(unknown), 'LoRA tensor')} for layers that an SD3 transformer does not have "
             f"({_examples(unknown)}): it is not a LoRA of an SD3 / SD3.5 transformer, or its naming is not one pgot "
             "reads (diffusers 'transformer.<layer>.lora_A.weight', peft '<layer>.lora_A.weight', kohya "
             "'lora_unet_<layer>.lora_down.weight')."
@@ -636,7 +640,7 @@ def _inspect(path: str | Path, key: str | None, label: str = "") -> _LoraFile:
     halves = [n for n, layer in lf.layers.items() if not (layer.down and layer.up)]
     if halves:
         lf.problems.append(
-            f"{where} is incomplete: {len(halves)} layers have a LoRA down (A) matrix without its up (B) matrix or "
+            f"{where} is incomplete: {_n(len(halves), 'layer')} with a LoRA down (A) matrix without its up (B) matrix or "
             f"the reverse ({_examples(halves)}). Save the LoRA again."
         )
     ranks = []
@@ -834,7 +838,7 @@ def _adapter_tensors(
     if wrong_type:
         details.append(f"LoRA on layers that are not linear or conv layers ({_examples(wrong_type)})")
     if mismatch:
-        details.append(f"size mismatch in {len(mismatch)} layers ({'; '.join(mismatch[:_MAX_SHOWN])})")
+        details.append(f"size mismatch in {_n(len(mismatch), 'layer')} (e.g. {mismatch[0]})")
     if details:
         raise ValueError(
             f"{lf.where} does not fit the base {fits}: {'; '.join(details)}. Use the base model it was trained on "
