@@ -30,10 +30,21 @@ The agent never stops training: an endpoint that is down, slow, refuses the key,
 replies with nonsense, and a reply naming an unknown, inactive or protected (strong) reward, all give
 ``continue`` with the reason in :attr:`Decision.reason` and a logged warning.
 
+Every text field an OpenAI-compatible server may answer in is read (:class:`pgot.vlm_client.Answer`: ``content`` as
+a string or parts, ``<think>`` blocks, ``reasoning_content``, ``reasoning``, ``refusal``, tool-call arguments, the
+legacy ``choices[0].text``): the decision comes from the final answer when it names one, else from the reasoning.
+A reply without any text says why (``max_tokens``: raise ``agent.max_tokens``; ``refusal``; ``content_filter``;
+``empty``).
+
 Each call of :meth:`Agent.decide` writes ``log_dir/step-XXXXXX/``: the grids (``grid-NN.png``), the
-exact request (``request.json``, images as file names, never base64 and never the API key), the raw
-reply (``reply.txt``, ``response.json``) and the decision (``decision.json``), and appends one line to
-``log_dir/decisions.jsonl``.
+exact request (``request.json``, images as file names, never base64 and never the API key), the full raw
+reply (``reply.txt``: every text field, labelled; ``response.json``) and the decision (``decision.json``), and
+appends one line to ``log_dir/decisions.jsonl``.
+
+The API key never leaves the process except in the request header: the ``openai`` backend protects it
+(:func:`pgot.vlm_client.protect`: redacted from every log record of the process), and every agent file,
+:class:`Decision` and :class:`AgentState` record (hence ``trainer_state.json``) is redacted, also where the endpoint
+echoes the key URL-encoded, JSON-escaped or base64-encoded.
 """
 
 from __future__ import annotations
