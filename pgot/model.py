@@ -897,7 +897,8 @@ def _verify_received(
         want[f"{layer}.lora_{which}{tag}{kind}"] = t
     missed = sorted(set(want) - set(have))
     unfilled = sorted(set(have) - set(want))
-    changed = [n for n in sorted(set(want) & set(have)) if not torch.equal(have[n].detach().cpu(), want[n].to(have[n]))]
+    # compared where the weight lives, in its dtype (a bfloat16 adapter holds the file's values rounded once)
+    changed = [n for n in sorted(set(want) & set(have)) if not torch.equal(have[n].detach(), want[n].to(have[n]))]
     wrong_scale = []
     for name, r in ranks.items():
         module = model.transformer.get_submodule(name)
@@ -1022,6 +1023,14 @@ def add_lora(
         ) from None
     active = [TRAIN_ADAPTER] + [a for a in _adapter_names(model) if a != TRAIN_ADAPTER and a in _active(model)]
     _set_active(model, active, [1.0] + [_adapter_weight(model, a) for a in active[1:]])
+    params = []
+    for name, p in model.transformer.named_parameters():
+        if "lora_" in name and f".{TRAIN_ADAPTER}." in name + ".":
+            p.requires_grad_(True)
+            p.data = p.data.float()  # before init_from is loaded: its float32 values arrive exactly
+            params.append(p)
+        else:
+            p.requires_grad_(False)
     if lf is not None:
         try:
             _init_adapter(model, lf)
@@ -1030,14 +1039,6 @@ def add_lora(
             if active[1:]:
                 _set_active(model, active[1:], [_adapter_weight(model, a) for a in active[1:]])
             raise
-    params = []
-    for name, p in model.transformer.named_parameters():
-        if "lora_" in name and f".{TRAIN_ADAPTER}." in name + ".":
-            p.requires_grad_(True)
-            p.data = p.data.float()
-            params.append(p)
-        else:
-            p.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()
         # diffusers 0.42 checkpoints whenever gradients are on; some versions (and peft wrappers) also require

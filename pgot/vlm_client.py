@@ -298,10 +298,13 @@ class Answer:
         )
 
     def candidates(self) -> list[str]:
-        """Texts that may hold the decision, the final answer first, reasoning last (a reasoning model that ran out
-        of tokens, or a server that files the whole answer as reasoning, leaves it there)."""
-        texts = [self.content, self.tool_calls, self.text, self.reasoning, self.thinking]
-        return [t for t in texts if t.strip()]
+        """Texts to read the decision from, in order: the final answer (content, tool-call arguments, legacy text);
+        only when there is none, the reasoning (a server that files the whole answer as reasoning), unless the reply
+        was cut off at the token limit (``finish_reason: length``): an unfinished thought is no answer."""
+        final = [t for t in (self.content, self.tool_calls, self.text) if t.strip()]
+        if final or self.finish_reason == "length":
+            return final
+        return [t for t in (self.reasoning, self.thinking) if t.strip()]
 
     def raw(self) -> str:
         """Every field with text, labelled (the content alone when nothing else is there): what ``reply.txt`` keeps."""
@@ -463,8 +466,9 @@ class ChatClient:
             limit = f"agent.max_tokens={self.max_tokens}" if self.max_tokens > 0 else "the server's token limit"
             return EndpointError(
                 "max_tokens",
-                f"the reply was cut off at {limit} before it gave an answer (finish_reason: length; its content is "
-                "empty). Raise agent.max_tokens: reasoning models spend thousands of tokens before answering.",
+                f"the reply was cut off at {limit} before it gave an answer (finish_reason: length; no content, "
+                f"{'only unfinished reasoning' if answer.reasoning or answer.thinking else 'no text'}). Raise "
+                "agent.max_tokens: reasoning models spend thousands of tokens before answering.",
                 attempts,
             )
         if answer.finish_reason == "content_filter":

@@ -664,7 +664,7 @@ SHAPES = {
         {"content": [{"type": "thinking", "thinking": "Action: Continue?"}, {"type": "text", "text": ANSWER}]}
     ),
     "think_block": shaped({"content": "<think>maybe Action: Continue</think>\n" + ANSWER}),
-    "unclosed_think_cut": shaped({"content": "<think>Let me look. " + ANSWER}, finish_reason="length"),
+    "unclosed_think": shaped({"content": "<think>Let me look. " + ANSWER}),
     "lone_closing_think": shaped({"content": "looking closely</think>" + ANSWER}),
     "content_wins_over_reasoning": shaped({"content": ANSWER, "reasoning_content": "Action: Continue"}),
     "tool_calls": shaped(
@@ -715,9 +715,27 @@ def test_every_reply_shape_is_read_and_saved(vlm, key, tmp_path, shape):
             shaped(
                 {"content": None, "reasoning_content": "Comparing image 1 with its base, the"}, finish_reason="length"
             ),
-            "parse",
-            "raise agent.max_tokens",
+            "max_tokens",
+            "only unfinished reasoning). Raise agent.max_tokens",
             "Comparing image 1",
+        ),
+        (  # still thinking when cut: a tentative action in the thoughts is no answer
+            shaped({"content": "<think>Let me look. Action: Remove HPS"}, finish_reason="length"),
+            "max_tokens",
+            "Raise agent.max_tokens",
+            "Let me look",
+        ),
+        (
+            shaped({"content": "The first image shows stripes, the"}, finish_reason="length"),
+            "parse",
+            "cut off at agent.max_tokens=1024 (finish_reason: length): raise agent.max_tokens",
+            "The first image shows",
+        ),
+        (  # a final answer without a decision: the reasoning's drafts are not read instead
+            shaped({"content": "I cannot tell.", "reasoning_content": "Maybe Action: Remove HPS"}),
+            "parse",
+            "no 'Action:' line",
+            "Maybe Action: Remove HPS",
         ),
         (shaped({"content": ""}), "empty", "no text in choices[0]", ""),
         (shaped({"content": None}, finish_reason="content_filter"), "content_filter", "content filter", ""),

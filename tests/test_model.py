@@ -592,3 +592,17 @@ def test_lora_records_its_base_and_refuses_another(pgot_lora, tmp_path, caplog):
         load_lora(load_model(_cfg(tiny_seed=1)), bare)
         load_lora(load_model(_cfg(tiny_seed=1)), bare)
     assert caplog.text.count("records no base-model fingerprint") == 1
+
+
+def test_init_from_arrives_exactly_in_a_bfloat16_model(pgot_lora):
+    f, _, _, _ = pgot_lora
+    want = {k.removeprefix("transformer."): v for k, v in load_file(str(f)).items()}
+    cfg = _cfg(dtype="bfloat16")
+    model = load_model(cfg)
+    assert model.dtype == torch.bfloat16
+    params = add_lora(model, cfg, init_from=f)
+    assert {p.dtype for p in params} == {torch.float32}  # trainable in float32, filled with the file's exact values
+    got = lora_state_dict(model)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0)

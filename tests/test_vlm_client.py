@@ -99,7 +99,13 @@ def test_answer_fields():
         }
     )
     assert (a.content, a.thinking, a.reasoning) == ("Action: Switch!", "hm", "first thoughts")
-    assert a.candidates() == ["Action: Switch!", "first thoughts", "hm"]
+    assert a.candidates() == ["Action: Switch!"]  # the final answer; reasoning only when there is none
+    thinking_only = {"content": "<think>Action: Switch</think>", "reasoning_content": "Action: Continue"}
+    assert Answer.of({"message": thinking_only, "finish_reason": "stop"}).candidates() == [
+        "Action: Continue",
+        "Action: Switch",
+    ]
+    assert Answer.of({"message": thinking_only, "finish_reason": "length"}).candidates() == []
     assert a.raw() == "[reasoning]\nfirst thoughts\n\n[thinking]\nhm\n\n[content]\nAction: Switch!"
     assert Answer.of({"message": {"content": "plain"}}).raw() == "plain"
     calls = {"tool_calls": [{"function": {"arguments": {"action": "continue"}}}]}
