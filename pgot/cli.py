@@ -158,7 +158,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
         help="list every config key (or those of SECTION: model, draft, rewards, ot, prompts, precompute, train, "
         "agent, eval) with its type, default and meaning, and exit",
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="how much to log; DEBUG also shows the traceback behind an error line",
+    )
     parser.add_argument("--version", action="version", version=f"pgot {pgot.__version__}")
     return parser
 
@@ -244,7 +249,7 @@ def _load(args: argparse.Namespace, stage: str | None) -> Config:
 
 def _stage_main(command: str, run: Callable[[Config], object], argv: Sequence[str] | None) -> int:
     parser = _parser(command)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
     _setup_logging(args.log_level)
     if args.list_keys is not None:
         return _guard(lambda: _print_keys(args.list_keys))
@@ -335,9 +340,11 @@ def fetch_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--only", choices=["model", "rewards"], help="fetch only the model or only the rewards")
     parser.add_argument("--cache-dir", help="hub cache folder (default: HF_HUB_CACHE or ~/.cache/huggingface/hub)")
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="how much to log"
+    )
     parser.add_argument("--version", action="version", version=f"pgot {pgot.__version__}")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
 
     def work() -> int:

@@ -428,10 +428,11 @@ class _Checks:
             self.prompts("eval")
             self.model()
             for i, m in enumerate(e.models):
-                for j, path in enumerate(m.soup) if m.soup else ([(None, m.lora)] if m.lora else []):
-                    key = f"eval.models.{i}.soup" if j is not None else f"eval.models.{i}.lora"
-                    if not self.named(key):
-                        self.add(lora_file(path, key))
+                if any(f"eval.models.{i}." in line for line in self.skip):
+                    continue
+                key = f"eval.models.{i}.soup" if m.soup else f"eval.models.{i}.lora"
+                for path in m.soup or ([m.lora] if m.lora else []):  # every LoRA of a soup
+                    self.add(lora_file(path, key))
         self.rewards()
         if e.preference_data and not self.named("eval.preference_data"):
             try:

@@ -97,7 +97,7 @@ def check(configs: Sequence[RewardConfig]) -> list[str]:
             locate(cfg)
         except ValueError as err:
             message = _keyed(str(err), i)
-            if f"rewards.{i}." not in message:  # name the key the line is about, as typed
+            if not message.startswith(f"rewards.{i}."):  # every line starts with the key it is about, as typed
                 message = f"rewards.{i}.path={cfg.path!r}: {message.removeprefix(f'reward {cfg.name!r}: ')}"
             problems.append(message)
     return problems
