@@ -161,7 +161,9 @@ def test_refuses_a_store_built_otherwise(reference, tmp_path):
     assert f"precompute.seed: 1 in the config, 0 in the store {store}" in msg
     assert f"draft.num_steps: 2 in the config, 4 in the store {store}" in msg
     assert "new folder" in msg and f"delete {store}" in msg
-    with pytest.raises(ValueError, match=r"rewards: .*saturation in the config, but the store .* was computed for rewards"):
+    with pytest.raises(
+        ValueError, match=r"rewards: .*saturation in the config, but the store .* was computed for rewards"
+    ):
         run(store, "rewards.2.name=saturation")
     (store / fr.META_FILE).unlink()
     with pytest.raises(ValueError, match="holds samples but no meta.json"):
