@@ -606,6 +606,21 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
+def _yaml_value(text: str, key: str, what: str, problems: list[str]) -> Any:
+    """``text`` (a list or mapping typed on the command line) read as YAML; None and a problem when it is not."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at column {mark.column + 1}" if mark is not None else ""
+        why = getattr(exc, "problem", None) or "unreadable"
+        example = "[a, b]" if what == "a list" else "{name: [a, b]}"
+        problems.append(
+            f"{key} must be {what}, got {text!r}, which is not valid YAML ({why}{at}). Quote it whole, e.g. {key}='{example}'."
+        )
+        return None
+
+
 def _coerce(value: Any, tp: Any, key: str, problems: list[str], failed: set[str] | None = None) -> Any:
     """Coerce ``value`` to the annotated type ``tp``; on failure append a problem and return None."""
     origin = typing.get_origin(tp)
@@ -646,7 +661,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str], failed: set[str]
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
-                value = yaml.safe_load(text)
+                value = _yaml_value(text, key, "a list", problems)
+                if value is None:
+                    return None
             else:
                 value = [v.strip() for v in text.split(",") if v.strip()] if text else []
         if not isinstance(value, (list, tuple)):
@@ -654,17 +671,20 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str], failed: set[str]
             return None
         items = [_coerce(v, item_tp, f"{key}.{i}", problems, failed) for i, v in enumerate(value)]
         # an item that failed to coerce is reported above; dropping it lets the range checks run on the rest
-        return [v for v in items if v is not None] if dataclasses.is_dataclass(item_tp) else items
+        return [v for v in items if v is not None]
     if origin is dict:
         k_tp, v_tp = args
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip() else {}
+            value = _yaml_value(value, key, "a mapping", problems) if value.strip() else {}
+            if value is None:
+                return None
         if value is None:
             return {}
         if not isinstance(value, dict):
             problems.append(f"{key} must be a mapping, got {value!r}.")
             return None
-        return {_coerce(k, k_tp, key, problems): _coerce(v, v_tp, f"{key}.{k}", problems) for k, v in value.items()}
+        pairs = {_coerce(k, k_tp, key, problems): _coerce(v, v_tp, f"{key}.{k}", problems) for k, v in value.items()}
+        return {k: v for k, v in pairs.items() if k is not None and v is not None}  # failures are reported above
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -757,10 +777,16 @@ def _set_dotted(data: dict, dotted: str, value: Any, problems: list[str]) -> Non
                 node.append([] if nxt.isdigit() else {})
             node = node[int(part)]
             continue
+        if not isinstance(node, dict):
+            problems.append(_not_a_section(dotted, parts[:i], node))
+            return
         if part not in node or node[part] is None:
             node[part] = [] if nxt.isdigit() else {}
         node = node[part]
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        problems.append(_not_a_section(dotted, parts[:-1], node))
+        return
     if isinstance(node, list):
         if not last.isdigit() or int(last) > len(node):
             problems.append(f"override {dotted}: index {last} is outside the list (it has {len(node)} items).")
@@ -771,6 +797,11 @@ def _set_dotted(data: dict, dotted: str, value: Any, problems: list[str]) -> Non
             node[int(last)] = value
     else:
         node[last] = value
+
+
+def _not_a_section(dotted: str, parent: list[str], value: Any) -> str:
+    key = ".".join(parent)
+    return f"override {dotted}: {key} is a value ({value!r}), not a section, so it has no keys. Set {key}=<value>."
 
 
 def _parse_override(text: str) -> tuple[str, Any] | None:

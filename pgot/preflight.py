@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -86,16 +87,22 @@ def check_inputs(cfg: Config, stage: str, skip: Sequence[str] = ()) -> list[str]
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}.")
     c = _Checks(cfg, skip)
     if stage == "eval":
-        c.eval()
+        checks = [c.eval]
     else:
-        c.prompts("train" if stage == "train" else "")
-        c.model()
-        c.rewards()
-        if stage == "precompute":
-            c.precompute()
-        else:
-            c.train()
+        checks = [lambda: c.prompts("train" if stage == "train" else ""), c.model, c.rewards]
+        checks.append(c.precompute if stage == "precompute" else c.train)
+    for run in checks:
+        try:
+            run()
+        except (ValueError, OSError) as err:  # an input that fails in an unforeseen way (unreadable, ...) is one line
+            c.add([_line(err)])
     return c.problems
+
+
+def _line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{str(err.filename)!r}: {err.strerror or type(err).__name__} ({type(err).__name__})."
+    return str(err) or type(err).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +223,8 @@ class _Checks:
             self.add(lora_file(m.lora_path, "model.lora_path"))
 
     def rewards(self) -> None:
+        if any(re.match(r"rewards\.\d+ must be", line) for line in self.skip):
+            return  # an item that is not a reward was dropped: the indices no longer match what was typed
         named = [f"rewards.{i}." for i in range(len(self.cfg.rewards)) if self.named(f"rewards.{i}.")]
         self.add([p for p in reward_models.check(self.cfg.rewards) if not any(k in p for k in named)])
 
@@ -427,7 +436,8 @@ class _Checks:
         else:
             self.prompts("eval")
             self.model()
-            for i, m in enumerate(e.models):
+            shifted = any(re.match(r"eval\.models\.\d+ must be", line) for line in self.skip)
+            for i, m in enumerate([] if shifted else e.models):  # (shifted: a dropped item; indices would lie)
                 if any(f"eval.models.{i}." in line for line in self.skip):
                     continue
                 key = f"eval.models.{i}.soup" if m.soup else f"eval.models.{i}.lora"

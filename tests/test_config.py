@@ -217,3 +217,23 @@ def test_every_key_is_documented():
     assert not missing, f"config fields without a docstring: {missing}"
     assert all("``" not in k.doc for k in keys)
     assert [k.key for k in describe_keys("rewards")][:2] == ["rewards.<i>.name", "rewards.<i>.path"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.active_rewards=[x", "train.active_rewards must be a list, got '[x', which is not valid YAML"),
+        ("train.reward_sets={a: [x", "train.reward_sets must be a mapping, got '{a: [x', which is not valid YAML"),
+        ("train.max_steps.x=3", "override train.max_steps.x: train.max_steps is a value (3), not a section"),
+        ("rewards.0.name.x=1", "override rewards.0.name.x: rewards.0.name is a value ('contrast'), not a section"),
+        ("train.active_rewards=[[1]]", "train.active_rewards.0 must be a string, got [1]."),
+        ("train.reward_sets={a: 1}", "train.reward_sets.a must be a list, got 1."),
+        ("eval.models=[{soup: {a: [1]}}]", "eval.models.0.soup.a must be a number, got [1]."),
+    ],
+)
+def test_malformed_overrides_are_problems_not_tracebacks(override, expected):
+    """Whatever is typed on the command line, the answer is a ConfigError line, never another exception."""
+    base = ["model.tiny=true", "rewards.0.name=contrast", "train.max_steps=3"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*base, override], stage="train")
+    assert any(p.startswith(expected) for p in err.value.problems), err.value.problems
