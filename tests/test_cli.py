@@ -263,3 +263,10 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr("pgot.preflight.check_inputs", lambda *a, **k: [])
     with pytest.raises(KeyError, match="a bug in pgot"):
         train_main(["--config", "debug"])
+
+
+def test_cli_and_config_are_light():
+    """--help, --version, --list-keys and config errors answer without importing torch or the model libraries."""
+    code = "import sys, pgot.cli, pgot.config; print(','.join(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == ""
