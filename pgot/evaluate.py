@@ -768,9 +768,10 @@ def run(cfg: Config) -> Path:
         ValueError: a user mistake (unknown reward in a reward set, LoRA that does not fit the base model,
             missing images, ...), with what to change. Scores already written stay in ``scores.parquet``.
     """
-    from pgot.config import save_config, validate
+    from pgot.config import save_config
+    from pgot.preflight import preflight  # it imports this module
 
-    validate(cfg, "eval")
+    preflight(cfg, "eval")  # every input checked before any weight loads or any image is generated
     e = cfg.eval
     names = cfg.reward_names
     out = Path(e.output_dir)

@@ -30,9 +30,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pgot.config import RewardConfig
+from pgot.config import REWARD_NAMES, RewardConfig, unknown_reward
+from pgot.rewards import hps, imagereward
 from pgot.rewards.analytic import CONSTRUCTORS as _ANALYTIC
 from pgot.rewards.base import Reward, check_inputs
+from pgot.rewards.clip import LOCATORS as _CLIP_LOCATORS
 from pgot.rewards.clip import build_aesthetic, build_clip, build_hp, build_ict, build_pickscore
 from pgot.rewards.hps import build_hps
 from pgot.rewards.imagereward import build_imagereward
@@ -40,7 +42,7 @@ from pgot.rewards.preprocessing import preprocess
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REWARDS", "Reward", "build", "columns", "preprocess", "score", "score_images"]
+__all__ = ["REWARDS", "Reward", "build", "check", "columns", "preprocess", "score", "score_images"]
 
 REWARDS: dict[str, Callable[[RewardConfig, torch.device | str, torch.dtype | None], Reward]] = {
     "clip": build_clip,
@@ -54,6 +56,52 @@ REWARDS: dict[str, Callable[[RewardConfig, torch.device | str, torch.dtype | Non
 }
 """Reward name -> constructor ``(cfg, device, dtype) -> Reward``."""
 
+assert set(REWARDS) == set(REWARD_NAMES), "pgot.config.REWARD_NAMES must list the names of REWARDS"
+
+_LOCATORS: dict[str, Callable[[RewardConfig], object]] = {
+    **_CLIP_LOCATORS,
+    "hps": hps.locate,
+    "imagereward": imagereward.locate,
+}
+"""Reward name -> the part of its builder that runs before any weight is read (analytic rewards have none)."""
+
+
+def _keyed(message: str, index: int) -> str:
+    """A builder's message with the reward's config keys as typed (``rewards.2.path``, not ``rewards.<i>.path``)."""
+    return message.replace("rewards.<i>.", f"rewards.{index}.")
+
+
+def check(configs: Sequence[RewardConfig]) -> list[str]:
+    """Every problem of the configured rewards that shows before any weight is read, one line each.
+
+    Unknown names (with a "did you mean"), checkpoint paths that do not exist or are not in the local hub
+    cache, folders that lack the files the loader reads, and architectures or checkpoint configs whose tower
+    does not take 224 px images. It runs each reward's own path logic (the first half of its builder), so
+    it accepts exactly the layouts :func:`build` loads.
+
+    Args:
+        configs: one :class:`~pgot.config.RewardConfig` per reward.
+
+    Returns:
+        One line per reward with a problem, naming its keys as typed (``rewards.2.path``); empty when all is well.
+    """
+    problems = []
+    for i, cfg in enumerate(configs):
+        if cfg.name not in REWARDS:
+            problems.append(unknown_reward(i, cfg.name, list(REWARDS)))
+            continue
+        locate = _LOCATORS.get(cfg.name)
+        if locate is None:
+            continue
+        try:
+            locate(cfg)
+        except ValueError as err:
+            message = _keyed(str(err), i)
+            if not message.startswith(f"rewards.{i}."):  # every line starts with the key it is about, as typed
+                message = f"rewards.{i}.path={cfg.path!r}: {message.removeprefix(f'reward {cfg.name!r}: ')}"
+            problems.append(message)
+    return problems
+
 
 def build(
     configs: Sequence[RewardConfig], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
@@ -66,18 +114,21 @@ def build(
         dtype: weights dtype for rewards whose ``dtype`` is ``auto`` (default: bfloat16 on CUDA, float32 elsewhere).
 
     Raises:
-        ValueError: an unknown reward name (listing the known ones), or a bad checkpoint.
+        ValueError: an unknown reward name (listing the known ones), or a bad checkpoint; the message names the
+            reward's keys as typed (``rewards.2.path``).
     """
     rewards = []
     for i, cfg in enumerate(configs):
         if cfg.name not in REWARDS:
-            hint = difflib.get_close_matches(cfg.name, list(REWARDS), n=1)
-            raise ValueError(
-                f"rewards.{i}.name={cfg.name!r} is not a known reward. Known rewards: {', '.join(REWARDS)}."
-                + (f" Did you mean {hint[0]!r}?" if hint else "")
-            )
+            raise ValueError(unknown_reward(i, cfg.name, list(REWARDS)))
         logger.info("building reward %s from %s", cfg.name, cfg.path or "(analytic)")
-        rewards.append(REWARDS[cfg.name](cfg, device, dtype))
+        try:
+            rewards.append(REWARDS[cfg.name](cfg, device, dtype))
+        except ValueError as err:
+            message = _keyed(str(err), i)
+            if message == str(err):
+                raise
+            raise ValueError(message) from err
     return rewards
 
 
