@@ -391,7 +391,7 @@ def test_eval_inputs_all_at_once(tmp_path, capsys, no_weights):
     assert cli.eval_main(args) == 2
     lines = _errors(capsys)
     assert len(lines) == 6, lines
-    assert lines[0].startswith(f"eval.models.1.lora={str(notlora)!r}: ") and "holds no SD3 transformer LoRA" in lines[0]
+    assert lines[0].startswith("eval.models.1.lora: ") and str(notlora) in lines[0] and "holds no LoRA weights" in lines[0]
     assert lines[1].startswith(f"eval.models.2.soup={str(text)!r}: ") and "is not a safetensors file" in lines[1]
     assert lines[2].startswith(f"eval.models.2.soup='{tmp_path}/gone' does not exist")
     assert lines[3].startswith("eval.preference_data=") and lines[4].startswith("eval.votes.0=")
