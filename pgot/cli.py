@@ -5,15 +5,18 @@ Each takes ``--config PATH`` and any number of dotted ``key=value`` overrides::
     pgot-train --config configs/debug.yaml train.max_steps=20 ot.epsilon=0.1
 
 A user error (missing file, bad YAML, unknown key, wrong type, out-of-range value, a store that does
-not match the config, ...) prints one line per problem on stderr and exits with code 2, never a
-traceback.
+not match the config, a folder another pgot process holds, ...) prints one line per problem on stderr and
+exits with code 2, never a traceback. SIGINT (Ctrl-C) and SIGTERM (what schedulers send on preemption) stop
+a command cleanly with a line saying what a rerun does, and exit code 128 + the signal number: 130 and 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from pgot.config import Config, ConfigError, load_config
@@ -56,6 +59,8 @@ def _main(prog: str, description: str, stage: Callable[[Config], object], argv: 
         cfg = load_config(args.config, args.overrides, stage=name)
     except ConfigError as exc:
         return _fail(exc.problems)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM: like Ctrl-C
     try:
         stage(cfg)
     except ConfigError as exc:
@@ -63,10 +68,21 @@ def _main(prog: str, description: str, stage: Callable[[Config], object], argv: 
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         # user errors raised by the stages: one clear line, no traceback
         return _fail([str(exc)])
-    except KeyboardInterrupt:
-        print("interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # pgot.checkpoints.Interrupted says what a rerun does
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        print(str(exc) or f"interrupted by {signal.Signals(signum).name}; finished work is kept and a rerun continues it",
+              file=sys.stderr)  # fmt: skip
+        return 128 + signum
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum: int, frame: object) -> None:
+    stop = KeyboardInterrupt()
+    stop.signum = signum
+    raise stop
 
 
 def precompute_main(argv: Sequence[str] | None = None) -> int:

@@ -217,3 +217,43 @@ def test_select_reorders_and_recomputes_subset_fronts(tmp_path):
         torch.testing.assert_close(h.fronts[pid], s[:, 1:][brute_force_front(s[:, 1:])])
     with pytest.raises(ValueError, match="cannot select rewards"):
         f.select(["hpsv2"])
+
+
+def test_batch_shards_straddle_prompts_and_the_merge_marks_the_fronts(tmp_path):
+    """Precompute writes the samples of one batch per shard (prompts split across shards and ranks, on_frontier
+    unknown); the merge marks each prompt's front among its N samples, as brute force does."""
+    store = tmp_path / "s"
+    scores = {pid: make_scores(pid) for pid in (1, 2)}
+    items = [(pid, i) for pid in (1, 2) for i in range(N)]
+    for k, start in enumerate(range(0, len(items), 3)):  # batches of 3 across the (prompt, sample) grid
+        batch = items[start : start + 3]
+        rows = fr.sample_rows([p for p, _ in batch], [f"prompt {p}" for p, _ in batch], 0, [i for _, i in batch],
+                              torch.stack([scores[p][i] for p, i in batch]), NAMES)  # fmt: skip
+        assert not rows["on_frontier"].any()
+        fr.write_shard(store, rows, rank=k % 2)
+    assert fr.has_shards(store) and fr.completed_prompts(store, N) == {1: "prompt 1", 2: "prompt 2"}
+    df = fr.merge_shards(store, NAMES, N)
+    assert not fr.has_shards(store)
+    for pid in (1, 2):
+        assert df.loc[df["prompt_id"] == pid, "on_frontier"].tolist() == brute_force_front(scores[pid]).tolist()
+    pd.testing.assert_frame_equal(pd.read_parquet(store / fr.SAMPLES_FILE), df)
+
+
+def test_a_shard_that_appears_under_a_writer_is_a_clear_error(tmp_path):
+    store = tmp_path / "s"
+    path = fr.write_shard(store, prompt_rows(1, make_scores(1)), rank=0, index=0)
+    with pytest.raises(
+        ValueError, match=rf"precompute.store={store}: shard {path.name} appeared while .* another process"
+    ):
+        fr.write_shard(store, prompt_rows(2, make_scores(2)), rank=0, index=0)
+
+
+def test_reset_clears_a_store_but_its_lock(tmp_path):
+    store, _ = write_store(tmp_path)
+    (store / fr.IMAGES_DIR / "3").mkdir(parents=True)
+    (store / ".pgot.lock").write_text("")
+    fr.write_shard(store, prompt_rows(3, make_scores(3)), rank=0)
+    fr.reset(store)
+    assert sorted(p.name for p in store.iterdir()) == [".pgot.lock"]
+    with pytest.raises(fr.StoreNotFoundError, match="has no meta.json"):
+        fr.load_store(store)
