@@ -54,6 +54,7 @@ __all__ = [
     "build_rows",
     "check_compatible",
     "completed_prompts",
+    "has_new_samples",
     "has_shards",
     "load_store",
     "merge_shards",
@@ -342,36 +343,52 @@ def reward_stats(df: pd.DataFrame, reward_names: Sequence[str]) -> dict[str, dic
 
 
 def merge_shards(store: str | Path, reward_names: Sequence[str], samples_per_prompt: int) -> pd.DataFrame:
-    """Merge ``samples.parquet`` and every shard into ``samples.parquet``, mark each prompt's front among its
-    N samples (``on_frontier``), then remove the shards.
+    """Merge the complete prompts of ``samples.parquet`` and every shard into ``samples.parquet``, mark each
+    prompt's front among its N samples (``on_frontier``), then remove the shards.
 
-    The merged file is written atomically before any shard is removed, so a merge killed halfway
-    loses nothing (see :func:`read_rows`).
+    The samples of prompts that do not have all N yet (a precompute killed mid-prompt, then rerun with fewer
+    prompts) are kept in one new shard, for a later precompute with those prompts to finish. The merged file is
+    written atomically before any shard is removed, so a merge killed halfway loses nothing (see
+    :func:`read_rows`).
 
     Args:
         store: the store folder.
         reward_names: the reward columns, in order.
-        samples_per_prompt: N; every prompt must have exactly N rows.
+        samples_per_prompt: N.
 
     Returns:
-        The merged rows, sorted by ``(prompt_id, sample_index)``.
+        The merged rows (complete prompts), sorted by ``(prompt_id, sample_index)``.
     """
     store = Path(store)
     shards = _shard_paths(store)
     df = _normalise_rows(read_rows(store), reward_names)
     counts = df.groupby("prompt_id")["sample_index"].nunique()
-    bad = counts[counts != samples_per_prompt]
-    assert bad.empty, f"prompts {bad.index.tolist()[:5]} have {bad.tolist()[:5]} samples, expected {samples_per_prompt}"
-    if len(df):  # rows are sorted by (prompt_id, sample_index): (P * N, M) -> (P, N, M)
-        scores = torch.from_numpy(df[list(reward_names)].to_numpy(dtype=np.float32, copy=True))
-        df["on_frontier"] = pareto_mask(scores.view(-1, samples_per_prompt, len(reward_names))).reshape(-1).numpy()
-    atomic_write_parquet(df, store / SAMPLES_FILE)
+    assert (counts <= samples_per_prompt).all(), f"prompts with more than N={samples_per_prompt} samples in {store}"
+    complete = df["prompt_id"].isin(counts.index[counts == samples_per_prompt])
+    merged, unfinished = df[complete].reset_index(drop=True), df[~complete]
+    if len(merged):  # rows are sorted by (prompt_id, sample_index): (P * N, M) -> (P, N, M)
+        scores = torch.from_numpy(merged[list(reward_names)].to_numpy(dtype=np.float32, copy=True))
+        mask = pareto_mask(scores.view(-1, samples_per_prompt, len(reward_names)))
+        merged["on_frontier"] = mask.reshape(-1).numpy()
+    atomic_write_parquet(merged, store / SAMPLES_FILE)
+    kept = write_shard(store, unfinished, rank=0) if len(unfinished) else None
     for p in shards:
-        p.unlink(missing_ok=True)
+        if p != kept:
+            p.unlink(missing_ok=True)
     folder = store / SHARDS_DIR
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
-    return df
+    return merged
+
+
+def has_new_samples(store: str | Path, samples_per_prompt: int) -> bool:
+    """Whether a shard holds a sample of a prompt that has all N samples in the store: something to merge."""
+    shards = _shard_paths(Path(store))
+    if not shards:
+        return False
+    in_shards = set(pd.concat([pd.read_parquet(p, columns=["prompt_id"]) for p in shards])["prompt_id"].tolist())
+    counts = read_rows(store).groupby("prompt_id")["sample_index"].nunique()
+    return bool(in_shards & set(counts.index[counts >= samples_per_prompt].tolist()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,8 +616,10 @@ def load_store(path: str | Path) -> Frontier:
         meta = dict(meta, stats=reward_stats(samples, reward_names))
     if _shard_paths(store):
         log.warning(
-            "frontier store %s has unmerged shards; rerun pgot-precompute to merge them (they are ignored here)", store
-        )
+            "frontier store %s also holds samples in shards/ that samples.parquet does not (unfinished prompts, or an "
+            "interrupted merge); they are ignored here. pgot-precompute with the store's prompts finishes and merges "
+            "them.", store,
+        )  # fmt: skip
     return _frontier_from(samples, reward_names, meta, _stats_from_meta(meta, reward_names), store)
 
 

@@ -325,10 +325,10 @@ def _merge(store: Path, cfg: Config, meta: dict) -> None:
     """Merge the shards (each prompt's front marked among its N samples), then record counts and per-reward
     statistics in meta.json (main process). A store with nothing new is left as it is."""
     names, n = cfg.reward_names, cfg.precompute.samples_per_prompt
-    if not store_io.has_shards(store) and (store / store_io.SAMPLES_FILE).is_file():
+    if not store_io.has_new_samples(store, n) and (store / store_io.SAMPLES_FILE).is_file():
         existing = store_io.read_meta(store) or {}
         if existing.get("completed") and existing.get("stats"):
-            log.info("frontier store %s is complete; nothing to merge", store)
+            log.info("frontier store %s holds every finished prompt already; nothing to merge", store)
             return
     df = store_io.merge_shards(store, names, n)
     sizes = df.groupby("prompt_id")["on_frontier"].sum()

@@ -41,9 +41,31 @@ Decisions documented here (the paper leaves them open):
   ``t = (s - 1) * train.gradient_accumulation_steps + micro_step + 1``. Online: every process draws the same
   prompts (different sample indices); offline: processes draw different prompts.
 
-Run folder (``train.output_dir``): ``config.yaml``, ``sigmas.json``, ``metrics.jsonl``, ``probes/``
-(``step0_scores.safetensors``, ``step-XXXXXX.png``), ``checkpoints/step-XXXXXX/`` (:mod:`pgot.checkpoints`),
-``agent/step-XXXXXX/``, ``final/pytorch_lora_weights.safetensors``.
+Run folder (``train.output_dir``): ``config.yaml``, ``sigmas.json``, ``metrics.jsonl`` (:mod:`pgot.tracking`),
+``probes/`` (``step0_scores.safetensors``, ``step-XXXXXX.png``), ``checkpoints/step-XXXXXX/``
+(:mod:`pgot.checkpoints`), ``agent/step-XXXXXX/``, ``logs/`` (trackers), ``final/pytorch_lora_weights.safetensors``
+(written atomically: complete or absent), ``.pgot.lock`` and ``.pgot.lock.json`` (the folder lock).
+
+**One run, one folder.** One process at a time works in a run folder: :func:`fit` holds its lock
+(:func:`pgot.files.hold_folder`; under ``accelerate launch`` the main process, the others wait for it); a second
+run gets one error line naming the holder. What a run does with the folder (:func:`_prepare_folder`, decided on the
+main process before anything is written):
+
+* empty or missing: a fresh start;
+* holds a run and ``train.resume`` is empty: refused;
+* ``train.resume=latest`` with no checkpoint (an attempt killed or interrupted before its first checkpoint): what
+  the attempt wrote is deleted and the run starts afresh;
+* a checkpoint to resume: the config must equal the run's ``config.yaml`` except :data:`RESUMABLE_KEYS`; every
+  other difference is refused, one line per key (:func:`config_changes`), and nothing in the folder changes. The
+  resume is exact: ``metrics.jsonl`` is truncated to the checkpoint's lines, the interrupted attempt's agent
+  records and probe grids go, and a decision the agent had not made on the checkpoint is made first;
+* the checkpoint of ``train.max_steps`` and the final LoRA exist: finished; the table is printed again and
+  nothing in the folder changes.
+
+**Signals.** SIGINT and SIGTERM during training stop every process after the step in flight (the flag rides in
+the gradient all-reduce, so all agree on the step), with a checkpoint of that step;
+:class:`~pgot.checkpoints.Interrupted` then says so, and the CLI exits with 130 / 143. Outside the loop (set-up,
+cleanup) they stop at once, and the message says what a rerun does.
 """
 
 from __future__ import annotations
@@ -259,11 +281,16 @@ def train(r: Run) -> None:
 
 class _StopSignals:
     """SIGINT and SIGTERM while the loop runs: the first one is remembered and the run stops after the step in
-    flight, with a checkpoint (every process agrees through the gradient all-reduce); a second one stops at
-    once. Outside the main thread (where Python cannot install handlers) signals keep their default meaning."""
+    flight, with a checkpoint (every process agrees through the gradient all-reduce). A repeat within
+    :attr:`repeat_s` seconds is the same request: schedulers and terminals signal every process of a job, and
+    ``accelerate launch`` forwards the signal it gets to each worker as well. A signal after that stops at once.
+    Outside the main thread (where Python cannot install handlers) signals keep their default meaning."""
+
+    repeat_s = 5.0
 
     def __init__(self) -> None:
         self.signum = 0
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -277,15 +304,17 @@ class _StopSignals:
             signal.signal(s, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.signum and time.monotonic() - self._first < self.repeat_s:
+            return  # the same request, delivered twice (scheduler or terminal, and the launcher)
         if self.signum:
             stop = KeyboardInterrupt()
             stop.signum = signum  # fit() turns it into Interrupted, naming the last checkpoint
             raise stop
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         log.warning(
-            "%s received: stopping after the step in flight, with a checkpoint (send it again to stop at once)",
-            signal.Signals(signum).name,
-        )
+            "%s received: stopping after the step in flight, with a checkpoint (send it again after %g s to stop at "
+            "once)", signal.Signals(signum).name, self.repeat_s,
+        )  # fmt: skip
 
 
 def _stop(r: Run, signum: int) -> None:

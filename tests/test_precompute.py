@@ -316,3 +316,20 @@ def test_one_precompute_per_store(reference, tmp_path, capsys):
         return {k: v for k, v in h.items() if not k.startswith(".pgot.lock")}  # the test's own lock record
 
     assert data(holding) == data(before)  # the refused precompute wrote nothing
+
+
+def test_a_store_left_mid_prompt_serves_fewer_prompts_and_is_finished_later(reference3, tmp_path):
+    """Killed after 2 batches of 3 (prompt 0 done, prompt 1 half done), rerun with prompts.limit=1: the store holds
+    prompt 0 and keeps prompt 1's samples in a shard; a rerun with all 3 prompts finishes it, bit-exact."""
+    store = tmp_path / "store"
+    _kill_after_shards(store, 2, "precompute.batch_size=3")
+    run(store, "precompute.batch_size=3", "prompts.limit=1")
+    assert fr.load_store(store).prompt_ids == [0] and fr.has_shards(store)
+    before = hashes(store)
+    run(store, "precompute.batch_size=3", "prompts.limit=1")  # nothing new: nothing written
+    assert hashes(store) == before
+    run(store, "precompute.batch_size=3")
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(reference3 / fr.SAMPLES_FILE), pd.read_parquet(store / fr.SAMPLES_FILE), check_exact=True
+    )
+    assert meta_without_times(store) == meta_without_times(reference3) and not fr.has_shards(store)
