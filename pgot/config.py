@@ -94,7 +94,10 @@ class ModelConfig:
     lora_init: Literal["gaussian", "zeros"] = "gaussian"
     """LoRA B init: ``gaussian`` as in diffusers' SD3 examples; A is always random."""
     lora_path: str = ""
-    """A diffusers LoRA file or folder to load before training or sampling (empty: none)."""
+    """A LoRA file or folder (diffusers, peft or kohya naming) to load before training or sampling (empty: none)."""
+    allow_lora_transfer: bool = False
+    """Load ``model.lora_path`` even when the file records another base model than this one (``pgot_base_fingerprint``
+    differs): for deliberate transfers of a LoRA to another base. Off: such a LoRA is an error."""
     gradient_checkpointing: bool = True
     """Recompute transformer activations in the backward pass to save memory."""
     vae_gradient_checkpointing: bool = False
@@ -355,6 +358,9 @@ class EvalModelConfig:
     """Reward soup: LoRA path -> weight, merged at inference (overrides ``lora``)."""
     lora_scale: float = 1.0
     """Scale applied to the LoRA."""
+    allow_lora_transfer: bool = False
+    """Apply this model's ``lora`` / ``soup`` files even when they record another base model than ``model``
+    (``pgot_base_fingerprint`` differs): for deliberate transfers. Off: such a LoRA is an error."""
 
     def resolved_name(self, index: int) -> str:
         """The label of the ``index``-th model: ``name``, else one derived from its LoRA path or soup.

@@ -1,4 +1,5 @@
-"""Safe file operations shared by the stage runners: atomic writes and output-folder locks.
+"""Safe file operations shared by the stage runners: atomic writes, output-folder locks, and :func:`source_hash`,
+the identity of what produced a set of rows (cached evaluation scores, study pages).
 
 **Atomic writes.** Every file pgot writes that another process or a later run reads (store shards and
 ``meta.json``, ``scores.parquet``, ``trainer_state.json``, PNGs, agent records) is written to a temporary file in
@@ -18,6 +19,7 @@ lock; the others wait for it at a collective and stop with the same error when i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +56,7 @@ __all__ = [
     "hold_folder",
     "read_holder",
     "remove_temporaries",
+    "source_hash",
     "temporary_name",
 ]
 
@@ -123,6 +126,11 @@ def remove_temporaries(*folders: str | Path) -> int:
                     p.unlink(missing_ok=True)
                     n += 1
     return n
+
+
+def source_hash(obj: Any) -> str:
+    """A 16-hex-digit hash of a JSON-able object (keys sorted; other objects by ``str``): what produced a set of rows."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from pgot.rewards.preprocessing import preprocess
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REWARDS", "Reward", "build", "columns", "preprocess", "score"]
+__all__ = ["REWARDS", "Reward", "build", "columns", "preprocess", "score", "score_images"]
 
 REWARDS: dict[str, Callable[[RewardConfig, torch.device | str, torch.dtype | None], Reward]] = {
     "clip": build_clip,
@@ -115,6 +115,39 @@ def score(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence[str
         x = pixel_values if r.uses_pixel_values else images
         columns.append(r.compute(x.to(r.device) if r.uses_pixel_values else x, prompts).float().to(images.device))
     return torch.stack(columns, dim=1)
+
+
+def score_images(
+    rewards: Sequence[Reward],
+    images: Sequence[torch.Tensor],
+    prompts: Sequence[str],
+    batch_size: int,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Score a list of ``(3, H, W)`` images in [0, 1] whose sizes may differ, batching runs of equal size, without
+    gradients (evaluation, preference accuracy).
+
+    Args:
+        rewards: built reward models (:func:`build`).
+        images: B images.
+        prompts: B prompts.
+        batch_size: most images per forward pass.
+        device: where to score.
+
+    Returns:
+        ``(B, M)`` float64 on the CPU.
+    """
+    out: list[torch.Tensor] = []
+    i = 0
+    while i < len(images):
+        j = i + 1
+        while j < len(images) and j - i < batch_size and images[j].shape == images[i].shape:
+            j += 1
+        batch = torch.stack(list(images[i:j])).to(device)
+        with torch.no_grad():
+            out.append(score(rewards, batch, list(prompts[i:j])).double().cpu())
+        i = j
+    return torch.cat(out) if out else torch.zeros(0, len(rewards), dtype=torch.float64)
 
 
 def columns(names: Sequence[str], selected: Sequence[str], key: str = "rewards") -> list[int]:
