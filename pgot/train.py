@@ -34,8 +34,9 @@ Decisions documented here (the paper leaves them open):
 * **Agent** (``agent.backend``): every ``agent.every`` steps a checkpoint is written, the main process shows the
   agent diagnostic images of the current and the base model (LoRA disabled; same prompts and seeds), and the
   decision is broadcast and applied on every process (:meth:`pgot.agent.AgentState.apply`). ``remove
-  <reward>`` also reloads the approved checkpoint (or the one the agent names) and deletes the newer ones. A
-  step-0 checkpoint is the first approved one. A failing agent is logged and counts as continue.
+  <reward>`` also reloads the approved checkpoint (or the one the agent names), deletes the newer ones and
+  writes a ``revert`` event line to ``metrics.jsonl``. A step-0 checkpoint is the first approved one. A failing
+  agent is logged and counts as continue.
 * **Determinism**: the prompts of step s come from a generator seeded by ``(train.seed, s)``; the noise of
   sample i of prompt p on process r from ``make_noise(train.seed + 7919 * t, p, r * N + i)`` with
   ``t = (s - 1) * train.gradient_accumulation_steps + micro_step + 1``. Online: every process draws the same
