@@ -668,5 +668,5 @@ def test_a_run_folder_held_by_another_process_is_refused_before_loading(
 
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     with FolderLock(tmp_path / "run", key="train.output_dir", what="a pgot-train run"):
-        with pytest.raises(FolderLockedError, match="train.output_dir=.* is in use by another process"):
+        with pytest.raises(ValueError, match="train.output_dir=.* is in use by another process"):  # preflight
             train.fit(_cfg(tmp_path / "run", None))
