@@ -20,39 +20,125 @@ brightness, colorfulness, contrast, saturation, sharpness: :mod:`pgot.rewards.an
 
 Every learned reward also builds from ``path: tiny`` (small random weights, seeded by ``tiny_seed``,
 same code path) and ``path: random`` (full-size architecture, random weights; benchmarks).
+
+``import pgot.rewards`` loads torch and the analytic rewards only: the learned families (transformers, open_clip)
+are imported when one of their rewards is first built, so :data:`STRENGTHS` is cheap to read (the agent does).
+
+**Strengths** (:data:`STRENGTHS`, ``rewards.<i>.strength``; paper section 2.2 and appendix C.4). A *strong* reward
+tracks human judgement; a *weak* one is prone to reward hacking. The agent may remove only weak rewards (unless
+``agent.allow_remove_strong``), and the online strategy is meant for strong rewards only. ``strength: null`` (the
+default) takes the reward's default below:
+
+============ ====== ============================================================================================
+name         default why
+============ ====== ============================================================================================
+ict          strong the paper's strong text-image reward (highest human-preference accuracy, its Table 1)
+hp           strong the paper's strong human-preference reward (its Table 1)
+clip         weak   the paper's weak text-image reward
+hps          weak   the paper's weak human-preference reward
+pickscore    weak   not classed by the paper; trained like HPS (CLIP ViT-H-14 on pairwise choices), which it
+                    classes as weak
+imagereward  weak   not classed by the paper; a pairwise-preference model like HPS
+aesthetic    weak   not classed by the paper; it scores the image without the prompt, so a model can raise it
+                    while ignoring the text
+brightness,  weak   hand-made image statistics: hackable proxies (a saturated, high-contrast image maximises
+colorfulness,       them whatever the prompt)
+contrast,
+saturation,
+sharpness
+(other)      weak   :data:`UNKNOWN_STRENGTH`: a reward pgot does not know is treated as hackable until marked
+                    strong (``rewards.<i>.strength=strong``, e.g. after measuring its preference accuracy with
+                    ``pgot-eval eval.preference_data``)
+============ ====== ============================================================================================
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
 from pgot.config import RewardConfig
 from pgot.rewards.analytic import CONSTRUCTORS as _ANALYTIC
 from pgot.rewards.base import Reward, check_inputs
-from pgot.rewards.clip import build_aesthetic, build_clip, build_hp, build_ict, build_pickscore
-from pgot.rewards.hps import build_hps
-from pgot.rewards.imagereward import build_imagereward
 from pgot.rewards.preprocessing import preprocess
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REWARDS", "Reward", "build", "columns", "preprocess", "score"]
+__all__ = [
+    "REWARDS",
+    "STRENGTHS",
+    "UNKNOWN_STRENGTH",
+    "Reward",
+    "build",
+    "columns",
+    "default_strength",
+    "preprocess",
+    "score",
+]
 
-REWARDS: dict[str, Callable[[RewardConfig, torch.device | str, torch.dtype | None], Reward]] = {
-    "clip": build_clip,
-    "ict": build_ict,
-    "hp": build_hp,
-    "hps": build_hps,
-    "pickscore": build_pickscore,
-    "imagereward": build_imagereward,
-    "aesthetic": build_aesthetic,
+Constructor = Callable[[RewardConfig, "torch.device | str", "torch.dtype | None"], Reward]
+
+
+def _lazy(module: str, attr: str) -> Constructor:
+    """The constructor ``module.attr``, imported on its first call (the family's libraries load only then)."""
+
+    def construct(cfg: RewardConfig, device: torch.device | str, dtype: torch.dtype | None) -> Reward:
+        return getattr(importlib.import_module(module), attr)(cfg, device, dtype)
+
+    construct.__name__ = construct.__qualname__ = attr
+    construct.__doc__ = f"``{module}.{attr}(cfg, device, dtype)``, imported on first call."
+    return construct
+
+
+REWARDS: dict[str, Constructor] = {
+    "clip": _lazy("pgot.rewards.clip", "build_clip"),
+    "ict": _lazy("pgot.rewards.clip", "build_ict"),
+    "hp": _lazy("pgot.rewards.clip", "build_hp"),
+    "hps": _lazy("pgot.rewards.hps", "build_hps"),
+    "pickscore": _lazy("pgot.rewards.clip", "build_pickscore"),
+    "imagereward": _lazy("pgot.rewards.imagereward", "build_imagereward"),
+    "aesthetic": _lazy("pgot.rewards.clip", "build_aesthetic"),
     **_ANALYTIC,
 }
 """Reward name -> constructor ``(cfg, device, dtype) -> Reward``."""
+
+STRENGTHS: dict[str, Literal["strong", "weak"]] = {
+    "ict": "strong",
+    "hp": "strong",
+    "clip": "weak",
+    "hps": "weak",
+    "pickscore": "weak",
+    "imagereward": "weak",
+    "aesthetic": "weak",
+    **dict.fromkeys(_ANALYTIC, "weak"),
+}
+"""Reward name -> default strength (``rewards.<i>.strength: null``); the table of the module docstring says why."""
+
+UNKNOWN_STRENGTH: Literal["strong", "weak"] = "weak"
+"""The default strength of a reward that is not in :data:`STRENGTHS` (one added to :data:`REWARDS` by a user)."""
+
+
+def default_strength(name: str, strength: str | None = None) -> Literal["strong", "weak"]:
+    """The strength of reward ``name``: ``strength`` when given (``rewards.<i>.strength``), else its default.
+
+    Args:
+        name: the reward's registry name.
+        strength: ``strong``, ``weak`` or None (the default of :data:`STRENGTHS`, :data:`UNKNOWN_STRENGTH` for a
+            name not in it).
+
+    Raises:
+        ValueError: ``strength`` is neither ``strong``, ``weak`` nor None.
+    """
+    if strength is None:
+        return STRENGTHS.get(name, UNKNOWN_STRENGTH)
+    if strength not in ("strong", "weak"):
+        raise ValueError(f"the strength of reward {name!r} must be strong, weak or null, got {strength!r}.")
+    return strength
 
 
 def build(
