@@ -4,9 +4,9 @@ Every public function of :mod:`pgot.pareto`, :mod:`pgot.ot_loss`, :mod:`pgot.obj
 is wrapped by :func:`accepts_numpy`, which reads the function's annotations:
 
 * **NumPy in.** An argument annotated ``torch.Tensor`` (alone or in a union, also as the values of a mapping)
-  also takes a ``numpy.ndarray`` or a NumPy scalar. It is copied into a CPU tensor of the same dtype (float64
-  stays float64, bool stays bool); the functions move it to the device of their torch arguments as they
-  already do for tensors on another device.
+  also takes a ``numpy.ndarray`` or a NumPy scalar. It is copied into a tensor of the same dtype (float64
+  stays float64, bool stays bool), on the device of the call's first torch argument that is not on the CPU
+  (else on the CPU).
 * **NumPy out.** When at least one array argument is NumPy and none is torch, every tensor of the result
   (alone, or in a tuple, list or dict) comes back as NumPy: ``tensor.detach().cpu().numpy()``, a 0-dim result
   as a NumPy scalar (``numpy.float64``, ``numpy.bool_``, ...). With a torch argument the result is torch, as
@@ -193,6 +193,22 @@ def _spec(tp: Any) -> _Spec:
     return _ANY
 
 
+_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
+def _fast_types(tp: Any) -> frozenset[type]:
+    """Exact types an annotation accepts as they are (the per-call fast path; anything else takes :func:`_spec`)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return frozenset().union(*(_fast_types(a) for a in args))
+    if origin is typing.Literal:
+        return frozenset(type(a) for a in args)
+    fast = {torch.Tensor: _TENSOR_TYPES, float: {float, int}, int: {int}, bool: {bool}, str: {str}}
+    if tp is type(None):
+        return frozenset({type(None)})
+    return frozenset(fast.get(tp, ())) if isinstance(tp, type) else frozenset()
+
+
 def _what(value: Any) -> str:
     kind = type(value)
     name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
@@ -216,6 +232,34 @@ def _to_numpy(result: Any) -> Any:
     return result
 
 
+def _device(values: list[Any]) -> torch.device | None:
+    """The device of the first tensor not on the CPU among ``values`` (and the items of their mappings / lists)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if v.device.type != "cpu":
+                return v.device
+        elif isinstance(v, collections.abc.Mapping):
+            found = _device(list(v.values()))
+            if found is not None:
+                return found
+        elif isinstance(v, (list, tuple)):
+            found = _device(list(v))
+            if found is not None:
+                return found
+    return None
+
+
+def _move(original: Any, converted: Any, device: torch.device) -> Any:
+    """``converted`` with the tensors made from NumPy values of ``original`` moved to ``device``."""
+    if isinstance(original, (np.ndarray, np.generic)) and isinstance(converted, torch.Tensor):
+        return converted.to(device)
+    if isinstance(original, collections.abc.Mapping) and isinstance(converted, dict) and converted is not original:
+        return {k: _move(original[k], v, device) for k, v in converted.items()}
+    if isinstance(original, (list, tuple)) and isinstance(converted, (list, tuple)) and converted is not original:
+        return type(converted)(_move(o, c, device) for o, c in zip(original, converted, strict=True))
+    return converted
+
+
 def accepts_numpy(func: F) -> F:
     """Wrap a maths function: NumPy arrays accepted where it takes tensors, NumPy out for NumPy in, and a
     ``TypeError`` naming the argument for a value of the wrong type (see the module docstring).
@@ -230,9 +274,11 @@ def accepts_numpy(func: F) -> F:
     params = list(sig.parameters.values())
     names = [p.name for p in params]
     specs: dict[str, _Spec] = {}
+    fast: dict[str, frozenset[type]] = {}
 
     def build() -> None:
         hints = typing.get_type_hints(func)
+        fast.update({p.name: _fast_types(hints.get(p.name, inspect.Parameter.empty)) for p in params})
         specs.update({p.name: _spec(hints.get(p.name, inspect.Parameter.empty)) for p in params})
 
     @functools.wraps(func)
@@ -240,8 +286,11 @@ def accepts_numpy(func: F) -> F:
         if not specs:
             build()
         saw_np = saw_torch = False
-        new_args = list(args)
+        new_args, original_kwargs = list(args), dict(kwargs)
         for i, value in enumerate(args[: len(names)]):
+            if type(value) in fast[names[i]]:
+                saw_torch = saw_torch or type(value) in _TENSOR_TYPES
+                continue
             ok, value, n, t = specs[names[i]].check(value)
             if not ok:
                 raise TypeError(
@@ -253,11 +302,19 @@ def accepts_numpy(func: F) -> F:
             spec = specs.get(name)
             if spec is None:
                 continue  # the function's own TypeError names an unexpected keyword
+            if type(value) in fast[name]:
+                saw_torch = saw_torch or type(value) in _TENSOR_TYPES
+                continue
             ok, value, n, t = spec.check(value)
             if not ok:
                 raise TypeError(f"{func.__name__}(): {name} must be {spec.describe}, got {_what(value)}.")
             kwargs[name] = value
             saw_np, saw_torch = saw_np or n, saw_torch or t
+        if saw_np and saw_torch:  # NumPy constants next to torch arguments: on their device
+            device = _device([*new_args, *kwargs.values()])
+            if device is not None:
+                new_args = [_move(o, c, device) for o, c in zip(args, new_args, strict=True)]
+                kwargs = {k: _move(original_kwargs[k], v, device) for k, v in kwargs.items()}
         result = func(*new_args, **kwargs)
         return _to_numpy(result) if saw_np and not saw_torch else result
 

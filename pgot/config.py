@@ -290,7 +290,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Consecutive steps with a NaN/inf loss or reward after which training stops."""
     log_with: list[str] = field(default_factory=list)
-    """accelerate trackers: tensorboard, wandb."""
+    """accelerate trackers, tensorboard and / or wandb (pip install wandb): the numbers of metrics.jsonl, the probe grids, the agent's grids and decisions, the final table and the resolved config."""
     final_eval: bool = True
     """At the end, print the tuned model against the base model (JDR / JCR per reward set, win rate and mean per reward, bootstrap intervals over prompts, non-finite pairs) on the held-out prompts (prompts.eval_fraction), else on the training prompts."""
     final_eval_prompts: int = 64

@@ -205,3 +205,16 @@ def test_the_decorator_on_a_new_function() -> None:
         f(torch.ones(1), names=[1, 2])
     with pytest.raises(TypeError, match=r"k must be an int, got bool"):
         f(torch.ones(1), True)
+
+
+def test_numpy_constants_go_to_the_device_of_the_torch_arguments() -> None:
+    """(The meta device stands in for a GPU: no CUDA in CI.)"""
+
+    @accepts_numpy
+    def devices(x: torch.Tensor, y: torch.Tensor, named: dict[str, torch.Tensor]) -> list[str]:
+        return [x.device.type, y.device.type, named["z"].device.type]
+
+    meta = torch.empty(2, device="meta")
+    assert devices(meta, np.ones(2), {"z": np.ones(2)}) == ["meta", "meta", "meta"]
+    assert devices(np.ones(2), np.ones(2), {"z": meta}) == ["meta", "meta", "meta"]
+    assert devices(torch.ones(2), np.ones(2), {"z": np.ones(2)}) == ["cpu", "cpu", "cpu"]
