@@ -273,13 +273,14 @@ def _targets(r: Run, active: list) -> torch.Tensor:
     ``train.target_form=linear``, where the target does not change the gradient."""
     out, linear = [], r.cfg.train.target_form == "linear"
     for rc in active:
-        mx = math.nan
-        if rc.target is None and r.store is not None:
-            mx = float(r.store.stats.max[r.store.reward_names.index(rc.name)])
         if rc.target is not None:
             out.append(float(rc.target))
-        elif math.isfinite(mx) or linear:
-            out.append(mx if math.isfinite(mx) else 1.0)
+            continue
+        mx = float(r.store.stats.max[r.store.reward_names.index(rc.name)]) if r.store is not None else math.nan
+        if math.isfinite(mx):
+            out.append(mx)
+        elif linear:
+            out.append(1.0)
         else:
             i = r.cfg.reward_names.index(rc.name)
             raise ValueError(

@@ -546,12 +546,13 @@ def _wandb_records(path: Path):
 def test_wandb_offline_gets_the_metrics_images_text_and_config(
     tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_SILENT": "true",
                        "WANDB_CONSOLE": "off"}.items():  # fmt: skip
         monkeypatch.setenv(key, value)
     (tmp_path / "wb").mkdir()
     run = _tracked_run(tmp_path, store, "wandb")
+    wandb.teardown()  # run.finish() returns before W&B's service process has written every record
     (folder,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
     (log,) = folder.glob("run-*.wandb")
     rows, config = {}, {}
