@@ -405,9 +405,9 @@ class EvalConfig:
     )
     """Named reward sets for JDR and JCR (sets naming unconfigured rewards are an error)."""
     bootstrap: int = 1000
-    """Bootstrap resamples (over prompts) for confidence intervals (0: none)."""
+    """Bootstrap resamples (over prompts) for confidence intervals (0: none); also those of pgot-train's end-of-training table."""
     confidence: float = 0.95
-    """Confidence level of the intervals."""
+    """Confidence level of the intervals (pgot-eval and the end-of-training table)."""
     scatter_rewards: list[str] = field(default_factory=list)
     """Two rewards for the per-prompt Pareto scatter (default: the first two)."""
     figure_prompts: int = 4
