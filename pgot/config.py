@@ -168,7 +168,7 @@ class RewardConfig:
     arch: str = ""
     """Architecture override (e.g. ``ViT-L-14`` for clip); empty for the reward's default."""
     strength: Literal["strong", "weak"] | None = None
-    """``strong`` (tracks human judgement) or ``weak`` (prone to hacking): the agent may only remove weak rewards (unless agent.allow_remove_strong) and switches to online only when strong ones remain. null: the reward's default from pgot.rewards.STRENGTHS (ict, hp strong; clip, hps, pickscore, imagereward, aesthetic and the analytic rewards weak; a reward pgot does not know: weak)."""
+    """``strong`` (tracks human judgement) or ``weak`` (prone to hacking): the agent may only remove weak rewards (unless agent.allow_remove_strong), and the online strategy is meant for strong ones. null: the reward's default from pgot.rewards.STRENGTHS (ict, hp strong; clip, hps, pickscore, imagereward, aesthetic and the analytic rewards weak; a reward pgot does not know: weak)."""
     weight: float = 1.0
     """Weight w_k in weighted baselines."""
     target: float | None = None
