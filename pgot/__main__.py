@@ -1,4 +1,4 @@
-"""``python -m pgot {precompute,train,eval} --config FILE [key=value ...]``.
+"""``python -m pgot {precompute,train,eval,fetch,config} ...`` (the ``pgot`` command; see :mod:`pgot.cli`).
 
 This form is what ``accelerate launch -m pgot train --config ...`` and ``torchrun -m pgot train ...``
 start on every process.

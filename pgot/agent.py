@@ -30,10 +30,21 @@ The agent never stops training: an endpoint that is down, slow, refuses the key,
 replies with nonsense, and a reply naming an unknown, inactive or protected (strong) reward, all give
 ``continue`` with the reason in :attr:`Decision.reason` and a logged warning.
 
+Every text field an OpenAI-compatible server may answer in is read (:class:`pgot.vlm_client.Answer`: ``content`` as
+a string or parts, ``<think>`` blocks, ``reasoning_content``, ``reasoning``, ``refusal``, tool-call arguments, the
+legacy ``choices[0].text``): the decision comes from the final answer when it names one, else from the reasoning.
+A reply without any text says why (``max_tokens``: raise ``agent.max_tokens``; ``refusal``; ``content_filter``;
+``empty``).
+
 Each call of :meth:`Agent.decide` writes ``log_dir/step-XXXXXX/``: the grids (``grid-NN.png``), the
-exact request (``request.json``, images as file names, never base64 and never the API key), the raw
-reply (``reply.txt``, ``response.json``) and the decision (``decision.json``), and appends one line to
-``log_dir/decisions.jsonl``.
+exact request (``request.json``, images as file names, never base64 and never the API key), the full raw
+reply (``reply.txt``: every text field, labelled; ``response.json``) and the decision (``decision.json``), and
+appends one line to ``log_dir/decisions.jsonl``.
+
+The API key never leaves the process except in the request header: the ``openai`` backend protects it
+(:func:`pgot.vlm_client.protect`: redacted from every log record of the process), and every agent file,
+:class:`Decision` and :class:`AgentState` record (hence ``trainer_state.json``) is redacted, also where the endpoint
+echoes the key URL-encoded, JSON-escaped or base64-encoded.
 """
 
 from __future__ import annotations
@@ -58,7 +69,7 @@ from PIL import Image
 from pgot.config import AgentConfig, RewardConfig
 from pgot.images import labelled_grid, png_bytes, save_png
 from pgot.rewards import default_strength
-from pgot.vlm_client import ChatClient, EndpointError
+from pgot.vlm_client import ChatClient, EndpointError, protect, redact, redact_obj, release
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +174,20 @@ class Decision:
     cost: float = 0.0
     """Dollars, from the endpoint's token usage and agent.price_per_1k_input / agent.price_per_1k_output."""
     error: str | None = None
-    """Short error kind (``http_500``, ``timeout``, ``no_key``, ``cost_limit``, ``parse``, ``invalid``, ...), None if fine."""
+    """Short error kind (``http_500``, ``timeout``, ``no_key``, ``cost_limit``, ``max_tokens``, ``refusal``, ``empty``,
+    ``parse``, ``invalid``, ...), None if fine."""
     log_dir: str = ""
 
+    def __post_init__(self) -> None:
+        # a decision's texts come from the endpoint (which may echo the API key) and travel to logs, checkpoints,
+        # metrics and trackers: every protected secret is redacted here, wherever the decision is made
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str):
+                setattr(self, f.name, redact(value))
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return redact_obj(asdict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Decision:
@@ -212,7 +232,7 @@ class AgentState:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return redact_obj(asdict(self))  # what trainer_state.json and decision.json hold: no secrets
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AgentState:
@@ -651,16 +671,43 @@ def build_messages(
 @dataclass
 class _Answer:
     raw: str
+    """The full raw answer (every text field of the reply), saved as reply.txt."""
     reply: Reply | None = None
     revert_to: int | None = None
     meta: dict = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)
+    """Texts to read the decision from, in order (default: ``raw``)."""
+    problem: EndpointError | None = None
+    """Why the reply holds no answer; raised after the reply is saved."""
+    cut: bool = False
+    """The reply stopped at the token limit (``finish_reason: length``)."""
 
 
 def _write(path: Path, text: str) -> None:
+    """Write an agent record; every protected secret is redacted first, whatever the caller passed."""
     try:
-        path.write_text(text)
+        path.write_text(redact(text))
     except OSError as exc:  # a full disk must not stop training either
         log.warning("agent: could not write %s: %s", path, exc)
+
+
+def _parse(answer: _Answer, reward_names: Sequence[str], max_tokens: int) -> Reply:
+    """The decision of the first of ``answer.texts`` that holds one (the final answer before any reasoning).
+
+    Raises:
+        ReplyError: none does; the reason of the first text, with a hint when the reply was cut at the token limit.
+    """
+    first: ReplyError | None = None
+    for text in answer.texts or [answer.raw]:
+        try:
+            return parse_reply(text, reward_names)
+        except ReplyError as exc:
+            first = first or exc
+    message = str(first or "the reply is empty.")
+    if answer.cut:
+        limit = f"agent.max_tokens={max_tokens}" if max_tokens > 0 else "the server's token limit"
+        message += f" The reply was cut off at {limit} (finish_reason: length): raise agent.max_tokens."
+    raise ReplyError(message)
 
 
 class Agent:
@@ -745,40 +792,48 @@ class Agent:
             decision.tokens_in = int(meta.get("tokens_in", 0))
             decision.tokens_out = int(meta.get("tokens_out", 0))
             decision.cost = float(meta.get("cost", 0.0))
-            reply = answer.reply if answer.reply is not None else parse_reply(answer.raw, self.reward_names)
+            if answer.problem is not None:
+                raise answer.problem
+            reply = answer.reply if answer.reply is not None else _parse(answer, self.reward_names, self.cfg.max_tokens)
             decision.strategy = reply.strategy
             action, reward, reason, error = _check(reply, state, self.cfg.allow_remove_strong)
             decision.action, decision.reward, decision.error, decision.reason = action, reward, error, reason
             decision.revert_to = answer.revert_to if action == "remove" else None
             decision.analysis = self._redact(reply.analysis)
             if error is not None:
-                log.warning("agent step %d: %s Continuing.", step, reason)
+                log.warning("agent step %d: %s Continuing.", step, self._redact(reason))
         except EndpointError as exc:
-            decision.error, decision.reason, decision.attempts = exc.kind, exc.reason, exc.attempts
-            log.warning("agent step %d: %s Continuing.", step, exc.reason)
+            decision.error, decision.reason = exc.kind, self._redact(exc.reason)
+            decision.attempts = exc.attempts or decision.attempts
+            log.warning("agent step %d: %s Continuing.", step, decision.reason)
         except ReplyError as exc:
-            decision.error, decision.reason = "parse", f"unparseable reply: {exc}"
+            decision.error, decision.reason = "parse", self._redact(f"unparseable reply: {exc}")
             log.warning("agent step %d: %s Continuing. Raw reply in %s.", step, decision.reason, folder / "reply.txt")
         except Exception as exc:  # a bug in a backend must not end a long run either
-            decision.error, decision.reason = "internal", f"agent failure: {type(exc).__name__}: {exc}"
+            decision.error = "internal"
+            decision.reason = self._redact(f"agent failure: {type(exc).__name__}: {exc}")
             log.exception("agent step %d: unexpected failure; continuing.", step)
-        decision.reason = self._redact(decision.reason)
-        decision.raw = self._redact(decision.raw)
+        for f in dataclasses.fields(decision):  # the endpoint may echo the key in any text it returns
+            if isinstance(getattr(decision, f.name), str):
+                setattr(decision, f.name, self._redact(getattr(decision, f.name)))
         decision.latency_s = round(time.monotonic() - start, 4)
         if decision.action != "continue":
             log.info("agent step %d: %s %s (%s)", step, decision.action, decision.reward or "", decision.reason[:200])
         _write(folder / "reply.txt", decision.raw)
         record = {"decision": decision.to_dict(), "state": state.to_dict(), "grids": files, "prompts": list(prompts)}
-        _write(folder / "decision.json", json.dumps(record, indent=2))
+        _write(folder / "decision.json", self._redact(json.dumps(record, indent=2)))
         try:
             with open(Path(log_dir) / "decisions.jsonl", "a") as fh:
-                fh.write(json.dumps(decision.to_dict()) + "\n")
+                fh.write(self._redact(json.dumps(decision.to_dict())) + "\n")
         except OSError as exc:
             log.warning("agent: could not append to %s: %s", Path(log_dir) / "decisions.jsonl", exc)
         return decision
 
     def _redact(self, text: str) -> str:
-        return text
+        return redact(text)
+
+    def close(self) -> None:
+        """Release what the backend holds (the ``openai`` backend's protection of its key in logs)."""
 
     def _answer(
         self,
@@ -800,9 +855,17 @@ class OpenAIAgent(Agent):
     def __init__(self, cfg: AgentConfig, reward_configs: Sequence[RewardConfig]):
         super().__init__(cfg, reward_configs)
         self.client = ChatClient.from_config(cfg)
+        # from now on the key is redacted from every log record of the process, whoever writes it
+        self._protected = cfg.api_key_env
+        protect(cfg.api_key_env)
 
     def _redact(self, text: str) -> str:
         return self.client.redact(text)
+
+    def close(self) -> None:
+        if self._protected:
+            release(self._protected)
+            self._protected = ""
 
     def _answer(self, step, grids, files, state, folder, probe_history) -> _Answer:
         cfg = self.cfg
@@ -829,7 +892,13 @@ class OpenAIAgent(Agent):
         _write(folder / "response.json", self._redact(json.dumps(result.response, indent=2)))
         meta = {"attempts": result.attempts, "tokens_in": result.tokens_in, "tokens_out": result.tokens_out}
         meta["cost"] = result.cost
-        return _Answer(raw=result.text, meta=meta)
+        return _Answer(
+            raw=self._redact(result.raw),
+            meta=meta,
+            texts=result.answer.candidates(),
+            problem=result.problem,
+            cut=result.answer.finish_reason == "length",
+        )
 
 
 def load_script(path: str | Path, reward_names: Sequence[str] = (), every: int = 0) -> dict[int, dict]:

@@ -4,22 +4,40 @@ A config is a tree of dataclasses. YAML files and ``key=value`` overrides are re
 :func:`load_config`, which coerces values by field type, rejects unknown keys with a "did you
 mean", checks ranges, and reports every problem at once in one :class:`ConfigError`.
 
-Keys equal the keyword names of the functions they feed (``ot.epsilon`` -> ``epsilon=``).
+Keys equal the keyword names of the functions they feed (``ot.epsilon`` -> ``epsilon=``). Every field
+carries a one-line docstring; :func:`describe_keys` reads them back (``pgot-train --list-keys``).
+
+The configs shipped with pgot (the repository's ``configs/`` folder, installed as the package
+``pgot.configs``) are found by name: ``load_config("debug")``, ``load_config("baselines/weighted_1111")``
+(:func:`find_config`, :func:`config_names`).
+
+This module reads YAML and nothing else: checks that need files, models or the environment are
+:mod:`pgot.preflight`'s.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import re
+import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 __all__ = [
+    "ANALYTIC_REWARDS",
+    "LEARNED_REWARDS",
+    "REWARD_NAMES",
     "AgentConfig",
     "Config",
     "ConfigError",
@@ -34,18 +52,40 @@ __all__ = [
     "TrainConfig",
     "check",
     "check_sampler",
+    "config_names",
     "config_to_dict",
+    "configs_dir",
+    "describe_keys",
+    "field_docs",
+    "find_config",
+    "KeyDoc",
+    "known_reward_names",
     "load_config",
+    "plain",
     "save_config",
+    "unknown_reward",
     "validate",
 ]
 
+LEARNED_REWARDS = ("clip", "ict", "hp", "hps", "pickscore", "imagereward", "aesthetic")
+"""Rewards with weights (:mod:`pgot.rewards.clip`, :mod:`pgot.rewards.hps`, :mod:`pgot.rewards.imagereward`)."""
+ANALYTIC_REWARDS = ("brightness", "colorfulness", "contrast", "saturation", "sharpness")
+"""Rewards computed from the pixels alone (:mod:`pgot.rewards.analytic`)."""
+REWARD_NAMES = LEARNED_REWARDS + ANALYTIC_REWARDS
+"""The names of ``pgot.rewards.REWARDS``, known without importing the reward models (checked there at import)."""
+
 
 class ConfigError(ValueError):
-    """One or more problems in a config; ``problems`` lists them, one line each."""
+    """One or more problems in a config; ``problems`` lists them, one line each.
 
-    def __init__(self, problems: list[str]):
+    ``config`` is the config as far as it could be built (fields that failed to coerce hold their defaults), or
+    None when there is none (a missing file, bad YAML): the CLI runs the file checks on it too, so one command
+    reports every problem.
+    """
+
+    def __init__(self, problems: list[str], config: Config | None = None):
         self.problems = list(problems)
+        self.config = config
         super().__init__("\n".join(self.problems))
 
 
@@ -94,7 +134,10 @@ class ModelConfig:
     lora_init: Literal["gaussian", "zeros"] = "gaussian"
     """LoRA B init: ``gaussian`` as in diffusers' SD3 examples; A is always random."""
     lora_path: str = ""
-    """A diffusers LoRA file or folder to load before training or sampling (empty: none)."""
+    """A LoRA file or folder (diffusers, peft or kohya naming) to load before training or sampling (empty: none)."""
+    allow_lora_transfer: bool = False
+    """Load ``model.lora_path`` even when the file records another base model than this one (``pgot_base_fingerprint``
+    differs): for deliberate transfers of a LoRA to another base. Off: such a LoRA is an error."""
     gradient_checkpointing: bool = True
     """Recompute transformer activations in the backward pass to save memory."""
     vae_gradient_checkpointing: bool = False
@@ -240,7 +283,7 @@ class TrainConfig:
     target_form: Literal["linear", "hinge", "squared"] = "squared"
     """How weighted_sum (global targets) and hetero_weighted_sum (per-prompt bounds) compare the weighted gap g = sum_k w_k (C_k - r_k): ``linear`` g (DRaFT; the target never reaches the gradient, so both train the same model), ``hinge`` relu(g) (ReFL), ``squared`` g^2 (the paper's separate constraints); only these two objectives read it."""
     strategy: Literal["offline", "online", "auto"] = "offline"
-    """PG-OT strategy: offline (precomputed fronts), online (gathered dominating sets), auto (offline, then the agent may switch)."""
+    """PG-OT strategy: offline (precomputed fronts), online (gathered dominating sets), auto (offline until the agent switches to online; needs an agent, so agent.backend=none is refused)."""
     active_rewards: list[str] = field(default_factory=list)
     """Rewards that drive the loss (empty: all); the others are still scored and logged."""
     reduction: Literal["mean", "sum"] = "mean"
@@ -286,7 +329,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     """Checkpoints kept (older ones are deleted; agent-approved ones are kept)."""
     resume: str = ""
-    """``latest`` or a checkpoint folder to continue from (empty: start fresh)."""
+    """``latest`` (the newest checkpoint in train.output_dir; a fresh start when there is none), a checkpoint folder to continue from, or empty (start fresh)."""
     max_bad_steps: int = 5
     """Consecutive steps with a NaN/inf loss or reward after which training stops."""
     log_with: list[str] = field(default_factory=list)
@@ -361,6 +404,9 @@ class EvalModelConfig:
     """Reward soup: LoRA path -> weight, merged at inference (overrides ``lora``)."""
     lora_scale: float = 1.0
     """Scale applied to the LoRA."""
+    allow_lora_transfer: bool = False
+    """Apply this model's ``lora`` / ``soup`` files even when they record another base model than ``model``
+    (``pgot_base_fingerprint`` differs): for deliberate transfers. Off: such a LoRA is an error."""
 
     def resolved_name(self, index: int) -> str:
         """The label of the ``index``-th model: ``name``, else one derived from its LoRA path or soup.
@@ -518,19 +564,23 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(0 < e.confidence < 1, f"eval.confidence must be in (0, 1), got {e.confidence}.")
 
     names = cfg.reward_names
+    known = known_reward_names()
     for i, r in enumerate(cfg.rewards):
         need(bool(r.name), f"rewards.{i}.name is empty. Name a reward, e.g. rewards.{i}.name=clip.")
+        need(not r.name or r.name in known, unknown_reward(i, r.name, known))
     dup = sorted({n for n in names if names.count(n) > 1})
     need(not dup, f"rewards lists {', '.join(dup)} more than once; each reward may appear once.")
+    # a reward named right here but mistyped in rewards is that typo's line (a "did you mean"), not one more
+    typo = any(n and n not in known for n in names)
     for n in t.active_rewards:
         need(
-            n in names,
+            n in names or (typo and n in known),
             f"train.active_rewards names {n!r}, which is not in rewards ({', '.join(names) or 'none'}).{_did_you_mean(n, names)}",
         )
     for set_name, members in t.reward_sets.items():
         for n in members:
             need(
-                n in names,
+                n in names or (typo and n in known),
                 f"train.reward_sets.{set_name} names {n!r}, which is not in rewards ({', '.join(names) or 'none'}).{_did_you_mean(n, names)}",
             )
     model_names = [mm.resolved_name(i) for i, mm in enumerate(e.models)]
@@ -548,7 +598,10 @@ def _check_ranges(cfg: Config) -> list[str]:
 
 
 def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    options = list(options)
+    # a transposition (hsp for hps) first: difflib's ratio prefers a shorter name that shares a prefix (hp)
+    close = [o for o in options if sorted(o) == sorted(key) and o != key]
+    close = close or difflib.get_close_matches(key, options, n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
@@ -567,7 +620,22 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+def _yaml_value(text: str, key: str, what: str, problems: list[str]) -> Any:
+    """``text`` (a list or mapping typed on the command line) read as YAML; None and a problem when it is not."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at column {mark.column + 1}" if mark is not None else ""
+        why = getattr(exc, "problem", None) or "unreadable"
+        example = "[a, b]" if what == "a list" else "{name: [a, b]}"
+        problems.append(
+            f"{key} must be {what}, got {text!r}, which is not valid YAML ({why}{at}). Quote it whole, e.g. {key}='{example}'."
+        )
+        return None
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str], failed: set[str] | None = None) -> Any:
     """Coerce ``value`` to the annotated type ``tp``; on failure append a problem and return None."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -577,7 +645,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}.")
             return None
-        return _build(tp, value, key, problems)
+        return _build(tp, value, key, problems, failed)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             if type(None) in args:
@@ -607,25 +675,30 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
-                value = yaml.safe_load(text)
+                value = _yaml_value(text, key, "a list", problems)
+                if value is None:
+                    return None
             else:
                 value = [v.strip() for v in text.split(",") if v.strip()] if text else []
         if not isinstance(value, (list, tuple)):
             problems.append(f"{key} must be a list, got {value!r}.")
             return None
-        items = [_coerce(v, item_tp, f"{key}.{i}", problems) for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, f"{key}.{i}", problems, failed) for i, v in enumerate(value)]
         # an item that failed to coerce is reported above; dropping it lets the range checks run on the rest
-        return [v for v in items if v is not None] if dataclasses.is_dataclass(item_tp) else items
+        return [v for v in items if v is not None]
     if origin is dict:
         k_tp, v_tp = args
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip() else {}
+            value = _yaml_value(value, key, "a mapping", problems) if value.strip() else {}
+            if value is None:
+                return None
         if value is None:
             return {}
         if not isinstance(value, dict):
             problems.append(f"{key} must be a mapping, got {value!r}.")
             return None
-        return {_coerce(k, k_tp, key, problems): _coerce(v, v_tp, f"{key}.{k}", problems) for k, v in value.items()}
+        pairs = {_coerce(k, k_tp, key, problems): _coerce(v, v_tp, f"{key}.{k}", problems) for k, v in value.items()}
+        return {k: v for k, v in pairs.items() if k is not None and v is not None}  # failures are reported above
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -673,16 +746,26 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     return value
 
 
-def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
+def _build(cls: type, data: dict, prefix: str, problems: list[str], failed: set[str] | None = None) -> Any:
+    """``cls(**data)`` with every value coerced; problems are appended, and the keys whose value failed to coerce
+    are added to ``failed`` (their fields keep the defaults, whose range checks would only add noise)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    docs = field_docs(cls)
+    failed = set() if failed is None else failed
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
             problems.append(f"unknown key {full!r}.{_did_you_mean(str(key), fields)}")
             continue
-        kwargs[key] = _coerce(value, hints[key], full, problems)
+        before = len(problems)
+        kwargs[key] = _coerce(value, hints[key], full, problems, failed)
+        for j in range(before, len(problems)):  # say what the key is for, after what is wrong with the value
+            if problems[j].startswith(f"{full} must be"):
+                failed.add(full)
+                if docs.get(key):
+                    problems[j] = f"{problems[j]} {full}: {plain(docs[key])}"
     return cls(
         **{
             k: v
@@ -708,10 +791,16 @@ def _set_dotted(data: dict, dotted: str, value: Any, problems: list[str]) -> Non
                 node.append([] if nxt.isdigit() else {})
             node = node[int(part)]
             continue
+        if not isinstance(node, dict):
+            problems.append(_not_a_section(dotted, parts[:i], node))
+            return
         if part not in node or node[part] is None:
             node[part] = [] if nxt.isdigit() else {}
         node = node[part]
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        problems.append(_not_a_section(dotted, parts[:-1], node))
+        return
     if isinstance(node, list):
         if not last.isdigit() or int(last) > len(node):
             problems.append(f"override {dotted}: index {last} is outside the list (it has {len(node)} items).")
@@ -722,6 +811,11 @@ def _set_dotted(data: dict, dotted: str, value: Any, problems: list[str]) -> Non
             node[int(last)] = value
     else:
         node[last] = value
+
+
+def _not_a_section(dotted: str, parent: list[str], value: Any) -> str:
+    key = ".".join(parent)
+    return f"override {dotted}: {key} is a value ({value!r}), not a section, so it has no keys. Set {key}=<value>."
 
 
 def _parse_override(text: str) -> tuple[str, Any] | None:
@@ -742,7 +836,8 @@ def load_config(
     """Read a YAML config, apply dotted ``key=value`` overrides, coerce and validate.
 
     Args:
-        path: YAML file; None for the defaults.
+        path: YAML file, or the name of a shipped config (``debug``, ``baselines/weighted_1111``; see
+            :func:`find_config`); None for the defaults.
         overrides: strings such as ``train.max_steps=10`` or ``rewards.0.weight=2``.
         stage: also check the rules of this stage (``precompute``, ``train``, ``eval``; see :func:`check`).
 
@@ -750,35 +845,70 @@ def load_config(
         The validated :class:`Config`.
 
     Raises:
-        ConfigError: listing every problem found (missing file, bad YAML, unknown keys, wrong types,
-            out-of-range values), one per line.
+        ConfigError: listing every problem found (missing file, bad YAML with ``file:line:col``, unknown keys,
+            wrong types with what the key is for, out-of-range values), one per line; its ``config`` is the config
+            as far as it could be built (None for a missing file or bad YAML).
     """
     problems: list[str] = []
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"config file {str(p)!r} does not exist."])
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError([f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}"]) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError([f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}."])
-        data = loaded
+        data = _read_yaml(path)
     for ov in overrides:
         parsed = _parse_override(ov)
         if parsed is None:
             problems.append(f"override {ov!r} is not of the form key=value (e.g. train.max_steps=10).")
             continue
         _set_dotted(data, parsed[0], parsed[1], problems)
-    cfg = _build(Config, data, "", problems)
-    problems.extend(check(cfg, stage))  # range and stage checks too, so every problem is reported at once
+    failed: set[str] = set()
+    cfg = _build(Config, data, "", problems, failed)
+    # range and stage checks too, so every problem is reported at once; a key whose value did not coerce holds its
+    # default, so its range lines would be about a value nobody typed
+    problems.extend(q for q in check(cfg, stage) if not any(_about(q, k) for k in failed))
     if problems:
-        raise ConfigError(list(dict.fromkeys(problems)))
+        raise ConfigError(list(dict.fromkeys(problems)), config=cfg)
     return cfg
+
+
+def _about(problem: str, key: str) -> bool:
+    """Whether ``problem`` is a line about ``key`` (it starts with the key, then a space or ``=``)."""
+    return problem.startswith(key) and problem[len(key) : len(key) + 1] in (" ", "=")
+
+
+def _read_yaml(path: str | Path) -> dict:
+    """The mapping in a config file, found by path or by the name of a shipped config (:func:`find_config`)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        if p.is_dir():
+            raise ConfigError([f"config file {str(p)!r} is a folder; give a YAML file."])
+        found = find_config(str(path))
+        if found is None:
+            names = config_names()
+            hint = ""
+            if names and not p.is_absolute():
+                hint = f" Nor is it a shipped config (`pgot config list` names them).{_did_you_mean(str(path), names)}"
+            raise ConfigError([f"config file {str(p)!r} does not exist.{hint}"])
+        p = found
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"config file {str(p)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})."]) from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark, ctx = exc.problem_mark or exc.context_mark, exc.context_mark
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        what = exc.problem or "unreadable"
+        if exc.context:
+            at = f" at {ctx.line + 1}:{ctx.column + 1}" if ctx is not None and ctx is not mark else ""
+            what += f" ({exc.context}{at})"
+        raise ConfigError([f"{where}: config file {str(p)!r} is not valid YAML: {what}."]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}"]) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError([f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}."])
+    return loaded
 
 
 STAGES = ("precompute", "train", "eval")
@@ -817,9 +947,45 @@ def validate(cfg: Config, stage: str | None = None) -> None:
         raise ConfigError(list(dict.fromkeys(problems)))
 
 
+def known_reward_names() -> list[str]:
+    """The reward names a config may use: :data:`REWARD_NAMES`, plus any registered in ``pgot.rewards.REWARDS``
+    since it was imported (read only when something imported it: this check stays light)."""
+    registry = getattr(sys.modules.get("pgot.rewards"), "REWARDS", None)
+    return list(dict.fromkeys([*REWARD_NAMES, *(registry or ())]))
+
+
+def unknown_reward(index: int, name: str, known: typing.Sequence[str] | None = None) -> str:
+    """The message for a reward name that is not in the registry (``rewards.<index>.name``)."""
+    known = list(known or known_reward_names())
+    return (
+        f"rewards.{index}.name={name!r} is not a known reward. Known rewards: {', '.join(known)}."
+        f"{_did_you_mean(name, known)}"
+    )
+
+
 def _check_train(cfg: Config) -> list[str]:
     t, d, p = cfg.train, cfg.draft, []
     p.extend(q for q in check_sampler(d.num_steps, d.k, d.method, d.refl_min_step, d.shift, training=True))
+    if t.objective == "pgot" and t.strategy == "auto" and cfg.agent.backend == "none":
+        p.append(
+            "train.strategy=auto starts offline and goes online only when the agent says so, but agent.backend=none "
+            "has no agent, so the run would stay offline. Set train.strategy=offline (or online), or choose an agent "
+            "with agent.backend=openai, scripted or heuristic."
+        )
+    if cfg.agent.backend == "heuristic" and t.probe_every == 0:
+        p.append(
+            "agent.backend=heuristic decides from probe scores, but train.probe_every=0 computes none, so every "
+            "decision would fail. Set train.probe_every (e.g. to agent.every) or choose another agent.backend."
+        )
+    if cfg.agent.backend != "none":
+        names = cfg.reward_names
+        for section in ("knowledge", "references"):
+            for n in getattr(cfg.agent, section):
+                if n not in names:
+                    p.append(
+                        f"agent.{section}.{n} names a reward that is not in rewards ({', '.join(names) or 'none'})."
+                        f"{_did_you_mean(n, names)}"
+                    )
     active = t.active_rewards or cfg.reward_names
     if t.objective == "single_reward" and len(active) != 1 and cfg.rewards:
         p.append(
@@ -850,11 +1016,13 @@ def _check_train(cfg: Config) -> list[str]:
 
 def _check_eval(cfg: Config) -> list[str]:
     e, names, p = cfg.eval, cfg.reward_names, []
+    known = known_reward_names()
+    typo = any(n and n not in known for n in names)  # then a known name here is that typo's line, not one more
     for set_name, members in e.reward_sets.items():
         if not members:
             p.append(f"eval.reward_sets.{set_name} is empty; list at least one reward.")
         for n in members:
-            if n not in names:
+            if n not in names and not (typo and n in known):
                 p.append(
                     f"eval.reward_sets.{set_name} names {n!r}, which is not a scored reward ({', '.join(names) or 'none'}). "
                     f"Add it to rewards, or set eval.reward_sets, e.g. eval.reward_sets='{{all: [{', '.join(names)}]}}'."
@@ -873,3 +1041,152 @@ def config_to_dict(cfg: Any) -> dict:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML; :func:`load_config` reads it back unchanged."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Documentation of the keys
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of the dataclass ``cls`` (the string literal after its annotation).
+
+    Read from the source, which Python does not keep at run time; a field without one is absent.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):  # no source (a frozen install): no docs, never an error
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def plain(text: str) -> str:
+    """Docstring text without reStructuredText markup: ````x```` and ``:func:`x``` become ``x``."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    return re.sub(r"`([^`]*)`", r"\1", text)
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key: as typed on the command line, its type, default and docstring."""
+
+    key: str
+    type: str
+    default: str
+    doc: str
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:  # pragma: no cover - every config field has a default
+        return ""
+    if dataclasses.is_dataclass(value):
+        return ""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("\n...").removesuffix(" ...").strip()
+
+
+def describe_keys(section: str | None = None) -> list[KeyDoc]:
+    """Every config key with its type, default and docstring, in the order of the dataclasses.
+
+    List sections use ``<i>`` for the index (``rewards.<i>.path``, ``eval.models.<i>.lora``).
+
+    Args:
+        section: only the keys under this prefix (``train``, ``rewards``, ``eval.models``); None: all.
+
+    Raises:
+        ValueError: ``section`` matches no key (the message lists the sections).
+    """
+    out: list[KeyDoc] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            tp, key = hints[f.name], f"{prefix}{f.name}"
+            args = typing.get_args(tp)
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{key}.")
+            elif typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+                walk(args[0], f"{key}.<i>.")
+            else:
+                out.append(KeyDoc(key, _type_name(tp), _default_text(f), plain(docs.get(f.name, ""))))
+
+    walk(Config, "")
+    if section:
+        wanted = section.strip().rstrip(".")
+        picked = [k for k in out if k.key == wanted or k.key.startswith(wanted + ".")]
+        if not picked:
+            sections = list(dict.fromkeys(k.key.split(".")[0] for k in out))
+            raise ValueError(
+                f"no config key under {section!r}. Sections: {', '.join(sections)}.{_did_you_mean(wanted, sections)}"
+            )
+        return picked
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped configs
+# --------------------------------------------------------------------------------------------
+
+
+def configs_dir() -> Path | None:
+    """The folder of the configs shipped with pgot, or None when this install has none.
+
+    A source checkout (``pip install -e .`` or ``PYTHONPATH``) reads the repository's ``configs/`` next to the
+    package; a wheel install reads the package ``pgot.configs`` (the same files, mapped in by ``pyproject.toml``)
+    through :mod:`importlib.resources`.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if (root / "configs").is_dir() and (root / "pyproject.toml").is_file():
+        return root / "configs"
+    try:
+        folder = resources.files("pgot.configs")
+    except ModuleNotFoundError:
+        return None
+    path = Path(str(folder))
+    return path if path.is_dir() else None
+
+
+def config_names() -> list[str]:
+    """Names of the shipped configs (``debug``, ``baselines/weighted_1111``, ...), sorted; accelerate launch files
+    (``accelerate/``) and agent scripts (``agent/``) are not pgot configs and are left out."""
+    folder = configs_dir()
+    if folder is None:
+        return []
+    names = (p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
+    return sorted(n for n in names if n.split("/")[0] not in ("accelerate", "agent"))
+
+
+def find_config(name: str) -> Path | None:
+    """The shipped file a config name refers to, or None.
+
+    ``debug``, ``debug.yaml``, ``configs/debug.yaml`` (as the README and config headers write it) and
+    ``baselines/weighted_1111`` all work, so the documented commands run from any folder; the other files of
+    the folder (``accelerate/8gpu.yaml``, ``agent/d3_schedule.yaml``) are found by their path too.
+    """
+    folder = configs_dir()
+    if folder is None or not name or Path(name).is_absolute():
+        return None
+    rel = name.strip().removeprefix("./").removeprefix("configs/")
+    for cand in (rel, f"{rel}.yaml"):
+        p = (folder / cand).resolve()
+        if p.is_file() and p.suffix in (".yaml", ".yml") and folder.resolve() in p.parents:
+            return p
+    return None

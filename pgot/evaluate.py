@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +58,12 @@ import pandas as pd
 import torch
 import yaml
 
-from pgot import metrics, plots, tables
-from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet
+from pgot import human_eval, metrics, plots, tables
+from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet, source_hash
 from pgot.images import load_image, save_png
+from pgot.model import check_lora_file, load_lora, load_lora_soup, load_model, resolve_lora_file
+from pgot.prompts import SAMPLE_KEY, find_table, read_table
+from pgot.rewards import score_images
 
 if TYPE_CHECKING:
     from pgot.config import Config, EvalModelConfig
@@ -69,24 +71,20 @@ if TYPE_CHECKING:
 __all__ = [
     "KEY",
     "ModelSpec",
-    "find_table",
+    "check_bases",
     "model_specs",
     "read_manifest",
     "read_scores",
-    "read_table",
     "read_training_curves",
     "run",
-    "score_images",
-    "source_hash",
 ]
 
 log = logging.getLogger(__name__)
 
-KEY = ["prompt_id", "seed", "sample_index"]
-"""Columns that pair rows across models."""
+KEY = SAMPLE_KEY
+"""Columns that pair rows across models (:data:`pgot.prompts.SAMPLE_KEY`)."""
 
 _BASE_COLUMNS = ["model", "prompt_id", "prompt", "seed", "sample_index"]
-_MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +102,10 @@ class ModelSpec:
     lora_scale: float = 1.0
     soup: dict[Path, float] = field(default_factory=dict)
     """LoRA file -> weight of a reward soup."""
+    key: str = ""
+    """The config key of its LoRA files (``eval.models.1.lora``, ``eval.models.2.soup``), named in errors."""
+    allow_lora_transfer: bool = False
+    """Apply LoRAs recorded as trained on another base model (``eval.models.<i>.allow_lora_transfer``)."""
 
     @property
     def files(self) -> list[Path]:
@@ -113,32 +115,61 @@ class ModelSpec:
 def model_specs(models: Sequence[EvalModelConfig]) -> list[ModelSpec]:
     """Resolve ``eval.models`` (default: the base model alone) into :class:`ModelSpec` with checked LoRA files.
 
-    Raises:
-        ValueError: a LoRA path that does not exist, or two models with the same name.
-    """
-    from pgot.model import resolve_lora_file
+    Every LoRA file is checked from its header (:func:`pgot.model.check_lora_file`: a LoRA of the SD3 transformer
+    in a naming pgot reads, complete), before any model loads; every problem of every model is reported at once.
 
+    Raises:
+        ValueError: a LoRA path that does not exist or is not a usable LoRA file, or two models with the same name.
+    """
     if not models:
         return [ModelSpec(name="base")]
-    specs = []
+    specs, problems = [], []
     for i, m in enumerate(models):
         name = m.resolved_name(i)
-        if m.soup:
-            soup = {resolve_lora_file(p, f"eval.models.{i}.soup"): float(w) for p, w in m.soup.items()}
-            specs.append(ModelSpec(name=name, soup=soup))
-        elif m.lora:
-            specs.append(
-                ModelSpec(name=name, lora=resolve_lora_file(m.lora, f"eval.models.{i}.lora"), lora_scale=m.lora_scale)
-            )
-        else:
-            specs.append(ModelSpec(name=name))
+        spec = ModelSpec(name=name, allow_lora_transfer=m.allow_lora_transfer)
+        paths = list(m.soup) if m.soup else ([m.lora] if m.lora else [])
+        spec.key = f"eval.models.{i}.soup" if m.soup else f"eval.models.{i}.lora"
+        files = []
+        for p in paths:
+            try:
+                files.append(resolve_lora_file(p, spec.key))
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+            problems += check_lora_file(files[-1], key=spec.key)
+        if len(files) == len(paths):
+            if m.soup:
+                spec.soup = {f: float(w) for f, w in zip(files, m.soup.values(), strict=True)}
+            elif m.lora:
+                spec.lora, spec.lora_scale = files[0], m.lora_scale
+        specs.append(spec)
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(
+        problems.append(
             f"eval.models has several models named {', '.join(map(repr, dup))}; give each a distinct eval.models.<i>.name."
         )
+    if problems:
+        raise ValueError("\n".join(problems))
     return specs
+
+
+def check_bases(specs: Sequence[ModelSpec], fingerprint: str) -> None:
+    """Check, before anything is generated, that every LoRA of ``specs`` was trained on the base model ``fingerprint``
+    (where the file records its base; :func:`pgot.model.check_lora_file`).
+
+    Raises:
+        ValueError: every LoRA recorded as trained on another base model whose eval model does not set
+            ``eval.models.<i>.allow_lora_transfer``, one line each.
+    """
+    problems = []
+    for spec in specs:
+        if spec.allow_lora_transfer:
+            continue
+        for f in spec.files:
+            problems += check_lora_file(f, key=spec.key, fingerprint=fingerprint)
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,11 +225,6 @@ def _sha1_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def source_hash(obj: Any) -> str:
-    """A 16-hex-digit hash of a JSON-able object (keys sorted): what produced a set of rows."""
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _reward_identity(cfg: Config) -> list[dict]:
     return [
         {"name": r.name, "path": r.path, "arch": r.arch, "dtype": r.dtype, "tiny_seed": r.tiny_seed}
@@ -213,40 +239,6 @@ def _reward_identity(cfg: Config) -> list[dict]:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
-
-
-def score_images(
-    rewards: list,
-    images: Sequence[torch.Tensor],
-    prompts: Sequence[str],
-    batch_size: int,
-    device: torch.device | str,
-) -> torch.Tensor:
-    """Score a list of ``(3, H, W)`` images (sizes may differ), batching runs of equal size.
-
-    Args:
-        rewards: built reward models (:func:`pgot.rewards.build`).
-        images: B images in [0, 1].
-        prompts: B prompts.
-        batch_size: most images per forward pass.
-        device: where to score.
-
-    Returns:
-        ``(B, M)`` float64 on the CPU.
-    """
-    from pgot.rewards import score
-
-    out: list[torch.Tensor] = []
-    i = 0
-    while i < len(images):
-        j = i + 1
-        while j < len(images) and j - i < batch_size and images[j].shape == images[i].shape:
-            j += 1
-        batch = torch.stack(list(images[i:j])).to(device)
-        with torch.no_grad():
-            out.append(score(rewards, batch, list(prompts[i:j])).double().cpu())
-        i = j
-    return torch.cat(out) if out else torch.zeros(0, len(rewards), dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,44 +258,19 @@ def _eval_prompts(cfg: Config) -> tuple[list[str], list[int]]:
 
 
 def _activate(model: Any, spec: ModelSpec) -> list[str]:
-    """Load ``spec``'s LoRA or soup into ``model``; check every tensor of the file found a module."""
-    from pgot.model import load_lora, load_lora_soup
-
+    """Load ``spec``'s LoRA or soup into ``model`` through :mod:`pgot.model`'s one loading path: every tensor of every
+    file reaches the transformer, or nothing is loaded and the error names the config key."""
     if not spec.files:
         return []
-    what = f"model {model.path or 'tiny'!r} (fingerprint {model.fingerprint})"
-    prefix = "eval_" + _safe(spec.name)
-    try:
-        with warnings.catch_warnings():
-            # peft warns when a second adapter is added after the first was deleted; that is intended here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            if spec.soup:
-                names = load_lora_soup(model, {str(p): w for p, w in spec.soup.items()}, prefix=prefix)
-            else:
-                names = [load_lora(model, str(spec.lora), scale=spec.lora_scale, adapter_name=prefix)]
-    except (RuntimeError, KeyError, ValueError) as exc:
-        _deactivate(model, [n for n in (getattr(model.transformer, "peft_config", None) or {}) if n.startswith(prefix)])
-        files = ", ".join(repr(str(f)) for f in spec.files)
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = next((line for line in lines if "mismatch" in line or "Missing" in line), lines[0] if lines else "")
-        raise ValueError(
-            f"LoRA {files} of eval model {spec.name!r} does not fit the base {what}: {detail[:300].rstrip('.')}. "
-            "Evaluate it with the base model it was trained on (model.path, model.tiny_seed)."
-        ) from None
-    from safetensors import safe_open
-
-    for name, f in zip(names, spec.files, strict=True):
-        with safe_open(str(f), framework="pt") as fh:
-            expected = sum(1 for k in fh.keys() if k.startswith("transformer.") and "lora_" in k)
-        loaded = sum(1 for pname, _ in model.transformer.named_parameters() if f".{name}." in pname)
-        if loaded < expected:
-            _deactivate(model, names)
-            raise ValueError(
-                f"LoRA {str(f)!r} of eval model {spec.name!r} does not fit the base {what}: only {loaded} of its "
-                f"{expected} LoRA tensors match a module of the transformer. Evaluate it with the base model it was "
-                "trained on (model.path, model.tiny_seed)."
-            )
-    return names
+    prefix = "eval_" + _safe(spec.name).replace(".", "_")  # peft adapter names must not hold dots
+    kw = {
+        "key": spec.key or None,
+        "label": f" of eval model {spec.name!r}",
+        "allow_other_base": spec.allow_lora_transfer,
+    }
+    if spec.soup:
+        return load_lora_soup(model, {str(p): w for p, w in spec.soup.items()}, prefix=prefix, **kw)
+    return [load_lora(model, str(spec.lora), scale=spec.lora_scale, adapter_name=prefix, **kw)]
 
 
 def _deactivate(model: Any, names: list[str]) -> None:
@@ -362,7 +329,6 @@ def _generate_and_score(
     from tqdm.auto import tqdm
 
     from pgot.devices import resolve_device
-    from pgot.model import load_model
 
     e = cfg.eval
     prompts, ids = _eval_prompts(cfg)
@@ -387,11 +353,10 @@ def _generate_and_score(
         "dtype": cfg.model.dtype,
         "batch_size": e.batch_size,
     }
-    model = None
+    model = load_model(cfg.model)
+    check_bases(specs, model.fingerprint)  # before generating anything
     rewards = None
     for spec in specs:
-        if model is None:
-            model = load_model(cfg.model)
         ident = {
             "base": model.fingerprint,
             "sampler": sampler,
@@ -440,115 +405,91 @@ def _generate_and_score(
 # --------------------------------------------------------------------------------------------
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """A .csv, .jsonl / .json or .parquet file as a frame.
-
-    Raises:
-        ValueError: another suffix.
-    """
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return pd.read_csv(path)
-    if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=suffix == ".jsonl")
-    if suffix == ".parquet":
-        return pd.read_parquet(path)
-    raise ValueError(f"{str(path)!r}: unsupported table format {suffix!r}; use .csv, .jsonl or .parquet.")
-
-
-def find_table(path: str, key: str) -> Path:
-    """The table file ``path`` names: the file itself, or ``manifest.{csv,jsonl,parquet}`` in a folder.
-
-    Args:
-        path: as the user typed it.
-        key: the config key that gave it (``eval.manifest``), for the error.
-
-    Raises:
-        ValueError: a folder without a manifest, or a path that does not exist.
-    """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for name in _MANIFEST_NAMES:
-            if (p / name).is_file():
-                return p / name
-        raise ValueError(
-            f"{key}={path!r} is a folder without {', '.join(_MANIFEST_NAMES)}. Point {key} at the manifest file."
-        )
-    if not p.is_file():
-        raise ValueError(
-            f"{key}={path!r} does not exist. Point {key} at a .csv/.jsonl/.parquet manifest or a folder holding manifest.csv."
-        )
-    return p
-
-
 def read_manifest(
     path: str | Path, default_seed: int = 0, prompt_texts: Mapping[int, str] | None = None
 ) -> pd.DataFrame:
     """Read and check a manifest of images on disk.
 
+    The file is read by :func:`pgot.prompts.read_table` (BOM, CRLF, empty cells: an empty ``prompt`` cell is the
+    prompt ``""``; an empty ``model`` or ``path`` cell, or a row with neither ``prompt`` nor ``prompt_id``, is an
+    error naming its line and column; every unusable row is listed at once).
+
     Args:
-        path: a .csv / .jsonl / .parquet file, or a folder holding ``manifest.{csv,jsonl,parquet}``.
-        default_seed: ``seed`` of rows without one.
-        prompt_texts: prompt id -> text, for manifests that give only ``prompt_id``.
+        path: a .csv / .jsonl / .json / .parquet file, or a folder holding ``manifest.{csv,jsonl,json,parquet}``.
+        default_seed: ``seed`` of rows when the manifest has no ``seed`` column.
+        prompt_texts: prompt id -> text, for rows that give only ``prompt_id``.
 
     Returns:
-        Columns ``model``, ``prompt_id``, ``prompt``, ``seed``, ``sample_index``, ``path`` (absolute).
-        Without ``prompt_id``, ids are those of ``prompt_texts`` when it holds every text, else the distinct
-        texts numbered in order of first appearance;
-        without ``sample_index`` it is 0 (pairs then match on ``seed``).
+        Columns ``model``, ``prompt_id``, ``prompt``, ``seed``, ``sample_index``, ``path`` (absolute); the index
+        holds each row's line in the file. A row without ``prompt_id`` takes the id of the same text in another row,
+        else its id in ``prompt_texts`` when that holds every such text, else a new id (distinct texts numbered in
+        order of first appearance, after the ids in the file); a row without text takes it from ``prompt_texts``.
+        Without ``sample_index`` it is 0 (pairs then match on ``seed``).
 
     Raises:
-        ValueError: missing columns, duplicate keys, or images that do not exist (the first few listed).
+        ValueError: missing columns or values, prompt ids without text, duplicate keys, or images that do not exist
+            (each named by its line).
     """
     file = find_table(str(path), "eval.manifest")
-    df = read_table(file)
-    missing_cols = [c for c in ("model", "path") if c not in df.columns]
-    if "prompt" not in df.columns and "prompt_id" not in df.columns:
-        missing_cols.append("prompt (or prompt_id)")
-    if missing_cols:
+    df = read_table(
+        file,
+        required=["model", ("prompt", "prompt_id"), "path"],
+        text_columns=["prompt"],
+        integer_columns=["prompt_id", "seed", "sample_index"],
+        key="eval.manifest",
+        hint="A manifest needs the columns model, prompt (or prompt_id), path, and seed and/or sample_index.",
+    )
+    where = f"eval.manifest={str(file)!r}"
+    lines = [int(x) for x in df.index]
+    n = len(df)
+    texts: list[str | None] = list(df["prompt"]) if "prompt" in df else [None] * n
+    ids: list[int | None] = (
+        [None if pd.isna(v) else int(v) for v in df["prompt_id"]] if "prompt_id" in df else [None] * n
+    )
+    by_text = {t: i for t, i in zip(texts, ids, strict=True) if t is not None and i is not None}
+    known = dict(prompt_texts or {})
+    unknown = [(line, i) for line, t, i in zip(lines, texts, ids, strict=True) if t is None and i not in known]
+    if unknown:
+        shown = ", ".join(f"line {line} (prompt_id {i})" for line, i in unknown[:10])
         raise ValueError(
-            f"eval.manifest {str(file)!r} lacks the column(s) {', '.join(missing_cols)}; it has {', '.join(map(str, df.columns))}. "
-            "A manifest needs model, prompt (or prompt_id), seed and/or sample_index, and path."
+            f"{where} gives prompt_id without prompt text in {len(unknown)} rows whose ids are not in the prompt set "
+            f"(prompts.path): {shown}. Add a prompt column, or point prompts.path at the prompts the ids refer to."
         )
-    out = pd.DataFrame({"model": df["model"].astype(str)})
-    if "prompt_id" in df.columns:
-        out["prompt_id"] = df["prompt_id"].astype("int64")
-        if "prompt" in df.columns:
-            out["prompt"] = df["prompt"].astype(str)
-        else:
-            texts = dict(prompt_texts or {})
-            unknown = sorted(set(out["prompt_id"]) - set(texts))
-            if unknown:
-                raise ValueError(
-                    f"eval.manifest {str(file)!r} gives prompt_id without prompt text, and prompt ids {unknown[:5]} are not "
-                    "in the prompt set (prompts.path). Add a prompt column, or point prompts.path at the prompts the ids refer to."
-                )
-            out["prompt"] = out["prompt_id"].map(texts)
+    missing_ids = [t for t, i in zip(texts, ids, strict=True) if i is None and t not in by_text]
+    by_known_text = {t: i for i, t in known.items()}
+    if missing_ids and all(t in by_known_text for t in missing_ids):
+        by_text.update({t: by_known_text[t] for t in missing_ids})  # every text is in the prompt set: its ids
     else:
-        out["prompt"] = df["prompt"].astype(str)
-        known = {t: i for i, t in (prompt_texts or {}).items()}
-        if known and set(out["prompt"]) <= set(known):
-            codes = known  # every text is in the prompt set: keep its ids
-        else:
-            codes = {p: i for i, p in enumerate(dict.fromkeys(out["prompt"]))}
-        out["prompt_id"] = out["prompt"].map(codes).astype("int64")
-    out["seed"] = df["seed"].astype("int64") if "seed" in df.columns else int(default_seed)
-    out["sample_index"] = df["sample_index"].astype("int64") if "sample_index" in df.columns else 0
+        start = max([i for i in ids if i is not None], default=-1) + 1
+        for t in dict.fromkeys(missing_ids):
+            by_text[t] = start
+            start += 1
+    out = pd.DataFrame(index=df.index)
+    out["model"] = df["model"].astype(str)
+    out["prompt_id"] = [i if i is not None else by_text[t] for t, i in zip(texts, ids, strict=True)]
+    out["prompt_id"] = out["prompt_id"].astype("int64")
+    out["prompt"] = [t if t is not None else known[i] for t, i in zip(texts, out["prompt_id"], strict=True)]
+    out["seed"] = df["seed"].astype("int64") if "seed" in df else int(default_seed)
+    out["sample_index"] = df["sample_index"].astype("int64") if "sample_index" in df else 0
     base = file.parent
     out["path"] = [str(p if p.is_absolute() else (base / p)) for p in map(Path, df["path"].astype(str))]
     dup = out.duplicated(subset=["model", *KEY], keep=False)
     if dup.any():
-        first = out[dup].iloc[0]
-        raise ValueError(
-            f"eval.manifest {str(file)!r} has {int(dup.sum())} rows sharing (model, prompt_id, seed, sample_index), e.g. model "
-            f"{first.model!r} prompt {first.prompt!r} seed {first.seed} sample_index {first.sample_index}. Give each image a "
-            "distinct seed or sample_index."
+        groups = out[dup].groupby(["model", *KEY], sort=False)
+        shown = "; ".join(
+            f"lines {', '.join(str(x) for x in g.index)} (model {k[0]!r}, prompt_id {k[1]}, seed {k[2]}, "
+            f"sample_index {k[3]})"
+            for k, g in list(groups)[:5]
         )
-    absent = [p for p in out["path"] if not Path(p).is_file()]
-    if absent:
-        shown = "\n  ".join(absent[:5])
         raise ValueError(
-            f"eval.manifest {str(file)!r}: {len(absent)} of {len(out)} images do not exist, e.g.\n  {shown}\n"
+            f"{where} has {int(dup.sum())} rows sharing (model, prompt_id, seed, sample_index): {shown}. Give each "
+            "image a distinct seed or sample_index, or delete the repeated rows."
+        )
+    absent = [(line, p) for line, p in zip(out.index, out["path"], strict=True) if not Path(p).is_file()]
+    if absent:
+        shown = "\n  ".join(f"line {line}: {p}" for line, p in absent[:5])
+        raise ValueError(
+            f"{where}: {len(absent)} of {len(out)} images do not exist, e.g.\n  {shown}\n"
             "Paths are relative to the manifest's folder; fix the paths or remove those rows."
         )
     return out[_BASE_COLUMNS + ["path"]]
@@ -783,7 +724,6 @@ def _score_generated(cfg: Config, out: Path, scores_path: Path, factory: Any) ->
 
 
 def _preference_section(cfg: Config, factory: Any) -> tables.Section:
-    from pgot import human_eval  # imports this module's readers: imported here, not at the top
     from pgot.devices import resolve_device
 
     e = cfg.eval
@@ -802,8 +742,6 @@ def _preference_section(cfg: Config, factory: Any) -> tables.Section:
 
 
 def _votes_section(cfg: Config, out: Path, baseline: str) -> tables.Section:
-    from pgot import human_eval
-
     e = cfg.eval
     key_file = out / "study" / "key.json"
     if not key_file.is_file():
@@ -830,9 +768,10 @@ def run(cfg: Config) -> Path:
         ValueError: a user mistake (unknown reward in a reward set, LoRA that does not fit the base model,
             missing images, ...), with what to change. Scores already written stay in ``scores.parquet``.
     """
-    from pgot.config import save_config, validate
+    from pgot.config import save_config
+    from pgot.preflight import preflight  # it imports this module
 
-    validate(cfg, "eval")
+    preflight(cfg, "eval")  # every input checked before any weight loads or any image is generated
     e = cfg.eval
     names = cfg.reward_names
     out = Path(e.output_dir)
@@ -874,8 +813,6 @@ def run(cfg: Config) -> Path:
     if e.preference_data:
         sections.append(_preference_section(cfg, factory))
     if e.study_pairs > 0:
-        from pgot import human_eval
-
         human_eval.write_study(
             scores, out, out / "study", baseline, ordered[1:], e.study_pairs, seed=e.seed, image_size=e.study_image_size
         )

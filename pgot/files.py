@@ -1,4 +1,5 @@
-"""Safe file operations shared by the stage runners: atomic writes.
+"""Safe file operations shared by the stage runners: atomic writes, and :func:`source_hash`, the identity of what
+produced a set of rows (cached evaluation scores, study pages).
 
 Every file pgot writes that another process or a later run reads (store shards and ``meta.json``,
 ``scores.parquet``, ``trainer_state.json``, PNGs, agent records) is written to a temporary file in the
@@ -9,6 +10,7 @@ a ``.<name>.<pid>.tmp`` file behind (:func:`remove_temporaries` clears them).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -25,6 +27,7 @@ __all__ = [
     "atomic_write_parquet",
     "atomic_write_text",
     "remove_temporaries",
+    "source_hash",
     "temporary_name",
 ]
 
@@ -94,3 +97,8 @@ def remove_temporaries(*folders: str | Path) -> int:
                     p.unlink(missing_ok=True)
                     n += 1
     return n
+
+
+def source_hash(obj: Any) -> str:
+    """A 16-hex-digit hash of a JSON-able object (keys sorted; other objects by ``str``): what produced a set of rows."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -31,11 +31,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
+
+if TYPE_CHECKING:
+    from pgot.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ __all__ = [
     "StoreNotFoundError",
     "build_rows",
     "check_compatible",
+    "compare_settings",
     "completed_prompts",
     "load_store",
     "merge_shards",
@@ -577,3 +581,167 @@ def check_compatible(frontier: Frontier, reward_names: Sequence[str], fingerprin
             f"{f' ({model_path})' if model_path else ''}, but the configured model has fingerprint {fingerprint!r}. "
             f"Its fronts describe another base model. {fix}"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Does a store fit a config?
+# --------------------------------------------------------------------------------------------
+
+
+def _same_path(a: object, b: object) -> bool:
+    """Two configured paths name the same thing: equal as typed (trailing slashes aside), or the same file."""
+    x, y = str(a or "").strip().rstrip("/"), str(b or "").strip().rstrip("/")
+    if x == y:
+        return True
+    px, py = Path(x).expanduser(), Path(y).expanduser()
+    try:
+        return bool(x and y and px.exists() and py.exists() and os.path.samefile(px, py))
+    except OSError:
+        return False
+
+
+def _shown(value: object) -> str:
+    return "null" if value is None else repr(value)
+
+
+def compare_settings(
+    meta: dict,
+    cfg: Config,
+    *,
+    store: str | Path = "",
+    fingerprint: str | None = None,
+    default_shift: float | None = None,
+    sigmas: Sequence[float] | None = None,
+    dtype: str | None = None,
+    extend: bool = False,
+) -> list[str]:
+    """Every setting of ``cfg`` that differs from the one a store was built with and changes what its fronts mean.
+
+    Compared (each where both sides are known): the schema version; the base model (``model.tiny``, the model
+    fingerprint, ``model.use_t5`` and ``model.max_sequence_length`` with T5, ``model.lora_path``,
+    ``model.resolution``); the sampler (``draft.num_steps``, ``draft.guidance_scale``, ``draft.shift`` with null
+    resolved to ``default_shift``, and the sigma schedule when ``sigmas`` is given); the rewards, in order
+    (names, then each learned reward's ``path``, ``arch``, ``dtype`` and, for tiny / random builds,
+    ``tiny_seed``). Weights of the loss (``weight``, ``target``, ``strength``) and the training settings
+    do not change the fronts and are not compared. A reward name that is not a known reward is left to the
+    config check (a "did you mean"), not reported here.
+
+    Args:
+        meta: the store's ``meta.json`` (:func:`read_meta`).
+        cfg: the config that will read (or extend) the store.
+        store: the store folder, for the messages.
+        fingerprint: ``SD3Model.fingerprint`` of the configured model (None: not compared).
+        default_shift: the configured model's scheduler shift, what ``draft.shift: null`` means (None: unknown).
+        sigmas: (T+1,) the configured sampler's sigma schedule (None: not compared).
+        dtype: the configured model's weights dtype, e.g. ``float32`` (compared only with ``extend``).
+        extend: the config adds samples to the store (a resumed ``pgot-precompute``): then N
+            (``precompute.samples_per_prompt``), ``precompute.seed`` and the weights dtype must match too.
+
+    Returns:
+        One line per mismatch, ``<key as typed>: <value> in the config, <value> in the store <path>`` and how to fix
+        it; empty when the store fits.
+    """
+    from pgot.config import ANALYTIC_REWARDS, known_reward_names
+
+    where = str(store) if store else "(meta.json)"
+    if extend:
+        fix = f"Set precompute.store to a new folder, or delete {where} to rebuild it."
+    else:
+        fix = (
+            "Use the store's value, or build a store for this config (pgot-precompute with it and a new "
+            "precompute.store; point train.store there)."
+        )
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        return [
+            f"the store {where} has schema version {version!r}, but this pgot reads and writes version "
+            f"{SCHEMA_VERSION}. {fix}"
+        ]
+    out: list[str] = []
+
+    def differ(key: str, mine: object, theirs: object) -> None:
+        out.append(f"{key}: {_shown(mine)} in the config, {_shown(theirs)} in the store {where}. {fix}")
+
+    m, s, mc = meta.get("model") or {}, meta.get("sampler") or {}, cfg.model
+    if "tiny" in m and bool(m["tiny"]) != mc.tiny:
+        differ("model.tiny", mc.tiny, bool(m["tiny"]))
+    elif fingerprint and m.get("fingerprint") and fingerprint != m["fingerprint"]:
+        key, value = ("model.tiny_seed", mc.tiny_seed) if mc.tiny else ("model.path", mc.path)
+        out.append(
+            f"{key}: {value!r} (model fingerprint {fingerprint}) in the config, {m.get('path', '')!r} (fingerprint "
+            f"{m['fingerprint']}) in the store {where}: its fronts describe another base model. {fix}"
+        )
+    if not mc.tiny and "use_t5" in m:
+        if bool(m["use_t5"]) != mc.use_t5:
+            differ("model.use_t5", mc.use_t5, bool(m["use_t5"]))
+        elif mc.use_t5 and m.get("max_sequence_length") not in (None, mc.max_sequence_length):
+            differ("model.max_sequence_length", mc.max_sequence_length, m["max_sequence_length"])
+    if "lora_path" in m and not _same_path(m["lora_path"], mc.lora_path):
+        differ("model.lora_path", mc.lora_path, m["lora_path"])
+    if extend and dtype is not None and m.get("dtype") not in (None, dtype):
+        differ("model.dtype", f"{mc.dtype} ({dtype})" if mc.dtype == "auto" else mc.dtype, m["dtype"])
+    schedule = len(out)
+    if s.get("resolution") not in (None, mc.resolution):
+        differ("model.resolution", mc.resolution, s["resolution"])
+    d = cfg.draft
+    if s.get("num_steps") not in (None, d.num_steps):
+        differ("draft.num_steps", d.num_steps, s["num_steps"])
+    if "guidance_scale" in s and not math.isclose(float(s["guidance_scale"]), d.guidance_scale, abs_tol=1e-9):
+        differ("draft.guidance_scale", d.guidance_scale, s["guidance_scale"])
+    if "shift" in s:
+        mine = d.shift if d.shift is not None else default_shift
+        theirs = s["shift"] if s["shift"] is not None else default_shift
+        if mine is not None and theirs is not None and not math.isclose(float(mine), float(theirs), abs_tol=1e-9):
+            differ("draft.shift", d.shift, s["shift"])
+    stored = s.get("sigmas")
+    if sigmas is not None and stored and len(out) == schedule:
+        same = len(stored) == len(sigmas) and all(
+            math.isclose(float(a), float(b), abs_tol=1e-6) for a, b in zip(stored, sigmas, strict=True)
+        )
+        if not same:
+            out.append(
+                f"draft.shift: the sampler's sigma schedule ({', '.join(f'{float(x):.4g}' for x in sigmas)}) differs "
+                f"from the one of the store {where} ({', '.join(f'{float(x):.4g}' for x in stored)}), although "
+                "draft.num_steps, draft.shift and model.resolution agree: the model's scheduler config or diffusers' "
+                f"flow-match scheduler changed since the store was built. {fix}"
+            )
+
+    names = list(cfg.reward_names)
+    theirs_cfg = list(meta.get("rewards") or [])
+    theirs = list(meta.get("reward_names") or [r.get("name") for r in theirs_cfg])
+    known = known_reward_names()
+    if all(n in known for n in names):  # an unknown name is the config check's "did you mean", not a mismatch
+        if names != theirs:
+            if sorted(names) == sorted(theirs):
+                out.append(
+                    f"rewards: the config lists {', '.join(names)}, but the store {where} has them in the order "
+                    f"{', '.join(theirs)}. Reward columns are positional: list the rewards in the store's order. {fix}"
+                )
+            else:
+                out.append(
+                    f"rewards: {', '.join(names) or 'none'} in the config, but the store {where} was computed for "
+                    f"rewards {', '.join(map(str, theirs)) or 'none'}. {fix}"
+                )
+        elif len(theirs_cfg) == len(names):
+            for i, (rc, rs) in enumerate(zip(cfg.rewards, theirs_cfg, strict=True)):
+                if rc.name in ANALYTIC_REWARDS:  # no weights, no settings that change the scores
+                    continue
+                if "path" in rs and not _same_path(rs["path"], rc.path):
+                    differ(f"rewards.{i}.path", rc.path, rs["path"])
+                if "arch" in rs and (rs["arch"] or "") != rc.arch:
+                    differ(f"rewards.{i}.arch", rc.arch, rs["arch"])
+                if "dtype" in rs and rs["dtype"] != rc.dtype:
+                    differ(f"rewards.{i}.dtype", rc.dtype, rs["dtype"])
+                builds = (rc.path, rs.get("path"))
+                if (
+                    "tiny_seed" in rs
+                    and any(b in ("tiny", "random") for b in builds)
+                    and rs["tiny_seed"] != rc.tiny_seed
+                ):
+                    differ(f"rewards.{i}.tiny_seed", rc.tiny_seed, rs["tiny_seed"])
+    if extend:
+        pc = meta.get("precompute") or {}
+        for key in ("samples_per_prompt", "seed"):
+            if pc.get(key) not in (None, getattr(cfg.precompute, key)):
+                differ(f"precompute.{key}", getattr(cfg.precompute, key), pc[key])
+    return out

@@ -21,7 +21,6 @@ never downloaded at run time, so a training job does not start a 30 GB download 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from pgot.config import Config, ConfigError, config_to_dict, load_config
+from pgot.config import Config, config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +48,7 @@ __all__ = [
     "Source",
     "describe",
     "fetch",
+    "fetch_command",
     "is_hub_id",
     "main",
     "plan",
@@ -851,66 +851,68 @@ def describe(items: Sequence[Item], cache_dir: str | Path | None = None) -> list
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``pgot-fetch``: download the checkpoints a config names into pgot's layout and write a config with local paths."""
-    parser = argparse.ArgumentParser(
-        prog="pgot-fetch",
-        description=main.__doc__,
-        epilog="example: pgot-fetch --config configs/sd35_turbo_pgot.yaml --dest weights --dry-run",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", "-c", required=True, help="YAML config file (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.use_t5=false")
-    parser.add_argument(
-        "--dest", default="weights", help="folder for the checkpoints, in pgot's layout (default: weights)"
-    )
-    parser.add_argument("--out-config", help="config to write with local paths (default: <dest>/<config name>.yaml)")
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print the plan (sources, files, sizes, licences); download nothing"
-    )
-    parser.add_argument("--only", choices=["model", "rewards"], help="fetch only the model or only the rewards")
-    parser.add_argument("--cache-dir", help="hub cache folder (default: HF_HUB_CACHE or ~/.cache/huggingface/hub)")
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+def fetch_command(
+    cfg: Config,
+    *,
+    config: str,
+    overrides: Sequence[str] = (),
+    dest: str | Path = "weights",
+    out_config: str | Path | None = None,
+    dry_run: bool = False,
+    only: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> int:
+    """What ``pgot-fetch`` does once its config is loaded: plan, print the plan, fetch, write the local config.
 
-    def fail(problems: Sequence[str], code: int = 2) -> int:
-        for line in problems:
-            for part in str(line).splitlines() or [""]:
-                print(f"error: {part}", file=sys.stderr)
-        return code
+    Args:
+        cfg: the loaded config.
+        config: the config file as given (names the written config and its header).
+        overrides: the overrides given, for the header of the written config.
+        dest: folder for the checkpoints.
+        out_config: the config to write (default ``<dest>/<config name>.yaml``).
+        dry_run: print the plan only.
+        only: ``"model"`` or ``"rewards"``.
+        cache_dir: hub cache folder.
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        return fail(exc.problems)
-    dest = Path(args.dest).expanduser().absolute()
-    out = Path(args.out_config) if args.out_config else dest / f"{Path(args.config).stem}.yaml"
-    items = plan(cfg, dest, only=args.only, cache_dir=args.cache_dir)
+    Returns:
+        0.
+
+    Raises:
+        FetchError: items that could not be planned or fetched (``user_error`` False for network trouble).
+    """
+    dest = Path(dest).expanduser().absolute()
+    out = Path(out_config) if out_config else dest / f"{Path(config).stem}.yaml"
+    items = plan(cfg, dest, only=only, cache_dir=cache_dir)
     if not items:
         print("nothing to fetch: the config names no checkpoint (tiny, random or analytic models only).")
         return 0
-    print(f"pgot-fetch {args.config} -> {dest} (through the hub cache {_cache_dir(args.cache_dir)})")
-    for line in describe(items, args.cache_dir):
+    print(f"pgot-fetch {config} -> {dest} (through the hub cache {_cache_dir(cache_dir)})")
+    for line in describe(items, cache_dir):
         print(line)
     errors = [i.note for i in items if i.status == "error"]
     if errors:
-        return fail(errors)
-    if args.dry_run:
+        raise FetchError(errors)
+    if dry_run:
         print(f"dry run: nothing downloaded; would write {out}")
         return 0
     try:
-        fetch(cfg, dest, cache_dir=args.cache_dir, items=items)
-    except FetchError as exc:
+        fetch(cfg, dest, cache_dir=cache_dir, items=items)
+    except FetchError:
         print("the config with local paths is written once every item is there; rerun to continue.", file=sys.stderr)
-        return fail(exc.problems, 2 if exc.user_error else 1)
+        raise
     except KeyboardInterrupt:
         print("interrupted; completed downloads are kept in the hub cache and a rerun resumes", file=sys.stderr)
-        return 130
-    origin = " ".join([args.config, *args.overrides])
-    written = write_local_config(cfg, items, out, origin=origin)
+        raise
+    written = write_local_config(cfg, items, out, origin=" ".join([str(config), *overrides]))
     print(f"wrote {written}: use it with --config {written}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pgot-fetch``: the command of :func:`fetch_command`, with pgot's CLI conventions (:func:`pgot.cli.fetch_main`)."""
+    from pgot.cli import fetch_main  # the CLI imports this module
+
+    return fetch_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

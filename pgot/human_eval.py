@@ -29,9 +29,11 @@ import torch
 from PIL import Image
 
 from pgot import metrics
-from pgot.evaluate import KEY, find_table, read_table, score_images, source_hash
-from pgot.files import atomic_write_json, atomic_write_text
+from pgot.files import atomic_write_json, atomic_write_text, source_hash
 from pgot.images import load_image
+from pgot.prompts import SAMPLE_KEY as KEY
+from pgot.prompts import find_table, read_table
+from pgot.rewards import score_images
 
 __all__ = ["preference_accuracy", "read_preference_data", "tally_votes", "write_study"]
 
@@ -48,65 +50,82 @@ _IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jp
 def read_preference_data(path: str | Path) -> pd.DataFrame:
     """Pairs of images with a human choice, Pick-a-Pic style.
 
-    Accepts a .parquet / .csv / .jsonl file or a folder holding ``manifest.*``, with columns ``prompt``,
-    ``image_0`` and ``image_1`` (paths relative to the file's folder, or encoded image bytes; Pick-a-Pic's
-    ``jpg_0`` / ``jpg_1`` also work) and ``label``: the index of the preferred image (0 or 1; 0.5 is a tie).
-    Pick-a-Pic's ``label_0`` (1 when image 0 won, 0.5 for a tie) works in place of ``label``.
+    Accepts a .parquet / .csv / .jsonl / .json file or a folder holding ``manifest.*``, read by
+    :func:`pgot.prompts.read_table` (BOM, CRLF, empty cells: an empty ``prompt`` cell is the prompt ``""``; a row
+    without an image or a label is an error naming its line and column; every unusable row is listed at once), with
+    columns ``prompt``, ``image_0`` and ``image_1`` (paths relative to the file's folder, or encoded image bytes,
+    also as a ``{"bytes": ...}`` struct; Pick-a-Pic's ``jpg_0`` / ``jpg_1`` also work) and ``label``: the index of
+    the preferred image (0 or 1; 0.5 is a tie). Pick-a-Pic's ``label_0`` (1 when image 0 won, 0.5 for a tie)
+    works in place of ``label``.
 
     Returns:
         Columns ``prompt``, ``image_0``, ``image_1`` (absolute path strings or bytes) and ``label`` (0 or 1),
-        ties removed.
+        ties removed; the index holds each row's line in the file.
 
     Raises:
-        ValueError: a missing file or column, a label other than 0, 1, 0.5, images that do not exist, or no pair
-            with a clear choice.
+        ValueError: a missing file, column or value, a label other than 0, 1, 0.5, images that do not exist, or no
+            pair with a clear choice (rows named by their lines).
     """
     file = find_table(str(path), "eval.preference_data")
-    df = read_table(file)
-    cols = {}
-    for i in (0, 1):
-        for cand in (f"image_{i}", f"jpg_{i}"):
-            if cand in df.columns:
-                cols[i] = cand
-                break
-    if "label" in df.columns:
-        label = df["label"].astype(float)
-    elif "label_0" in df.columns:
-        label = 1.0 - df["label_0"].astype(float)
-    else:
-        label = None
-    if len(cols) < 2 or "prompt" not in df.columns or label is None:
-        raise ValueError(
-            f"eval.preference_data {str(file)!r} needs columns prompt, image_0, image_1 and label (0/1: which image won; "
-            f"0.5: tie); it has {', '.join(map(str, df.columns))}."
+    df = read_table(
+        file,
+        required=["prompt", ("image_0", "jpg_0"), ("image_1", "jpg_1"), ("label", "label_0")],
+        text_columns=["prompt"],
+        float_columns=["label", "label_0"],
+        key="eval.preference_data",
+        hint="Preference data needs the columns prompt, image_0, image_1 (or jpg_0, jpg_1) and label (or label_0).",
+    )
+    where = f"eval.preference_data={str(file)!r}"
+
+    def first(*columns: str) -> list[Any]:
+        present = [df[c].tolist() for c in columns if c in df]
+        return [next((v for v in vals if not _empty(v)), None) for vals in zip(*present, strict=True)]
+
+    label = [
+        (float(a) if not _empty(a) else 1.0 - float(b))
+        for a, b in zip(
+            df["label"] if "label" in df else [None] * len(df),
+            df["label_0"] if "label_0" in df else [None] * len(df),
+            strict=True,
         )
-    bad = ~label.isin([0.0, 0.5, 1.0])
-    if bad.any():
+    ]
+    bad = [(line, x) for line, x in zip(df.index, label, strict=True) if x not in (0.0, 0.5, 1.0)]
+    if bad:
+        shown = ", ".join(f"line {line}: {x:g}" for line, x in bad[:10])
         raise ValueError(
-            f"eval.preference_data {str(file)!r}: label must be 0, 1 or 0.5 (tie), got {sorted(set(label[bad]))[:5]}."
+            f"{where}: label must be 0 or 1 (the preferred image) or 0.5 (a tie); label_0 1, 0 or 0.5. Got {shown}."
         )
-    keep = label != 0.5
-    out = pd.DataFrame({"prompt": df["prompt"].astype(str), "label": label.astype("int64")})
+    out = pd.DataFrame({"prompt": df["prompt"].astype(object), "label": label}, index=df.index)
+    absent = []
     for i in (0, 1):
-        col = df[cols[i]]
-        vals = []
-        for v in col:
-            if isinstance(v, dict) and "bytes" in v:  # datasets' Image feature stored as a struct
-                v = v["bytes"]
+        values = []
+        for line, v in zip(df.index, first(f"image_{i}", f"jpg_{i}"), strict=True):
+            if isinstance(v, dict):  # datasets' Image feature stored as a struct: bytes, or a path
+                v = v.get("bytes") or v.get("path")
             if isinstance(v, (bytes, bytearray)):
-                vals.append(bytes(v))
-            else:
-                p = Path(str(v))
-                vals.append(str(p if p.is_absolute() else file.parent / p))
-        out[f"image_{i}"] = vals
-    out = out[keep.to_numpy()].reset_index(drop=True)
-    absent = [v for c in ("image_0", "image_1") for v in out[c] if isinstance(v, str) and not Path(v).is_file()]
+                values.append(bytes(v))
+                continue
+            p = Path(str(v))
+            p = p if p.is_absolute() else file.parent / p
+            if not p.is_file():
+                absent.append(f"line {line}: {p}")
+            values.append(str(p))
+        out[f"image_{i}"] = values
     if absent:
         shown = "\n  ".join(absent[:5])
-        raise ValueError(f"eval.preference_data {str(file)!r}: {len(absent)} images do not exist, e.g.\n  {shown}")
+        raise ValueError(
+            f"{where}: {len(absent)} images do not exist, e.g.\n  {shown}\nPaths are relative to the file's folder."
+        )
+    out = out[out["label"] != 0.5]
     if not len(out):
-        raise ValueError(f"eval.preference_data {str(file)!r} has no pair with a clear choice (label 0 or 1).")
+        raise ValueError(f"{where} has no pair with a clear choice (label 0 or 1).")
+    out["label"] = out["label"].astype("int64")
     return out[["prompt", "image_0", "image_1", "label"]]
+
+
+def _empty(v: Any) -> bool:
+    """No value in a cell (None, NaN, pandas NA)."""
+    return v is None or (not isinstance(v, (bytes, bytearray, str, dict)) and bool(pd.isna(v)))
 
 
 def preference_accuracy(

@@ -36,11 +36,12 @@ from tqdm.auto import tqdm
 
 import pgot
 from pgot import frontier as store_io
-from pgot.config import Config, validate
+from pgot.config import Config, ConfigError
 from pgot.generate import generate, sigmas
 from pgot.images import save_png
 from pgot.model import load_model
 from pgot.pareto import pareto_mask
+from pgot.preflight import preflight
 from pgot.prompts import load_prompts
 from pgot.rewards import build as build_rewards
 from pgot.rewards import score
@@ -48,9 +49,6 @@ from pgot.rewards import score
 log = logging.getLogger(__name__)
 
 __all__ = ["build_store", "run", "store_meta"]
-
-# RewardConfig fields that change a reward's scores (weight, target and strength only matter in training)
-_REWARD_SCORE_KEYS = ("name", "path", "arch", "dtype", "tiny_seed")
 
 
 def _now() -> str:
@@ -99,37 +97,6 @@ def store_meta(cfg: Config, fingerprint: str, model_path: str, dtype: str, sigma
     }
 
 
-def _identity(meta: dict) -> dict[str, Any]:
-    """The parts of a store's meta that its samples depend on (what a resumed run must match)."""
-    return {
-        "rewards": [{k: r.get(k) for k in _REWARD_SCORE_KEYS} for r in meta.get("rewards", [])],
-        "model.fingerprint": meta.get("model", {}).get("fingerprint"),
-        "model.dtype": meta.get("model", {}).get("dtype"),
-        "model.use_t5": meta.get("model", {}).get("use_t5"),
-        "model.max_sequence_length": meta.get("model", {}).get("max_sequence_length"),
-        "model.lora_path": meta.get("model", {}).get("lora_path"),
-        **{f"sampler.{k}": v for k, v in meta.get("sampler", {}).items()},
-        "precompute.samples_per_prompt": meta.get("precompute", {}).get("samples_per_prompt"),
-        "precompute.seed": meta.get("precompute", {}).get("seed"),
-    }
-
-
-def _check_resume(existing: dict, meta: dict, store: Path) -> None:
-    """Refuse to add samples to a store built with other rewards, model, sampler, N or seed."""
-    if existing.get("schema_version") != store_io.SCHEMA_VERSION:
-        raise ValueError(
-            f"precompute.store={store} holds a frontier store of schema version {existing.get('schema_version')!r}; "
-            f"this pgot writes version {store_io.SCHEMA_VERSION}. Set precompute.store to a new folder or delete {store}."
-        )
-    old, new = _identity(existing), _identity(meta)
-    diffs = [f"{k}: store has {old.get(k)!r}, config gives {new[k]!r}" for k in new if old.get(k) != new[k]]
-    if diffs:
-        raise ValueError(
-            f"precompute.store={store} was built with other settings, so its samples cannot be resumed or extended "
-            f"({'; '.join(diffs)}). Set precompute.store to a new folder, or delete {store} to rebuild it."
-        )
-
-
 def _check_prompt_texts(done: dict[int, str], ids: list[int], prompts: list[str], store: Path) -> None:
     for pid, text in zip(ids, prompts, strict=True):
         if pid in done and done[pid] != text:
@@ -160,7 +127,7 @@ def run(cfg: Config) -> Path:
     Raises:
         ValueError: no rewards configured, or the store was built with other settings or prompts.
     """
-    validate(cfg, "precompute")
+    preflight(cfg, "precompute")  # every input checked before any weight loads
     accelerator = Accelerator(cpu=not torch.cuda.is_available() or cfg.model.device == "cpu")  # gloo / NCCL
     try:
         return build_store(cfg, accelerator)
@@ -193,7 +160,15 @@ def build_store(cfg: Config, accelerator: Accelerator) -> Path:
     existing = store_io.read_meta(store)
     done = store_io.completed_prompts(store, n)  # every process reads the same files before anyone writes
     if existing is not None:
-        _check_resume(existing, meta, store)
+        problems = store_io.compare_settings(
+            existing, cfg, store=store, fingerprint=model.fingerprint, default_shift=model.scheduler.config.get("shift"),
+            sigmas=meta["sampler"]["sigmas"], dtype=dtype, extend=True,
+        )  # fmt: skip
+        if problems:
+            raise ConfigError(
+                [f"precompute.store={store} was built with other settings, so it cannot be resumed or extended:"]
+                + problems
+            )
         meta["created"] = existing.get("created", meta["created"])
     elif done:
         raise ValueError(

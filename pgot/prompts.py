@@ -52,7 +52,18 @@ if TYPE_CHECKING:
 
     from pgot.config import PromptsConfig
 
-__all__ = ["BUILTIN", "PromptSet", "expand", "load_prompts", "prompt_hash", "read_table", "split"]
+__all__ = [
+    "BUILTIN",
+    "MANIFEST_NAMES",
+    "SAMPLE_KEY",
+    "PromptSet",
+    "expand",
+    "find_table",
+    "load_prompts",
+    "prompt_hash",
+    "read_table",
+    "split",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +73,10 @@ BUILTIN = {"builtin:demo": "demo_prompts.txt"}
 _FORMATS = (".txt", ".csv", ".jsonl", ".parquet")
 TABLE_FORMATS = (".csv", ".jsonl", ".json", ".parquet")
 """Formats :func:`read_table` reads."""
+MANIFEST_NAMES = tuple(f"manifest{s}" for s in TABLE_FORMATS)
+"""The table :func:`find_table` picks in a folder (the first that exists)."""
+SAMPLE_KEY = ["prompt_id", "seed", "sample_index"]
+"""Columns that identify a sample (its noise depends on them alone) and pair samples of different models."""
 
 _TXT_HEADERS = ("prompt", "prompts", "text", "caption", "captions")
 _MAX_LISTED = 50  # problems listed in one error; the rest are counted
@@ -303,6 +318,33 @@ def _as_float(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(f) else f
+
+
+def find_table(path: str | Path, key: str) -> Path:
+    """The table file ``path`` names: the file itself, or the first of ``manifest.{csv,jsonl,json,parquet}`` in a
+    folder.
+
+    Args:
+        path: as the user typed it.
+        key: the config key that gave it (``eval.manifest``, ``eval.preference_data``), for the error.
+
+    Raises:
+        ValueError: a folder without a manifest, or a path that does not exist.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for name in MANIFEST_NAMES:
+            if (p / name).is_file():
+                return p / name
+        raise ValueError(
+            f"{key}={str(path)!r} is a folder without {', '.join(MANIFEST_NAMES)}. Point {key} at the table file."
+        )
+    if not p.is_file():
+        raise ValueError(
+            f"{key}={str(path)!r} does not exist. Point {key} at a {'/'.join(TABLE_FORMATS)} file or a folder holding "
+            "manifest.csv."
+        )
+    return p
 
 
 def read_table(

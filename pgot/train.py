@@ -69,12 +69,13 @@ from safetensors.torch import load_file, save_file
 from pgot import checkpoints, metrics, objectives, precompute, probes, rewards, tables
 from pgot.agent import Agent, AgentState, Decision, build_agent
 from pgot.checkpoints import TrainerState
-from pgot.config import Config, save_config, validate
+from pgot.config import Config, save_config
 from pgot.embeddings import PromptEmbeds, encode_prompts
 from pgot.frontier import Frontier, check_compatible, load_store
 from pgot.generate import generate, sigmas
 from pgot.images import labelled_grid, save_png
 from pgot.model import SD3Model, add_lora, load_model, save_lora
+from pgot.preflight import preflight
 from pgot.prompts import load_prompts, split
 from pgot.tracking import RunLog, finite_or_none, flatten
 
@@ -140,7 +141,7 @@ def fit(cfg: Config) -> tuple[Path, SD3Model]:
     Raises:
         ValueError: a user error (config, store mismatch), or :class:`TooManyBadSteps`.
     """
-    validate(cfg, "train")
+    preflight(cfg, "train")  # every input checked before any weight loads
     accelerator = _accelerator(cfg)
     try:
         r = setup(cfg, accelerator)

@@ -11,6 +11,7 @@ import io
 import json
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -82,6 +83,8 @@ class _Handler(BaseHTTPRequestHandler):
         status, payload, delay = fake.responses.pop(0) if len(fake.responses) > 1 else fake.responses[0]
         if delay:
             fake.release.wait(delay)
+        if callable(payload):  # an answer made from the request (an endpoint echoing its headers)
+            payload = payload(dict(self.headers))
         data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         try:
             self.send_response(status)
@@ -631,3 +634,198 @@ def test_accuracy_script_dry_run(tmp_path):
     assert "| accuracy | 60.0% (3/5) |" in out.stdout
     assert "| collapsed:hps | 0 | 1 | 0 | 1 | 0 |" in out.stdout  # columns: healthy, clip, ict, hps, hp
     assert (tmp_path / "logs" / "step-000003" / "decision.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Reply shapes of OpenAI-compatible servers (vLLM, SGLang, reasoning models, legacy completions)
+# --------------------------------------------------------------------------------------------
+
+
+def shaped(message: dict | None, finish_reason: str | None = "stop", **choice) -> dict:
+    """A chat-completions response whose choices[0] has ``message`` (None: no message) and ``choice`` fields."""
+    first = {"index": 0, "finish_reason": finish_reason, **choice}
+    if message is not None:
+        first["message"] = {"role": "assistant", **message}
+    return {"id": "x", "choices": [first], "usage": {"prompt_tokens": 100, "completion_tokens": 10}}
+
+
+ANSWER = "Vertical stripes and over-saturation.\nAction: Remove HPS\nStrategy: Offline"
+CALL = {"action": "remove", "reward": "hps", "strategy": "offline", "analysis": "vertical stripes"}
+SHAPES = {
+    "content": shaped({"content": ANSWER}),
+    "reasoning_content_null_content": shaped({"content": None, "reasoning_content": ANSWER}),
+    "reasoning_content_empty_content": shaped({"content": "", "reasoning_content": ANSWER}),
+    "reasoning": shaped({"content": None, "reasoning": ANSWER}),
+    "content_parts": shaped(
+        {"content": [{"type": "text", "text": ANSWER[:20]}, {"type": "text", "text": ANSWER[20:]}]}
+    ),
+    "output_text_parts": shaped({"content": [{"type": "output_text", "text": ANSWER}]}),
+    "thinking_part_then_text": shaped(
+        {"content": [{"type": "thinking", "thinking": "Action: Continue?"}, {"type": "text", "text": ANSWER}]}
+    ),
+    "think_block": shaped({"content": "<think>maybe Action: Continue</think>\n" + ANSWER}),
+    "unclosed_think": shaped({"content": "<think>Let me look. " + ANSWER}),
+    "lone_closing_think": shaped({"content": "looking closely</think>" + ANSWER}),
+    "content_wins_over_reasoning": shaped({"content": ANSWER, "reasoning_content": "Action: Continue"}),
+    "tool_calls": shaped(
+        {
+            "content": None,
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "decide", "arguments": json.dumps(CALL)}}
+            ],
+        },
+        finish_reason="tool_calls",
+    ),
+    "function_call": shaped({"content": None, "function_call": {"name": "decide", "arguments": json.dumps(CALL)}}),
+    "legacy_text": shaped(None, text=ANSWER),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_every_reply_shape_is_read_and_saved(vlm, key, tmp_path, shape):
+    vlm.answer((200, SHAPES[shape], 0))
+    decision = decide(build_agent(openai_cfg(vlm), REWARDS), 100, state(), tmp_path)
+    assert (decision.action, decision.reward, decision.error) == ("remove", "hps", None), decision.reason
+    reply = (tmp_path / "step-000100" / "reply.txt").read_text()
+    assert reply == decision.raw and ("Remove HPS" in reply or '"reward": "hps"' in reply), reply
+    if shape.startswith(("reasoning", "content_wins", "thinking", "think", "unclosed")):
+        labels = [line for line in reply.splitlines() if line.startswith("[")]
+        assert labels and all(line in ("[reasoning]", "[thinking]", "[content]") for line in labels), reply
+    saved = json.loads((tmp_path / "step-000100" / "response.json").read_text())
+    assert saved["choices"][0] == SHAPES[shape]["choices"][0]
+
+
+@pytest.mark.parametrize(
+    ("response", "error", "words", "saved"),
+    [
+        (
+            shaped({"content": None, "refusal": "I can't help with that."}),
+            "refusal",
+            "refused to answer",
+            "I can't help",
+        ),
+        (shaped({"content": None}, finish_reason="length"), "max_tokens", "Raise agent.max_tokens", ""),
+        (
+            shaped({"content": "", "reasoning_content": ""}, finish_reason="length"),
+            "max_tokens",
+            "agent.max_tokens=1024",
+            "",
+        ),
+        (
+            shaped(
+                {"content": None, "reasoning_content": "Comparing image 1 with its base, the"}, finish_reason="length"
+            ),
+            "max_tokens",
+            "only unfinished reasoning). Raise agent.max_tokens",
+            "Comparing image 1",
+        ),
+        (  # still thinking when cut: a tentative action in the thoughts is no answer
+            shaped({"content": "<think>Let me look. Action: Remove HPS"}, finish_reason="length"),
+            "max_tokens",
+            "Raise agent.max_tokens",
+            "Let me look",
+        ),
+        (
+            shaped({"content": "The first image shows stripes, the"}, finish_reason="length"),
+            "parse",
+            "cut off at agent.max_tokens=1024 (finish_reason: length): raise agent.max_tokens",
+            "The first image shows",
+        ),
+        (  # a final answer without a decision: the reasoning's drafts are not read instead
+            shaped({"content": "I cannot tell.", "reasoning_content": "Maybe Action: Remove HPS"}),
+            "parse",
+            "no 'Action:' line",
+            "Maybe Action: Remove HPS",
+        ),
+        (shaped({"content": ""}), "empty", "no text in choices[0]", ""),
+        (shaped({"content": None}, finish_reason="content_filter"), "content_filter", "content filter", ""),
+        ({"choices": []}, "bad_response", "no choices[0].message", ""),
+    ],
+)
+def test_replies_without_an_answer_say_why(vlm, key, tmp_path, caplog, response, error, words, saved):
+    vlm.answer((200, response, 0))
+    with caplog.at_level("WARNING", logger="pgot.agent"):
+        decision = decide(build_agent(openai_cfg(vlm), REWARDS), 100, state(), tmp_path)
+    assert (decision.action, decision.error) == ("continue", error)
+    assert words in decision.reason and words in caplog.text
+    reply = (tmp_path / "step-000100" / "reply.txt").read_text()
+    assert saved in reply and reply == decision.raw
+    assert json.loads((tmp_path / "step-000100" / "decision.json").read_text())["decision"]["error"] == error
+
+
+# --------------------------------------------------------------------------------------------
+# The key never leaves the process except in the request header
+# --------------------------------------------------------------------------------------------
+
+
+def echoes(headers: dict) -> str:
+    """The request's Authorization header in every form an endpoint may echo it."""
+    auth = headers.get("Authorization", "")
+    key = auth.removeprefix("Bearer ")
+    return "\n".join(
+        [
+            f"Authorization: {auth}",
+            "url-encoded: " + urllib.parse.quote(auth, safe=""),
+            "form-encoded: " + urllib.parse.quote_plus(key),
+            "basic: Basic " + base64.b64encode(f"user:{key}".encode()).decode(),
+            "basic-2: Basic " + base64.b64encode(f"me:{key}".encode()).decode(),
+            "json-escaped: " + json.dumps(auth).replace("-", "\\u002d"),
+            "split: " + key[:9] + "\\n" + key[9:],
+        ]
+    )
+
+
+def leaks(text: str) -> list[str]:
+    """The forms of KEY found in ``text``."""
+    forms = {
+        "plain": KEY,
+        "url": urllib.parse.quote(KEY, safe=""),
+        "b64": base64.b64encode(f"user:{KEY}".encode()).decode()[8:-4],
+        "tail": KEY[9:],
+        "head": KEY[:12],
+    }
+    return [name for name, form in forms.items() if form in text]
+
+
+def error_body(headers: dict, pad: int = 0) -> dict:
+    message = "x" * pad + " upstream failed for " + headers.get("Authorization", "")
+    return {"error": {"message": message, "echo": echoes(headers)}}
+
+
+def test_key_echoed_by_the_endpoint_is_never_logged_or_saved(vlm, key, tmp_path, caplog, monkeypatch):
+    import logging
+
+    late = io.StringIO()  # a handler added after the agent was built
+    reply = lambda h: shaped({"content": f"I got {echoes(h)}\n" + ANSWER, "reasoning_content": echoes(h)})  # noqa: E731
+    straddling = lambda h: error_body(h, pad=250)  # noqa: E731 - the key straddles the cut of error details at 300
+    vlm.answer((500, straddling, 0), (500, error_body, 0), (200, reply, 0))
+    agent = build_agent(openai_cfg(vlm, max_retries=1), REWARDS)
+    handler = logging.StreamHandler(late)
+    logging.getLogger().addHandler(handler)
+    try:
+        with caplog.at_level("DEBUG"):
+            first = decide(agent, 100, state(), tmp_path)  # two 500s: gives up
+            second = decide(agent, 200, state(), tmp_path)  # echoes in the reply it acts on
+            monkeypatch.setattr(
+                type(agent), "_answer", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad " + KEY))
+            )
+            third = decide(agent, 300, state(), tmp_path)  # a backend bug with the key in its message (log.exception)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in vlm.requests)  # it was sent, and echoed
+    assert (first.error, second.action, second.reward, third.error) == ("http_500", "remove", "hps", "internal")
+    assert "upstream failed for Bearer ***" in first.reason  # the second 500's body, redacted
+    assert "x upstream failed for Bearer; retry 1/1" in caplog.text  # the first one's, redacted before the cut
+    assert "retry 1/1" in caplog.text and "HTTP 500" in caplog.text and "RuntimeError: bad ***" in caplog.text
+    for name, text in [
+        ("caplog", caplog.text),
+        ("late handler", late.getvalue()),
+        ("files", all_logged_text(tmp_path)),
+    ]:
+        assert leaks(text) == [], (name, leaks(text))
+    for d in (first, second, third):
+        assert leaks(json.dumps(d.to_dict())) == []
+    st = state()
+    st.apply(second, checkpoint="step-000200", reverted_to=("step-000100", 100))
+    assert leaks(json.dumps(st.to_dict())) == []
+    assert "***" in (tmp_path / "step-000200" / "reply.txt").read_text()

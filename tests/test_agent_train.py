@@ -8,8 +8,13 @@ must leave training running with the reason logged.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import subprocess
+import sys
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -196,3 +201,92 @@ def test_http_agent_applies_decisions_and_survives_500(tmp_path, store, monkeypa
         assert sum(p["type"] == "image_url" for p in parts) == 2  # agent.diagnostic_prompts=2
     logged = "\n".join(p.read_text() for p in (out / "agent").rglob("*") if p.suffix in (".json", ".jsonl", ".txt"))
     assert "sk-train-secret-key" not in logged
+
+
+# --------------------------------------------------------------------------------------------
+# The API key, echoed by the endpoint, never leaves the process except in the request header
+# --------------------------------------------------------------------------------------------
+
+SECRET = "sk-live-Zq9/Xw+v_8675309-KeepOut"
+
+
+def _echoes(auth: str) -> str:
+    key = auth.removeprefix("Bearer ")
+    return "\n".join(
+        [
+            f"Authorization: {auth}",
+            "url: " + urllib.parse.quote(auth, safe=""),
+            "basic: Basic " + base64.b64encode(f"user:{key}".encode()).decode(),
+            "json: " + json.dumps(auth).replace("-", "\\u002d").replace("/", "\\/"),
+        ]
+    )
+
+
+class _EchoHandler(BaseHTTPRequestHandler):
+    """500 with the request's Authorization header in the body, then a 200 reply that quotes it too."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        srv = self.server
+        srv.count += 1  # type: ignore[attr-defined]
+        auth = self.headers.get("Authorization", "")
+        if srv.count % 2:  # type: ignore[attr-defined]
+            status, payload = 500, {"error": {"message": f"upstream rejected {auth}", "echo": _echoes(auth)}}
+        else:
+            content = f"Your request carried:\n{_echoes(auth)}\nAction: Continue\nStrategy: Offline"
+            message = {"role": "assistant", "content": content, "reasoning_content": _echoes(auth)}
+            status, payload = 200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_api_key_never_leaves_a_real_pgot_train_process(tmp_path, store):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
+    server.count = 0  # type: ignore[attr-defined]
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    out = tmp_path / "run"
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    overrides = [
+        f"train.output_dir={out}", f"train.store={store}", f"precompute.store={store}", "precompute.samples_per_prompt=4",
+        "prompts.limit=2", "model.resolution=16", "train.probe_every=0", "train.final_eval=false", "train.max_steps=2",
+        "agent.every=1", "agent.diagnostic_prompts=1", "agent.image_size=32", "agent.backend=openai",
+        f"agent.base_url={url}", "agent.model=test-vlm", "agent.api_key_env=PGOT_TEST_SECRET_KEY",
+        "agent.max_retries=1", "agent.retry_backoff=0", "agent.timeout=10",
+    ]  # fmt: skip
+    env = {**os.environ, "PGOT_TEST_SECRET_KEY": SECRET}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pgot", "train", "--config", str(ROOT / "configs" / "debug.yaml"), *overrides,
+             "--log-level", "DEBUG"],
+            env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert server.count == 4  # type: ignore[attr-defined] - step 1: 500 then the reply; step 2 the same
+    output = proc.stdout + proc.stderr
+    assert "HTTP 500" in output and "upstream rejected Bearer ***" in output  # the echo was logged, redacted
+    forms = {
+        "plain": SECRET,
+        "url": urllib.parse.quote(SECRET, safe=""),
+        "b64": base64.b64encode(f"user:{SECRET}".encode()).decode()[8:-4],
+        "head": SECRET[:10],
+        "tail": SECRET[-10:],
+    }
+    for name, form in forms.items():
+        assert form not in output, name
+        for f in out.rglob("*"):
+            if f.is_file():
+                assert form.encode() not in f.read_bytes(), (name, f)
+    replies = sorted((out / "agent").glob("step-*/reply.txt"))
+    assert replies and all("Authorization: Bearer ***" in f.read_text() for f in replies)

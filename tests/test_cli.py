@@ -18,6 +18,10 @@ def test_missing_config_file(main, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip() == f"error: config file {str(tmp_path / 'nope.yaml')!r} does not exist."
+    # a relative name that is neither a file nor a shipped config: a "did you mean" among the shipped ones
+    assert main(["--config", "debgu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'debgu' does not exist" in err[0] and "Did you mean 'debug'?" in err[0]
 
 
 @pytest.mark.parametrize(
@@ -45,7 +49,8 @@ def test_missing_config_file(main, tmp_path, capsys):
 def test_config_problems_are_one_line_each(tmp_path, capsys, text, override, expected):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
-    code = train_main(["--config", str(cfg), *([override] if override else [])])
+    ready = ["train.strategy=online", f"train.output_dir={tmp_path / 'run'}"]  # every other input is in place
+    code = train_main(["--config", str(cfg), *ready, *([override] if override else [])])
     err = capsys.readouterr().err
     assert code == 2
     lines = err.strip().splitlines()
@@ -85,7 +90,8 @@ def test_import_pgot_is_light():
 def test_python_m_pgot_dispatches(tmp_path):
     """`python -m pgot STAGE` is the form `accelerate launch -m pgot train ...` uses."""
     bad = subprocess.run([sys.executable, "-m", "pgot", "nonsense"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "usage: python -m pgot {precompute,train,eval}" in bad.stderr
+    assert bad.returncode == 2 and "usage: python -m pgot {precompute,train,eval,fetch,config}" in bad.stderr
+    assert "error: unknown command 'nonsense'" in bad.stderr and "Traceback" not in bad.stderr
     missing = subprocess.run(
         [sys.executable, "-m", "pgot", "eval", "--config", str(tmp_path / "x.yaml")],
         capture_output=True,
@@ -93,3 +99,174 @@ def test_python_m_pgot_dispatches(tmp_path):
         timeout=120,
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# A CLI that explains itself
+# --------------------------------------------------------------------------------------------
+
+
+def _run(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.mark.parametrize("main", MAINS, ids=lambda f: f.__name__)
+def test_help_lists_every_option_without_markup(main, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--config", "--check", "--print-config", "--list-keys", "--version", "--log-level", "key=value"):
+        assert option in out, option
+    assert "(default: INFO)" in out
+    assert "``" not in out and ":func:" not in out and ":mod:" not in out  # plain text, not reStructuredText
+    stage = main.__name__.removesuffix("_main")
+    assert f"pgot-{stage} --config" in out  # examples of this command
+    assert "debug" in out and "pgot config copy" in out  # the shipped configs, by name
+
+
+def test_version(capsys):
+    import pgot
+
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"pgot {pgot.__version__}"
+
+
+def test_list_keys_documents_every_key_with_its_default(capsys):
+    assert train_main(["--list-keys", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "train.max_steps = 1000    [int]\n    Optimizer steps." in out
+    assert "train.resume = ''    [str]" in out and "model." not in out
+    assert "``" not in out  # docstrings without markup
+    assert train_main(["--list-keys"]) == 0
+    everything = capsys.readouterr().out
+    assert (
+        "rewards.<i>.path" in everything and "eval.models.<i>.lora" in everything and "agent.api_key_env" in everything
+    )
+    assert train_main(["--list-keys", "trian"]) == 2
+    assert "error: no config key under 'trian'" in capsys.readouterr().err
+
+
+def test_print_config_resolves_a_shipped_config_by_name(tmp_path, capsys, monkeypatch):
+    """`--config debug` works from any folder (here an empty one): shipped configs are found by name."""
+    monkeypatch.chdir(tmp_path)
+    assert train_main(["--config", "debug", "--print-config", "train.max_steps=7"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "resolved.yaml").write_text(printed)
+    from pgot.config import load_config
+
+    cfg = load_config(tmp_path / "resolved.yaml")
+    assert (
+        cfg.train.max_steps == 7 and cfg.model.tiny and cfg == load_config("configs/debug.yaml", ["train.max_steps=7"])
+    )
+
+
+def test_config_command_lists_shows_and_copies(tmp_path, capsys):
+    from pgot.cli import config_main
+
+    assert config_main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "debug " in listed and "baselines/weighted_1111" in listed and "accelerate/" not in listed
+    assert config_main(["copy", "baselines/weighted_1111", str(tmp_path / "mine.yaml")]) == 0
+    capsys.readouterr()
+    from pgot.config import find_config
+
+    assert (tmp_path / "mine.yaml").read_text() == find_config("baselines/weighted_1111").read_text()
+    assert config_main(["copy", "debug", str(tmp_path / "mine.yaml")]) == 2  # never overwrites silently
+    assert "exists already" in capsys.readouterr().err
+    assert config_main(["show", "nope"]) == 2
+    assert "'nope' is not a shipped config" in capsys.readouterr().err
+
+
+def test_python_m_pgot_help_and_subcommands(tmp_path):
+    top = _run("-m", "pgot", "--help")
+    assert top.returncode == 0 and "precompute" in top.stdout and "fetch" in top.stdout and "config" in top.stdout
+    fetch = _run("-m", "pgot", "fetch", "--help")
+    assert fetch.returncode == 0 and "--dry-run" in fetch.stdout and "``" not in fetch.stdout
+    shown = _run("-m", "pgot", "config", "show", "debug", cwd=str(tmp_path))
+    assert shown.returncode == 0 and "tiny: true" in shown.stdout
+    none = _run("-m", "pgot")
+    assert none.returncode == 2 and "usage: python -m pgot" in none.stderr
+
+
+def test_missing_config_option_is_one_line(capsys):
+    assert train_main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: pgot-train" in err and "error: pgot-train needs --config FILE" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: one line each, every problem at once
+# --------------------------------------------------------------------------------------------
+
+
+def test_yaml_syntax_error_gives_file_line_and_column(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  tiny: true\ntrain:\n  max_steps: 3\n   seed: 1\n")
+    assert train_main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {cfg}:5:") and "is not valid YAML" in err[0]
+
+
+def test_type_and_range_errors_in_one_command(tmp_path, capsys):
+    """A type error does not hide a range error (nor the other way round), and the key's meaning is given."""
+    code = train_main(
+        ["--config", "debug", "train.max_steps=many", "ot.epsilon=0", "train.resume=true", "rewards.2.name=sharpnes"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: train.max_steps must be an integer, got 'many'. train.max_steps: Optimizer steps." in err
+    assert "error: ot.epsilon must be > 0, got 0.0." in err
+    resume = next(line for line in err.splitlines() if line.startswith("error: train.resume"))
+    assert "latest" in resume and "checkpoint folder" in resume and "empty" in resume
+    assert "rewards.2.name='sharpnes' is not a known reward" in err and "Did you mean 'sharpness'?" in err
+    assert "store" not in err  # a reward-name typo is a "did you mean", not a store mismatch
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("a bad value"),
+        FileNotFoundError(2, "No such file or directory", "/x/y"),
+        FileExistsError(17, "File exists", "/x/y"),
+        PermissionError(13, "Permission denied", "/x/y"),
+        NotADirectoryError(20, "Not a directory", "/x/y"),
+        IsADirectoryError(21, "Is a directory", "/x/y"),
+        OSError(30, "Read-only file system", "/x/y"),
+    ],
+    ids=lambda e: type(e).__name__ + str(getattr(e, "errno", "")),
+)
+def test_every_user_error_type_is_one_line(exc, capsys, monkeypatch):
+    """Whatever raises it, a user's mistake (or the machine's: a read-only disk) is one line and exit code 2."""
+    import pgot.train
+
+    def fail(cfg):
+        raise exc
+
+    monkeypatch.setattr(pgot.train, "run", fail)
+    monkeypatch.setattr("pgot.preflight.check_inputs", lambda *a, **k: [])
+    assert train_main(["--config", "debug"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+    if isinstance(exc, OSError):
+        assert "'/x/y'" in err[0] and exc.strerror in err[0]
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import pgot.train
+
+    def bug(cfg):
+        raise KeyError("a bug in pgot")
+
+    monkeypatch.setattr(pgot.train, "run", bug)
+    monkeypatch.setattr("pgot.preflight.check_inputs", lambda *a, **k: [])
+    with pytest.raises(KeyError, match="a bug in pgot"):
+        train_main(["--config", "debug"])
+
+
+def test_cli_and_config_are_light():
+    """--help, --version, --list-keys and config errors answer without importing torch or the model libraries."""
+    code = "import sys, pgot.cli, pgot.config; print(','.join(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == ""

@@ -33,8 +33,8 @@ def test_overrides_coerce_by_field_type(tmp_path):
             "train.max_steps=12",
             "ot.epsilon=1e-2",
             "model.gradient_checkpointing=no",
-            "train.active_rewards=[a]",
-            "rewards.0.name=a",
+            "train.active_rewards=[contrast]",
+            "rewards.0.name=contrast",
             "rewards.0.weight=2",
         ],
     )
@@ -42,8 +42,8 @@ def test_overrides_coerce_by_field_type(tmp_path):
     assert cfg.train.max_steps == 12 and isinstance(cfg.train.max_steps, int)
     assert cfg.ot.epsilon == pytest.approx(0.01)
     assert cfg.model.gradient_checkpointing is False
-    assert cfg.rewards[0].name == "a" and cfg.rewards[0].weight == 2.0
-    assert cfg.train.active_rewards == ["a"]
+    assert cfg.rewards[0].name == "contrast" and cfg.rewards[0].weight == 2.0
+    assert cfg.train.active_rewards == ["contrast"]
 
 
 def test_list_items_addressed_by_index(tmp_path):
@@ -122,3 +122,118 @@ def test_every_shipped_config_loads(path):
 
 def test_configs_exist():
     assert (CONFIGS / "debug.yaml").is_file()
+
+
+def test_type_and_range_problems_together():
+    """One command with a type error and a range error reports both; a key that failed to coerce gets no range line
+    about the default it fell back to, and every type error says what the key is for."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.tiny=true", "rewards.0.name=contrast", "train.max_steps=many", "ot.epsilon=0"])
+    assert err.value.problems == [
+        "train.max_steps must be an integer, got 'many'. train.max_steps: Optimizer steps.",
+        "ot.epsilon must be > 0, got 0.0.",
+    ]
+    with pytest.raises(ConfigError) as err:  # model.path falls back to "", which the range check would call empty
+        load_config(None, ["rewards.0.name=contrast", "model.path=[a, b]", "model.resolution=40"])
+    assert err.value.problems == [
+        "model.path must be a string, got ['a', 'b']. model.path: Local diffusers folder of SD3 / SD3.5 (or a hub id "
+        "where the hub is reachable). Ignored when tiny.",
+        "model.resolution must be a positive multiple of 16, got 40.",
+    ]
+    assert err.value.config is not None and err.value.config.model.resolution == 40  # for the file checks
+
+
+def test_resume_true_names_the_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.tiny=true", "rewards.0.name=contrast", "train.resume=true"])
+    (line,) = err.value.problems
+    assert line.startswith("train.resume must be a string, got True.")
+    assert "latest" in line and "a checkpoint folder" in line and "empty" in line
+
+
+def test_reward_name_typo_is_a_did_you_mean():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            None, ["model.tiny=true", "rewards.0.name=hsp", "rewards.1.name=contrast", "train.reward_sets={s: [hps]}"]
+        )
+    (line,) = err.value.problems  # the reward set naming the intended hps is that typo, not a second problem
+    assert line.startswith("rewards.0.name='hsp' is not a known reward. Known rewards: clip, ict, hp, hps,")
+    assert line.endswith("Did you mean 'hps'?")
+
+
+def test_reward_names_are_the_registry():
+    """config.REWARD_NAMES (known without importing any model library) is exactly pgot.rewards.REWARDS."""
+    from pgot.config import REWARD_NAMES
+    from pgot.rewards import REWARDS
+
+    assert sorted(REWARD_NAMES) == sorted(REWARDS)
+
+
+def test_auto_strategy_needs_an_agent():
+    base = ["model.tiny=true", "rewards.0.name=contrast", "train.strategy=auto"]
+    with pytest.raises(ConfigError, match=r"train.strategy=auto .* agent.backend=none .* Set train.strategy=offline"):
+        load_config(None, base, stage="train")
+    load_config(None, [*base, "agent.backend=heuristic"], stage="train")
+    load_config(None, [*base, "agent.backend=none"])  # the stage rule: pgot-precompute may share the config
+    with pytest.raises(ConfigError, match=r"agent.backend=heuristic decides from probe scores.*train.probe_every"):
+        load_config(None, [*base, "agent.backend=heuristic", "train.probe_every=0"], stage="train")
+    with pytest.raises(ConfigError, match=r"agent.references.contrats names a reward .* Did you mean 'contrast'\?"):
+        load_config(None, [*base, "agent.backend=heuristic", "agent.references={contrats: x.png}"], stage="train")
+
+
+def test_yaml_error_has_line_and_column(tmp_path):
+    bad = _write(tmp_path, "model:\n  tiny: true\n  path: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    (line,) = err.value.problems
+    assert line.startswith(f"{bad}:4:1: ") and "(while parsing a flow sequence at 3:9)" in line
+    assert err.value.config is None
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="is a folder; give a YAML file"):
+        load_config(folder)
+
+
+def test_shipped_configs_by_name(tmp_path, monkeypatch):
+    from pgot.config import config_names, find_config
+
+    monkeypatch.chdir(tmp_path)  # not the repository: names still resolve
+    names = config_names()
+    assert {"debug", "sd35_turbo_pgot", "baselines/weighted_1111"} <= set(names)
+    assert not any(n.startswith(("accelerate/", "agent/")) for n in names)
+    assert (
+        find_config("debug") == find_config("debug.yaml") == find_config("configs/debug.yaml") == CONFIGS / "debug.yaml"
+    )
+    assert find_config("../pyproject") is None and find_config("/etc/passwd") is None
+    assert load_config("baselines/weighted_1111") == load_config(CONFIGS / "baselines" / "weighted_1111.yaml")
+
+
+def test_every_key_is_documented():
+    """--list-keys shows a docstring for every key: a new field without one fails here."""
+    from pgot.config import describe_keys
+
+    keys = describe_keys()
+    missing = [k.key for k in keys if not k.doc]
+    assert not missing, f"config fields without a docstring: {missing}"
+    assert all("``" not in k.doc for k in keys)
+    assert [k.key for k in describe_keys("rewards")][:2] == ["rewards.<i>.name", "rewards.<i>.path"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.active_rewards=[x", "train.active_rewards must be a list, got '[x', which is not valid YAML"),
+        ("train.reward_sets={a: [x", "train.reward_sets must be a mapping, got '{a: [x', which is not valid YAML"),
+        ("train.max_steps.x=3", "override train.max_steps.x: train.max_steps is a value (3), not a section"),
+        ("rewards.0.name.x=1", "override rewards.0.name.x: rewards.0.name is a value ('contrast'), not a section"),
+        ("train.active_rewards=[[1]]", "train.active_rewards.0 must be a string, got [1]."),
+        ("train.reward_sets={a: 1}", "train.reward_sets.a must be a list, got 1."),
+        ("eval.models=[{soup: {a: [1]}}]", "eval.models.0.soup.a must be a number, got [1]."),
+    ],
+)
+def test_malformed_overrides_are_problems_not_tracebacks(override, expected):
+    """Whatever is typed on the command line, the answer is a ConfigError line, never another exception."""
+    base = ["model.tiny=true", "rewards.0.name=contrast", "train.max_steps=3"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*base, override], stage="train")
+    assert any(p.startswith(expected) for p in err.value.problems), err.value.problems

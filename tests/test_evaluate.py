@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -331,7 +332,7 @@ def test_manifest_with_missing_images(tmp_path):
         str(tmp_path / "gone" / "0.png") in msg and str(tmp_path / "gone" / "4.png") in msg and "gone/5.png" not in msg
     )
     pd.DataFrame([{"model": "m", "seed": 0, "path": "x.png"}]).to_csv(tmp_path / "m2.csv", index=False)
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) prompt \(or prompt_id\)"):
+    with pytest.raises(ValueError, match=r"has no column 'prompt' \(or 'prompt_id'\)"):
         evaluate.read_manifest(tmp_path / "m2.csv")
 
 
@@ -352,3 +353,182 @@ def test_shipped_eval_configs_load():
     assert parti.eval.baseline == parti.eval.models[0].name and not parti.eval.models[0].lora
     assert parti.reward_names == ["ict", "hp", "clip", "hps", "pickscore", "imagereward", "aesthetic"]
     assert any(m.soup for m in parti.eval.models) and any(m.lora for m in parti.eval.models)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA files given to pgot-eval: loaded completely, on their own base, or refused with one line
+# --------------------------------------------------------------------------------------------
+
+
+def _eval_cli(out: Path, models: list[dict], *extra: str) -> int:
+    from pgot.cli import eval_main
+
+    args = [f"eval.output_dir={out}", "prompts.limit=2", "eval.samples_per_prompt=1", "eval.bootstrap=0"]
+    return eval_main(["--config", str(DEBUG), *args, "eval.models=" + json.dumps(models), *extra])
+
+
+def test_peft_named_lora_in_pgot_eval_scores_like_the_original(loras, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    f = loras / "b" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(f), framework="pt") as fh:
+        meta = fh.metadata()
+    peft = tmp_path / "peft.safetensors"  # the same weights without the transformer. prefix (peft naming)
+    save_file({k.removeprefix("transformer."): v for k, v in load_file(str(f)).items()}, str(peft), metadata=meta)
+    models = [{"name": "base"}, {"name": "diffusers", "lora": str(f)}, {"name": "peft", "lora": str(peft)}]
+    assert _eval_cli(tmp_path / "out", models) == 0
+    df = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    by = {m: g.sort_values(KEY_COLUMNS)[REWARDS].to_numpy() for m, g in df.groupby("model")}
+    assert (by["peft"] == by["diffusers"]).all() and not (by["peft"] == by["base"]).all()
+
+
+KEY_COLUMNS = ["prompt_id", "seed", "sample_index"]
+
+
+def test_eval_refuses_a_lora_of_another_base_before_generating(loras, tmp_path, capsys):
+    from pgot.model import lora_base_fingerprint
+
+    lora = str(loras / "run_a")
+    trained_on = lora_base_fingerprint(lora)
+    out = tmp_path / "out"
+    models = [{"name": "base"}, {"name": "tuned", "lora": lora}]
+    capsys.readouterr()
+    assert _eval_cli(out, models, "model.tiny_seed=1") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("error: eval.models.1.lora: LoRA ") and trained_on in errors[0]
+    assert "eval.models.1.allow_lora_transfer=true" in errors[0]
+    assert not (out / "scores.parquet").exists()  # nothing was generated, not even the base model
+    models[1]["allow_lora_transfer"] = True  # a deliberate transfer
+    assert _eval_cli(out, models, "model.tiny_seed=1") == 0
+    assert set(pd.read_parquet(out / "scores.parquet")["model"]) == {"base", "tuned"}
+
+
+def test_eval_lora_that_would_load_in_part_exits_2_naming_the_key(loras, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(loras / "b" / "pytorch_lora_weights.safetensors"))
+    te = tmp_path / "with_text_encoder.safetensors"
+    save_file({**sd, "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 16)}, str(te))
+    out = tmp_path / "out"
+    soup = {str(loras / "run_a"): 0.5, str(te): 0.5}
+    models = [{"name": "base"}, {"name": "tuned", "lora": str(loras / "run_a")}, {"name": "soup", "soup": soup}]
+    capsys.readouterr()
+    assert _eval_cli(out, models) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: eval.models.2.soup: LoRA "), errors
+    assert "text-encoder LoRA tensor" in errors[0] and not (out / "scores.parquet").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Manifests and preference data: empty cells, BOM, CRLF, line numbers, every format
+# --------------------------------------------------------------------------------------------
+
+FORMATS = ["csv", "csv_bom_crlf", "jsonl", "json", "parquet"]
+
+
+def _write_table(folder: Path, rows: list[dict], fmt: str, name: str = "manifest") -> Path:
+    """Rows as a user's table; None is an empty cell (CSV) / null (JSON, parquet)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt.startswith("csv"):
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        lines = [",".join(columns)] + [",".join("" if r.get(c) is None else str(r[c]) for c in columns) for r in rows]
+        text = "\r\n".join(lines) + "\r\n" if fmt == "csv_bom_crlf" else "\n".join(lines) + "\n"
+        path = folder / f"{name}.csv"
+        path.write_bytes(("\ufeff" if fmt == "csv_bom_crlf" else "").encode() + text.encode())
+    elif fmt == "jsonl":
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "json":
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps(rows))
+    else:
+        path = folder / f"{name}.parquet"
+        pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_manifest_empty_prompt_is_the_empty_prompt(tmp_path, fmt):
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    rows = [
+        {"model": "m", "prompt": "a fox", "seed": 0, "path": "0.png"},
+        {"model": "m", "prompt": "" if fmt != "parquet" else "", "seed": 1, "path": "1.png"},
+        {"model": "m", "prompt": "a fox", "seed": 2, "path": "2.png"},
+    ]
+    if fmt.startswith("csv"):
+        rows[1]["prompt"] = None  # an empty CSV cell
+    man = evaluate.read_manifest(_write_table(tmp_path, rows, fmt), default_seed=5)
+    assert man["prompt"].tolist() == ["a fox", "", "a fox"]
+    assert man["prompt_id"].tolist() == [0, 1, 0] and man["seed"].tolist() == [0, 1, 2]
+    assert list(man.columns) == ["model", "prompt_id", "prompt", "seed", "sample_index", "path"]
+    assert man["path"].tolist() == [str(tmp_path / f"{i}.png") for i in range(3)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_manifest_empty_model_or_path_names_line_and_column(tmp_path, fmt):
+    rows = [
+        {"model": "m", "prompt": "a", "seed": 0, "path": "0.png"},
+        {"model": None, "prompt": "b", "seed": 1, "path": "1.png"},
+        {"model": "m", "prompt": "c", "seed": 2, "path": None},
+    ]
+    with pytest.raises(ValueError) as info:
+        evaluate.read_manifest(_write_table(tmp_path, rows, fmt))
+    msg = str(info.value)
+    unit = {"json": "record", "parquet": "row"}.get(fmt, "line")
+    first = {"json": 2, "parquet": 2, "jsonl": 2}.get(fmt, 3)  # CSV: the header is line 1
+    assert "eval.manifest=" in msg
+    assert re.search(rf"{unit} {first}\b.*'model'", msg) and re.search(rf"{unit} {first + 1}\b.*'path'", msg), msg
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_manifest_errors_name_lines(tmp_path, fmt):
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
+    rows = [
+        {"model": "m", "prompt": "a", "seed": 0, "path": "0.png"},
+        {"model": "m", "prompt": "a", "seed": 0, "path": "0.png"},
+        {"model": "m", "prompt": "b", "seed": 1, "path": "gone.png"},
+    ]
+    first = 2 if fmt == "csv" else 1
+    with pytest.raises(ValueError, match=rf"lines {first}, {first + 1} \(model 'm', prompt_id 0, seed 0"):
+        evaluate.read_manifest(_write_table(tmp_path, rows, fmt))
+    with pytest.raises(ValueError, match=rf"line {first + 1}: {re.escape(str(tmp_path / 'gone.png'))}"):
+        evaluate.read_manifest(_write_table(tmp_path, rows[1:], fmt))
+
+
+def test_manifest_prompt_ids_from_the_prompt_set(tmp_path):
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    rows = [{"model": "m", "prompt_id": 7, "path": "0.png"}, {"model": "m", "prompt_id": 9, "path": "1.png"}]
+    man = evaluate.read_manifest(_write_table(tmp_path, rows, "csv"), prompt_texts={7: "seven", 9: ""})
+    assert man["prompt"].tolist() == ["seven", ""]
+    with pytest.raises(ValueError, match=r"line 3 \(prompt_id 9\)"):
+        evaluate.read_manifest(tmp_path / "manifest.csv", prompt_texts={7: "seven"})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_preference_data_empty_cells(tmp_path, fmt):
+    from pgot.human_eval import read_preference_data
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    rows = [
+        {"prompt": "", "image_0": "a.png", "image_1": "b.png", "label": 1},
+        {"prompt": "x", "image_0": "a.png", "image_1": "b.png", "label": 0.5},
+        {"prompt": "y", "image_0": "a.png", "image_1": "b.png", "label": 0},
+    ]
+    if fmt.startswith("csv"):
+        rows[0]["prompt"] = None
+    data = read_preference_data(_write_table(tmp_path, rows, fmt, "prefs"))
+    assert data["prompt"].tolist() == ["", "y"] and data["label"].tolist() == [1, 0]  # the tie is dropped
+    assert data["image_0"].tolist() == [str(tmp_path / "a.png")] * 2
+    rows[2]["label"], rows[1]["image_1"] = None, None
+    with pytest.raises(ValueError) as info:
+        read_preference_data(_write_table(tmp_path, rows, fmt, "prefs"))
+    msg = str(info.value)
+    unit = {"json": "record", "parquet": "row"}.get(fmt, "line")
+    first = {"json": 2, "parquet": 2, "jsonl": 2}.get(fmt, 3)
+    assert "eval.preference_data=" in msg
+    assert re.search(rf"{unit} {first}\b.*'image_1'", msg) and re.search(rf"{unit} {first + 1}\b.*'label'", msg), msg

@@ -213,11 +213,11 @@ def test_aesthetic_folder(rewards, tmp_path):
 
 def test_bad_checkpoint_paths(rewards, tmp_path):
     with pytest.raises(
-        ValueError, match=r"reward 'aesthetic': no checkpoint path. Set the reward's path \(rewards.<i>.path"
+        ValueError, match=r"reward 'aesthetic': no checkpoint path. Set the reward's path \(rewards.0.path"
     ):
         build([RewardConfig(name="aesthetic")])
     with pytest.raises(
-        ValueError, match=r"reward 'clip': checkpoint path '/nonexistent/clip' does not exist.*rewards.<i>.path"
+        ValueError, match=r"reward 'clip': checkpoint path '/nonexistent/clip' does not exist.*rewards.0.path"
     ):
         build([RewardConfig(name="clip", path="/nonexistent/clip")])
     with pytest.raises(ValueError, match=r"reward 'pickscore': checkpoint path 'nobody/no-such-model' does not exist"):

@@ -62,7 +62,7 @@ from typing import Literal
 
 import torch
 
-from pgot.config import RewardConfig
+from pgot.config import REWARD_NAMES, RewardConfig, unknown_reward
 from pgot.rewards.analytic import CONSTRUCTORS as _ANALYTIC
 from pgot.rewards.base import Reward, check_inputs
 from pgot.rewards.preprocessing import preprocess
@@ -75,37 +75,48 @@ __all__ = [
     "UNKNOWN_STRENGTH",
     "Reward",
     "build",
+    "check",
     "columns",
     "default_strength",
     "preprocess",
     "score",
+    "score_images",
 ]
 
 Constructor = Callable[[RewardConfig, "torch.device | str", "torch.dtype | None"], Reward]
 
 
-def _lazy(module: str, attr: str) -> Constructor:
-    """The constructor ``module.attr``, imported on its first call (the family's libraries load only then)."""
+def _lazy(module: str, attr: str, key: str | None = None) -> Callable:
+    """``module.attr`` (or ``module.attr[key]``), imported on its first call: the family's libraries (transformers,
+    open_clip) load only when one of its rewards is checked or built."""
 
-    def construct(cfg: RewardConfig, device: torch.device | str, dtype: torch.dtype | None) -> Reward:
-        return getattr(importlib.import_module(module), attr)(cfg, device, dtype)
+    def call(*args: object, **kwargs: object) -> object:
+        target = getattr(importlib.import_module(module), attr)
+        return (target if key is None else target[key])(*args, **kwargs)
 
-    construct.__name__ = construct.__qualname__ = attr
-    construct.__doc__ = f"``{module}.{attr}(cfg, device, dtype)``, imported on first call."
-    return construct
+    call.__name__ = call.__qualname__ = attr if key is None else f"{attr}[{key!r}]"
+    call.__doc__ = f"``{module}.{call.__name__}``, imported on first call."
+    return call
 
+
+_FAMILIES = {name: "pgot.rewards.clip" for name in ("clip", "ict", "hp", "pickscore", "aesthetic")} | {
+    "hps": "pgot.rewards.hps",
+    "imagereward": "pgot.rewards.imagereward",
+}
 
 REWARDS: dict[str, Constructor] = {
-    "clip": _lazy("pgot.rewards.clip", "build_clip"),
-    "ict": _lazy("pgot.rewards.clip", "build_ict"),
-    "hp": _lazy("pgot.rewards.clip", "build_hp"),
-    "hps": _lazy("pgot.rewards.hps", "build_hps"),
-    "pickscore": _lazy("pgot.rewards.clip", "build_pickscore"),
-    "imagereward": _lazy("pgot.rewards.imagereward", "build_imagereward"),
-    "aesthetic": _lazy("pgot.rewards.clip", "build_aesthetic"),
+    **{name: _lazy(module, f"build_{name}") for name, module in _FAMILIES.items()},
     **_ANALYTIC,
 }
 """Reward name -> constructor ``(cfg, device, dtype) -> Reward``."""
+
+assert set(REWARDS) == set(REWARD_NAMES), "pgot.config.REWARD_NAMES must list the names of REWARDS"
+
+_LOCATORS: dict[str, Callable[[RewardConfig], object]] = {
+    name: _lazy(module, "LOCATORS", name) if module == "pgot.rewards.clip" else _lazy(module, "locate")
+    for name, module in _FAMILIES.items()
+}
+"""Reward name -> the part of its builder that runs before any weight is read (analytic rewards have none)."""
 
 STRENGTHS: dict[str, Literal["strong", "weak"]] = {
     "ict": "strong",
@@ -141,6 +152,43 @@ def default_strength(name: str, strength: str | None = None) -> Literal["strong"
     return strength
 
 
+def _keyed(message: str, index: int) -> str:
+    """A builder's message with the reward's config keys as typed (``rewards.2.path``, not ``rewards.<i>.path``)."""
+    return message.replace("rewards.<i>.", f"rewards.{index}.")
+
+
+def check(configs: Sequence[RewardConfig]) -> list[str]:
+    """Every problem of the configured rewards that shows before any weight is read, one line each.
+
+    Unknown names (with a "did you mean"), checkpoint paths that do not exist or are not in the local hub
+    cache, folders that lack the files the loader reads, and architectures or checkpoint configs whose tower
+    does not take 224 px images. It runs each reward's own path logic (the first half of its builder), so
+    it accepts exactly the layouts :func:`build` loads.
+
+    Args:
+        configs: one :class:`~pgot.config.RewardConfig` per reward.
+
+    Returns:
+        One line per reward with a problem, naming its keys as typed (``rewards.2.path``); empty when all is well.
+    """
+    problems = []
+    for i, cfg in enumerate(configs):
+        if cfg.name not in REWARDS:
+            problems.append(unknown_reward(i, cfg.name, list(REWARDS)))
+            continue
+        locate = _LOCATORS.get(cfg.name)
+        if locate is None:
+            continue
+        try:
+            locate(cfg)
+        except ValueError as err:
+            message = _keyed(str(err), i)
+            if not message.startswith(f"rewards.{i}."):  # every line starts with the key it is about, as typed
+                message = f"rewards.{i}.path={cfg.path!r}: {message.removeprefix(f'reward {cfg.name!r}: ')}"
+            problems.append(message)
+    return problems
+
+
 def build(
     configs: Sequence[RewardConfig], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> list[Reward]:
@@ -152,18 +200,21 @@ def build(
         dtype: weights dtype for rewards whose ``dtype`` is ``auto`` (default: bfloat16 on CUDA, float32 elsewhere).
 
     Raises:
-        ValueError: an unknown reward name (listing the known ones), or a bad checkpoint.
+        ValueError: an unknown reward name (listing the known ones), or a bad checkpoint; the message names the
+            reward's keys as typed (``rewards.2.path``).
     """
     rewards = []
     for i, cfg in enumerate(configs):
         if cfg.name not in REWARDS:
-            hint = difflib.get_close_matches(cfg.name, list(REWARDS), n=1)
-            raise ValueError(
-                f"rewards.{i}.name={cfg.name!r} is not a known reward. Known rewards: {', '.join(REWARDS)}."
-                + (f" Did you mean {hint[0]!r}?" if hint else "")
-            )
+            raise ValueError(unknown_reward(i, cfg.name, list(REWARDS)))
         logger.info("building reward %s from %s", cfg.name, cfg.path or "(analytic)")
-        rewards.append(REWARDS[cfg.name](cfg, device, dtype))
+        try:
+            rewards.append(REWARDS[cfg.name](cfg, device, dtype))
+        except ValueError as err:
+            message = _keyed(str(err), i)
+            if message == str(err):
+                raise
+            raise ValueError(message) from err
     return rewards
 
 
@@ -183,6 +234,39 @@ def score(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence[str
         x = pixel_values if r.uses_pixel_values else images
         columns.append(r.compute(x.to(r.device) if r.uses_pixel_values else x, prompts).float().to(images.device))
     return torch.stack(columns, dim=1)
+
+
+def score_images(
+    rewards: Sequence[Reward],
+    images: Sequence[torch.Tensor],
+    prompts: Sequence[str],
+    batch_size: int,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Score a list of ``(3, H, W)`` images in [0, 1] whose sizes may differ, batching runs of equal size, without
+    gradients (evaluation, preference accuracy).
+
+    Args:
+        rewards: built reward models (:func:`build`).
+        images: B images.
+        prompts: B prompts.
+        batch_size: most images per forward pass.
+        device: where to score.
+
+    Returns:
+        ``(B, M)`` float64 on the CPU.
+    """
+    out: list[torch.Tensor] = []
+    i = 0
+    while i < len(images):
+        j = i + 1
+        while j < len(images) and j - i < batch_size and images[j].shape == images[i].shape:
+            j += 1
+        batch = torch.stack(list(images[i:j])).to(device)
+        with torch.no_grad():
+            out.append(score(rewards, batch, list(prompts[i:j])).double().cpu())
+        i = j
+    return torch.cat(out) if out else torch.zeros(0, len(rewards), dtype=torch.float64)
 
 
 def columns(names: Sequence[str], selected: Sequence[str], key: str = "rewards") -> list[int]:

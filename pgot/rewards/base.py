@@ -27,10 +27,12 @@ from pgot.rewards.preprocessing import preprocess
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "IMAGE_SIZE",
     "RANGE_TOLERANCE",
     "LinearMLP",
     "Reward",
     "TextCache",
+    "check_image_size",
     "check_inputs",
     "load_state_dict_file",
     "load_strict",
@@ -40,6 +42,31 @@ __all__ = [
 
 RANGE_TOLERANCE = 1e-3
 """Images may exceed [0, 1] by this much (bf16 rounding of a clamped VAE output) before it is an error."""
+
+IMAGE_SIZE = 224
+"""Pixel size of the one preprocessed tensor :func:`pgot.rewards.score` feeds every learned reward."""
+
+
+def check_image_size(name: str, size: object, source: str) -> None:
+    """Refuse a reward tower built for another input size than :data:`IMAGE_SIZE`, before any weight is read.
+
+    Args:
+        name: the reward name.
+        size: the tower's image size (an int, or a (height, width) pair as open_clip configs give it).
+        source: what gave the size (``arch 'ViT-H-14-378'``, a config.json path), for the message.
+
+    Raises:
+        ValueError: the size is not 224 x 224; the message names ``rewards.<i>.arch`` and ``rewards.<i>.path``.
+    """
+    sizes = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    if any(int(s) != IMAGE_SIZE for s in sizes):
+        shown = "x".join(str(int(s)) for s in sizes)
+        raise ValueError(
+            f"reward {name!r}: {source} is a tower for {shown} px images, but pgot scores every reward on the shared "
+            f"{IMAGE_SIZE} px CLIP preprocessing (pgot.rewards.preprocess), so its position embeddings would not fit. "
+            f"Set rewards.<i>.arch to a {IMAGE_SIZE} px architecture (e.g. ViT-H-14, ViT-L-14), or point "
+            f"rewards.<i>.path at a {IMAGE_SIZE} px checkpoint."
+        )
 
 
 def check_inputs(name: str, images: torch.Tensor, prompts: Sequence[str]) -> None:

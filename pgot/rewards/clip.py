@@ -26,6 +26,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ from pgot.rewards.base import (
     LinearMLP,
     Reward,
     TextCache,
+    check_image_size,
     load_state_dict_file,
     load_strict,
     maybe_checkpoint,
@@ -49,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "HF_ARCHS",
+    "LOCATORS",
     "AestheticReward",
     "ClipCosineReward",
     "HPReward",
@@ -162,23 +166,56 @@ def _fix_position_ids(model: nn.Module) -> None:
             module.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(1, -1), persistent=False)
 
 
-def _read_hf_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
+def _hf_weight_files(name: str, path: Path) -> list[Path]:
+    """The weight files of an HF CLIPModel checkpoint (a file, or a folder as ``save_pretrained`` writes it)."""
     if path.is_file():
-        return load_state_dict_file(name, path)
+        return [path]
     for fname in ("model.safetensors", "pytorch_model.bin"):
         if (path / fname).is_file():
-            return load_state_dict_file(name, path / fname)
+            return [path / fname]
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
-            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(load_state_dict_file(name, path / shard))
-            return state
+            try:
+                shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ValueError(f"reward {name!r}: {str(path / index)!r} is not a weight index ({err}).") from None
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise ValueError(
+                    f"reward {name!r}: {str(path / index)!r} names shards that are not in the folder: "
+                    f"{', '.join(missing[:3])}. Download the whole checkpoint folder again."
+                )
+            return [path / s for s in shards]
     raise ValueError(
         f"reward {name!r}: no weights in folder {str(path)!r} (expected model.safetensors, pytorch_model.bin or a sharded "
         "*.index.json, as written by CLIPModel.save_pretrained). Point rewards.<i>.path at the model folder."
     )
+
+
+def _read_hf_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in _hf_weight_files(name, path):
+        state.update(load_state_dict_file(name, f))
+    return state
+
+
+def _clip_config(name: str, path: Path, arch: str) -> CLIPConfig:
+    """The checkpoint's ``config.json`` (next to the weights), else the built-in config of ``arch``; 224 px only."""
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    if config_file.is_file():
+        try:
+            raw = json.loads(config_file.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"reward {name!r}: {str(config_file)!r} is not valid JSON ({err}).") from None
+        if not isinstance(raw, dict) or raw.get("model_type", "clip") != "clip":
+            what = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(
+                f"reward {name!r}: {str(config_file)!r} describes a {what!r} model, not a CLIP model. Point rewards.<i>.path at this reward's checkpoint."
+            )
+        config = CLIPConfig.from_dict(raw)
+        check_image_size(name, config.vision_config.image_size, f"{str(config_file)!r}")
+        return config
+    return hf_clip_config(name, arch)
 
 
 def load_hf_clip(
@@ -189,16 +226,7 @@ def load_hf_clip(
     ``config.json`` next to the weights wins over ``arch``. With ``vision_only`` only the image tower and
     ``visual_projection`` are kept (HP and aesthetic do not read text); the text keys are then expected.
     """
-    config_file = (path if path.is_dir() else path.parent) / "config.json"
-    if config_file.is_file():
-        raw = json.loads(config_file.read_text())
-        if raw.get("model_type", "clip") != "clip":
-            raise ValueError(
-                f"reward {name!r}: {str(config_file)!r} describes a {raw.get('model_type')!r} model, not a CLIP model. Point rewards.<i>.path at this reward's checkpoint."
-            )
-        config = CLIPConfig.from_dict(raw)
-    else:
-        config = hf_clip_config(name, arch)
+    config = _clip_config(name, path, arch)
     state = _read_hf_weights(name, path)
     with torch.device("meta"):
         model = CLIPVisionModelWithProjection(_vision_config(config)) if vision_only else CLIPModel(config)
@@ -309,19 +337,66 @@ class AestheticReward(_ClipImageReward):
 # ---------------------------------------------------------------------------------------------
 
 
-def _cosine_reward(cfg: RewardConfig, device, dtype, *, default_arch: str, logit_scale: bool, what: str) -> Reward:
-    arch = cfg.arch or default_arch
+@dataclass(frozen=True)
+class _Spec:
+    """How one reward of this module finds its checkpoint (shared by its builder and its locator)."""
+
+    default_arch: str
+    what: str
+    """The expected checkpoint, for error messages."""
+    clip_path: Callable[[str, Path], Path] | None = None
+    """Vision rewards: the CLIPModel folder inside the reward's folder."""
+    mlp_path: Callable[[str, Path], Path] | None = None
+    """Vision rewards: the MLP head file inside the reward's folder."""
+
+
+def _locate_cosine(cfg: RewardConfig, spec: _Spec) -> Path | None:
+    """The checkpoint of a cosine reward, checked as far as possible without reading weights (None: tiny/random)."""
+    arch = cfg.arch or spec.default_arch
+    if cfg.path == "tiny":
+        return None
+    if cfg.path == "random":
+        hf_clip_config(cfg.name, arch)
+        return None
+    path = resolve_path(cfg.name, cfg.path, spec.what)
+    _clip_config(cfg.name, path, arch)
+    _hf_weight_files(cfg.name, path)
+    return path
+
+
+def _locate_vision(cfg: RewardConfig, spec: _Spec) -> tuple[Path, Path] | None:
+    """(CLIPModel folder, MLP file) of a vision reward, checked without reading weights (None: tiny/random)."""
+    arch = cfg.arch or spec.default_arch
+    if cfg.path == "tiny":
+        return None
+    if cfg.path == "random":
+        hf_clip_config(cfg.name, arch)
+        return None
+    assert spec.clip_path is not None and spec.mlp_path is not None
+    root = resolve_path(cfg.name, cfg.path, spec.what)
+    if not root.is_dir():
+        raise ValueError(
+            f"reward {cfg.name!r}: {str(root)!r} is a file; expected {spec.what}. Point rewards.<i>.path at the folder."
+        )
+    clip_path = spec.clip_path(cfg.name, root)
+    _clip_config(cfg.name, clip_path, arch)
+    _hf_weight_files(cfg.name, clip_path)
+    return clip_path, spec.mlp_path(cfg.name, root)
+
+
+def _cosine_reward(cfg: RewardConfig, device, dtype, spec: _Spec, *, logit_scale: bool) -> Reward:
+    arch = cfg.arch or spec.default_arch
     wdtype = resolve_dtype(cfg.dtype, device, default=dtype, key=f"reward {cfg.name!r} dtype")
     scale = PICKSCORE_LOGIT_SCALE if logit_scale else 2.6592
     act = HF_ARCHS[arch][3] if arch in HF_ARCHS else "gelu"
+    path = _locate_cosine(cfg, spec)
     if cfg.path == "tiny":
         model = tiny_clip_model(cfg.tiny_seed, act=act, logit_scale=scale)
     elif cfg.path == "random":
         model = _random_clip(hf_clip_config(cfg.name, arch, scale), False, device, cfg.tiny_seed)
     else:
-        model = load_hf_clip(
-            cfg.name, resolve_path(cfg.name, cfg.path, what), arch, vision_only=False, device=device, dtype=wdtype
-        )
+        assert path is not None
+        model = load_hf_clip(cfg.name, path, arch, vision_only=False, device=device, dtype=wdtype)
     model = model.to(device=device, dtype=wdtype)
     return ClipCosineReward(
         cfg.name,
@@ -334,41 +409,24 @@ def _cosine_reward(cfg: RewardConfig, device, dtype, *, default_arch: str, logit
 
 def build_clip(cfg: RewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Reward:
     """CLIP score: cosine of CLIP image and text embeddings (default OpenAI ViT-L/14)."""
-    return _cosine_reward(
-        cfg,
-        device,
-        dtype,
-        default_arch="ViT-L-14",
-        logit_scale=False,
-        what="an HF CLIPModel folder (e.g. openai/clip-vit-large-patch14)",
-    )
+    return _cosine_reward(cfg, device, dtype, _SPECS["clip"], logit_scale=False)
 
 
 def build_ict(cfg: RewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Reward:
     """ICT (Ba et al. 2025): cosine on the fine-tuned CLIP ViT-H-14 of ``8y/ICT``."""
-    return _cosine_reward(
-        cfg,
-        device,
-        dtype,
-        default_arch="ViT-H-14",
-        logit_scale=False,
-        what="the ICT pytorch_model.bin (8y/ICT) or a folder with config.json and weights",
-    )
+    return _cosine_reward(cfg, device, dtype, _SPECS["ict"], logit_scale=False)
 
 
 def build_pickscore(cfg: RewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Reward:
     """PickScore (Kirstain et al. 2023): ``exp(logit_scale) * cos`` on ``yuvalkirstain/PickScore_v1``."""
-    return _cosine_reward(
-        cfg, device, dtype, default_arch="ViT-H-14", logit_scale=True, what="the PickScore_v1 HF CLIPModel folder"
-    )
+    return _cosine_reward(cfg, device, dtype, _SPECS["pickscore"], logit_scale=True)
 
 
-def _vision_reward(
-    cfg: RewardConfig, device, dtype, *, default_arch: str, clip_path, mlp_path, cls, what: str
-) -> Reward:
-    arch = cfg.arch or default_arch
+def _vision_reward(cfg: RewardConfig, device, dtype, spec: _Spec, cls: type) -> Reward:
+    arch = cfg.arch or spec.default_arch
     wdtype = resolve_dtype(cfg.dtype, device, default=dtype, key=f"reward {cfg.name!r} dtype")
-    if cfg.path in ("tiny", "random"):
+    located = _locate_vision(cfg, spec)
+    if located is None:
         if cfg.path == "tiny":
             vision = _vision_from_full(
                 tiny_clip_model(cfg.tiny_seed, act=HF_ARCHS[arch][3] if arch in HF_ARCHS else "gelu")
@@ -379,13 +437,8 @@ def _vision_reward(
             torch.manual_seed(cfg.tiny_seed + 1)
             mlp = LinearMLP(vision.config.projection_dim)
     else:
-        root = resolve_path(cfg.name, cfg.path, what)
-        if not root.is_dir():
-            raise ValueError(
-                f"reward {cfg.name!r}: {str(root)!r} is a file; expected {what}. Point rewards.<i>.path at the folder."
-            )
-        vision = load_hf_clip(cfg.name, clip_path(cfg.name, root), arch, vision_only=True, device=device, dtype=wdtype)
-        mfile = mlp_path(cfg.name, root)
+        clip_path, mfile = located
+        vision = load_hf_clip(cfg.name, clip_path, arch, vision_only=True, device=device, dtype=wdtype)
         state = load_state_dict_file(cfg.name, mfile)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         with torch.device("meta"):
@@ -416,16 +469,7 @@ def _hp_scorer(name: str, root: Path) -> Path:
 
 def build_hp(cfg: RewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Reward:
     """HP (Ba et al. 2025): ``sigmoid(MLP(img))`` on the fine-tuned ViT-H-14 image tower of ``8y/HP``."""
-    return _vision_reward(
-        cfg,
-        device,
-        dtype,
-        default_arch="ViT-H-14",
-        clip_path=_hp_backbone,
-        mlp_path=_hp_scorer,
-        cls=HPReward,
-        what="the 8y/HP folder (hp_backbone/ and hp_scorer/)",
-    )
+    return _vision_reward(cfg, device, dtype, _SPECS["hp"], HPReward)
 
 
 def _aesthetic_clip(name: str, root: Path) -> Path:
@@ -447,13 +491,25 @@ def _aesthetic_mlp(name: str, root: Path) -> Path:
 
 def build_aesthetic(cfg: RewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Reward:
     """LAION improved aesthetic predictor: linear MLP on the L2-normalised OpenAI ViT-L/14 image embedding."""
-    return _vision_reward(
-        cfg,
-        device,
-        dtype,
-        default_arch="ViT-L-14",
-        clip_path=_aesthetic_clip,
-        mlp_path=_aesthetic_mlp,
-        cls=AestheticReward,
-        what="a folder with the ViT-L/14 CLIPModel (config.json + weights, here or in clip/) and the aesthetic MLP .pth",
-    )
+    return _vision_reward(cfg, device, dtype, _SPECS["aesthetic"], AestheticReward)
+
+
+_SPECS = {
+    "clip": _Spec("ViT-L-14", "an HF CLIPModel folder (e.g. openai/clip-vit-large-patch14)"),
+    "ict": _Spec("ViT-H-14", "the ICT pytorch_model.bin (8y/ICT) or a folder with config.json and weights"),
+    "pickscore": _Spec("ViT-H-14", "the PickScore_v1 HF CLIPModel folder"),
+    "hp": _Spec("ViT-H-14", "the 8y/HP folder (hp_backbone/ and hp_scorer/)", _hp_backbone, _hp_scorer),
+    "aesthetic": _Spec(
+        "ViT-L-14",
+        "a folder with the ViT-L/14 CLIPModel (config.json + weights, here or in clip/) and the aesthetic MLP .pth",
+        _aesthetic_clip,
+        _aesthetic_mlp,
+    ),
+}
+
+LOCATORS: dict[str, Callable[[RewardConfig], object]] = {
+    name: functools.partial(_locate_vision if spec.clip_path else _locate_cosine, spec=spec)
+    for name, spec in _SPECS.items()
+}
+"""Reward name -> ``locate(cfg)``: everything its builder checks before reading weights (path, files, arch, image
+size), raising the builder's ``ValueError``; :func:`pgot.rewards.check` runs them in the preflight."""

@@ -10,6 +10,7 @@ comparable). ``arch`` names another open_clip model config when needed.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +18,12 @@ from torch import nn
 
 from pgot.config import RewardConfig
 from pgot.devices import resolve_dtype
-from pgot.rewards.base import Reward, TextCache, load_state_dict_file, load_strict, resolve_path
+from pgot.rewards.base import Reward, TextCache, check_image_size, load_state_dict_file, load_strict, resolve_path
 from pgot.rewards.clip import clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HPSReward", "TINY_OPEN_CLIP", "build_hps", "open_clip_model"]
+__all__ = ["HPSReward", "TINY_OPEN_CLIP", "build_hps", "locate", "open_clip_model"]
 
 TINY_OPEN_CLIP = dict(
     embed_dim=16,
@@ -41,6 +42,7 @@ def open_clip_model(name: str, arch: str) -> dict:
         raise ValueError(
             f"reward {name!r}: unknown open_clip arch {arch!r}. Set rewards.<i>.arch to an open_clip model name, e.g. ViT-H-14."
         )
+    check_image_size(name, cfg.get("vision_cfg", {}).get("image_size", 224), f"open_clip arch {arch!r}")
     return cfg
 
 
@@ -70,10 +72,40 @@ class HPSReward(Reward):
         return (img * txt).sum(-1)
 
 
+_WHAT = "the HPSv2 checkpoint HPS_v2_compressed.pt or HPS_v2.1_compressed.pt (xswu/HPSv2)"
+
+
+def locate(cfg: RewardConfig) -> Path | None:
+    """The HPS checkpoint file, checked as far as possible without reading weights (path, arch, image size).
+
+    Returns:
+        The .pt file, or None for ``tiny`` / ``random``.
+
+    Raises:
+        ValueError: as :func:`build_hps` would, before it reads any weight.
+    """
+    arch = cfg.arch or "ViT-H-14"
+    if cfg.path == "tiny":
+        return None
+    open_clip_model(cfg.name, arch)
+    if cfg.path == "random":
+        return None
+    path = resolve_path(cfg.name, cfg.path, _WHAT)
+    if path.is_dir():
+        files = sorted(path.glob("*.pt"))
+        if len(files) != 1:
+            raise ValueError(
+                f"reward {cfg.name!r}: {str(path)!r} is a folder with {len(files)} .pt files; point rewards.<i>.path at the HPS_v2*.pt file."
+            )
+        path = files[0]
+    return path
+
+
 def build_hps(cfg: RewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Reward:
     """HPSv2 / HPSv2.1 from the ``{'state_dict': ...}`` .pt file; ``tiny``/``random`` builds without weights."""
     arch = cfg.arch or "ViT-H-14"
     wdtype = resolve_dtype(cfg.dtype, device, default=dtype, key=f"reward {cfg.name!r} dtype")
+    path = locate(cfg)
     if cfg.path == "tiny":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.tiny_seed)
@@ -83,16 +115,7 @@ def build_hps(cfg: RewardConfig, device: torch.device | str = "cpu", dtype: torc
         with torch.device(device):
             model = _build(open_clip_model(cfg.name, arch))
     else:
-        path = resolve_path(
-            cfg.name, cfg.path, "the HPSv2 checkpoint HPS_v2_compressed.pt or HPS_v2.1_compressed.pt (xswu/HPSv2)"
-        )
-        if path.is_dir():
-            files = sorted(path.glob("*.pt"))
-            if len(files) != 1:
-                raise ValueError(
-                    f"reward {cfg.name!r}: {str(path)!r} is a folder with {len(files)} .pt files; point rewards.<i>.path at the HPS_v2*.pt file."
-                )
-            path = files[0]
+        assert path is not None
         state = load_state_dict_file(cfg.name, path)
         state = state.get("state_dict", state)
         state = {k.removeprefix("module."): v for k, v in state.items()}  # DDP-saved checkpoints

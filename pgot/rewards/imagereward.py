@@ -37,6 +37,7 @@ from pgot.devices import resolve_dtype
 from pgot.rewards.base import (
     LinearMLP,
     Reward,
+    check_image_size,
     load_state_dict_file,
     load_strict,
     maybe_checkpoint,
@@ -59,6 +60,7 @@ __all__ = [
     "bert_tokenizer",
     "build_imagereward",
     "ignored_key",
+    "locate",
     "tiny_vocab",
 ]
 
@@ -399,6 +401,7 @@ def _vit_from_state(name: str, state: dict[str, torch.Tensor], med: dict, path: 
     width, _, patch, _ = state[f"{prefix}patch_embed.proj.weight"].shape
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}blocks\.(\d+)\.", k)))
     image_size = int(math.isqrt(state[f"{prefix}pos_embed"].shape[1] - 1)) * patch
+    check_image_size(name, image_size, f"the BLIP vision tower of {str(path)!r}")
     return dict(
         image_size=image_size,
         patch_size=patch,
@@ -406,6 +409,27 @@ def _vit_from_state(name: str, state: dict[str, torch.Tensor], med: dict, path: 
         depth=depth,
         heads=med.get("vision_num_heads", max(1, width // 64)),
     )
+
+
+def locate(cfg: RewardConfig) -> tuple[Path, Path, Path] | None:
+    """(ImageReward.pt, med_config.json, vocab.txt) of the configured folder or file, checked without reading
+    weights (None for ``tiny`` / ``random``).
+
+    Raises:
+        ValueError: as :func:`build_imagereward` would, before it reads any weight.
+    """
+    if cfg.path in ("tiny", "random"):
+        return None
+    root = resolve_path(cfg.name, cfg.path, "the ImageReward folder (ImageReward.pt, med_config.json, vocab.txt)")
+    ckpt = root / "ImageReward.pt" if root.is_dir() else root
+    folder = ckpt.parent
+    for needed in (ckpt, folder / "med_config.json", folder / "vocab.txt"):
+        if not needed.is_file():
+            raise ValueError(
+                f"reward {cfg.name!r}: {str(needed)!r} does not exist. The ImageReward folder needs ImageReward.pt and "
+                "med_config.json (THUDM/ImageReward) and bert-base-uncased's vocab.txt; set rewards.<i>.path to it."
+            )
+    return ckpt, folder / "med_config.json", folder / "vocab.txt"
 
 
 def build_imagereward(
@@ -427,17 +451,11 @@ def build_imagereward(
                 model = ImageRewardModel(VIT_L16, MED_CONFIG)
         tokenizer = bert_tokenizer(cfg.name, vocab)
     else:
-        root = resolve_path(cfg.name, cfg.path, "the ImageReward folder (ImageReward.pt, med_config.json, vocab.txt)")
-        ckpt = root / "ImageReward.pt" if root.is_dir() else root
-        folder = ckpt.parent
-        for needed in (ckpt, folder / "med_config.json", folder / "vocab.txt"):
-            if not needed.is_file():
-                raise ValueError(
-                    f"reward {cfg.name!r}: {str(needed)!r} does not exist. The ImageReward folder needs ImageReward.pt and "
-                    "med_config.json (THUDM/ImageReward) and bert-base-uncased's vocab.txt; set rewards.<i>.path to it."
-                )
-        med = json.loads((folder / "med_config.json").read_text())
-        vocab = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        located = locate(cfg)
+        assert located is not None
+        ckpt, med_file, vocab_file = located
+        med = json.loads(med_file.read_text())
+        vocab = vocab_file.read_text(encoding="utf-8").splitlines()
         tokenizer = bert_tokenizer(cfg.name, vocab, expected=med["vocab_size"] - 2)
         state = load_state_dict_file(cfg.name, ckpt)
         vit = _vit_from_state(cfg.name, state, med, ckpt)

@@ -1,0 +1,477 @@
+"""Preflight: every input of a stage checked before any weight loads, and every problem reported at once.
+
+:func:`preflight` runs first in :func:`pgot.precompute.run`, :func:`pgot.train.run` and :func:`pgot.evaluate.run`
+(so notebook users get the same errors as the CLI) and behind ``--check`` on the command line. It adds to the
+config's own rules (:func:`pgot.config.check`) everything that needs a file, a folder or the environment, but no
+weights:
+
+* all stages: the prompt file parses (``prompts.path``); the base model folder has ``model_index.json`` and its
+  subfolders, or a hub id is complete in the local hub cache (``model.path``); ``model.lora_path`` is a diffusers
+  LoRA file; each learned reward's checkpoint exists with the files its loader reads, and its architecture takes
+  224 px images (``rewards.<i>.path`` / ``arch``; the loaders' own path logic, :func:`pgot.rewards.check`);
+* ``precompute``: ``precompute.store`` can be written, and a store that is already there was built with the same
+  settings (:func:`pgot.frontier.compare_settings`, model fingerprint included), so a rerun extends it;
+* ``train``: ``train.output_dir`` can be written and holds no other run (unless ``train.resume``); ``train.resume``
+  names a checkpoint; the frontier store exists (or ``train.precompute_if_missing``), was built with the same
+  settings and holds every training prompt; the trackers of ``train.log_with`` are installed; the agent has its
+  key (``$agent.api_key_env``), its script and its reference images;
+* ``eval``: ``eval.output_dir`` can be written; the LoRA files of ``eval.models`` (and soups); the manifest and
+  the images it names; the preference data; the vote files and the study they belong to; ``eval.runs``.
+
+Each problem is one line that names the config key as typed on the command line (``rewards.2.path``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+from accelerate.utils import is_tensorboard_available, is_wandb_available
+from PIL import Image
+from safetensors import safe_open
+
+from pgot import checkpoints, evaluate, human_eval, objectives
+from pgot import frontier as store_io
+from pgot import rewards as reward_models
+from pgot.agent import load_script
+from pgot.config import STAGES, Config, ConfigError, check
+from pgot.devices import resolve_device, resolve_dtype
+from pgot.model import LORA_WEIGHT_NAME, _check_folder, _folder_fingerprint, resolve_lora_file
+from pgot.prompts import PromptSet, load_prompts, split
+from pgot.tiny import tiny_components, tiny_fingerprint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["check_inputs", "lora_file", "output_folder", "preflight"]
+
+_TRACKERS: dict[str, Callable[[], bool]] = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def preflight(cfg: Config, stage: str) -> None:
+    """Check ``cfg`` for ``stage`` (config rules and every input) and raise one error listing every problem.
+
+    Nothing is loaded, written or created: no weights, no folders.
+
+    Args:
+        cfg: the config.
+        stage: ``precompute``, ``train`` or ``eval``.
+
+    Raises:
+        ConfigError: (a ``ValueError``) listing every problem, one line each.
+    """
+    problems = check(cfg, stage)
+    problems += check_inputs(cfg, stage, skip=problems)
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)), config=cfg)
+
+
+def check_inputs(cfg: Config, stage: str, skip: Sequence[str] = ()) -> list[str]:
+    """Every problem with the files, folders and environment ``stage`` needs, one line each.
+
+    Args:
+        cfg: a config (that passed :func:`pgot.config.check`, or whose problems are in ``skip``).
+        stage: ``precompute``, ``train`` or ``eval``.
+        skip: problems already found (the config's): an input whose key one of them names is not checked again,
+            so a wrong value gives one line, not two.
+
+    Returns:
+        One line per problem; empty when every input is in place.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}.")
+    c = _Checks(cfg, skip)
+    if stage == "eval":
+        checks = [c.eval]
+    else:
+        checks = [lambda: c.prompts("train" if stage == "train" else ""), c.model, c.rewards]
+        checks.append(c.precompute if stage == "precompute" else c.train)
+    for run in checks:
+        try:
+            run()
+        except (ValueError, OSError) as err:  # an input that fails in an unforeseen way (unreadable, ...) is one line
+            c.add([_line(err)])
+    return c.problems
+
+
+def _line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{str(err.filename)!r}: {err.strerror or type(err).__name__} ({type(err).__name__})."
+    return str(err) or type(err).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Checks shared by the stages
+# --------------------------------------------------------------------------------------------
+
+
+def output_folder(path: str, key: str) -> list[str]:
+    """Whether the folder ``path`` (config key ``key``) exists or can be created, and can be written to.
+
+    Uses the permissions of the nearest existing folder (``os.access``), so nothing is created. As root,
+    permission bits do not stop writes; a path under a file or on a read-only file system is still refused.
+
+    Returns:
+        One line when the folder is a file, lies under a file, or is not writable; else nothing.
+    """
+    if not str(path).strip():
+        return [f"{key} is empty. Set {key} to a folder (it is created when missing)."]
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            return [f"{key}={str(path)!r} is a file, not a folder. Point {key} at a folder, or move the file away."]
+        if not os.access(p, os.W_OK | os.X_OK):
+            return [f"{key}={str(path)!r} is a folder this user cannot write to. Point {key} at a writable folder."]
+        return []
+    parent = p.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return [
+            f"{key}={str(path)!r} cannot be created: {parent} is a file, not a folder. Point {key} at a folder "
+            "under a folder."
+        ]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [
+            f"{key}={str(path)!r} cannot be created: this user cannot write to {parent}. Point {key} at a writable "
+            "place, or fix the permissions of that folder."
+        ]
+    return []
+
+
+def lora_file(path: str, key: str) -> list[str]:
+    """Whether ``path`` (config key ``key``) is a diffusers SD3 LoRA: a file, a folder holding one, or a pgot run
+    folder (its ``final/``), with transformer LoRA weights. Reads the safetensors header only."""
+    try:
+        f = resolve_lora_file(path, key)
+    except ValueError as err:
+        return [str(err)]
+    how = (
+        f"Point {key} at a diffusers SD3 LoRA ({LORA_WEIGHT_NAME}, keys transformer.<module>.lora_A.weight), as "
+        "pgot-train writes it to <run>/final/, a folder holding one, or a finished pgot run folder."
+    )
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            keys = list(fh.keys())
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for a file of another kind
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return [f"{key}={str(path)!r}: {str(f)!r} is not a safetensors file ({first}). {how}"]
+    if not any(k.startswith("transformer.") and "lora" in k for k in keys):
+        seen = ", ".join(keys[:2]) or "no tensors"
+        return [f"{key}={str(path)!r}: {str(f)!r} holds no SD3 transformer LoRA weights (keys: {seen}). {how}"]
+    return []
+
+
+class _Checks:
+    """The checks of one config; ``problems`` collects their lines."""
+
+    def __init__(self, cfg: Config, skip: Sequence[str]):
+        self.cfg = cfg
+        self.skip = list(skip)
+        self.problems: list[str] = []
+        self.prompt_set: PromptSet | None = None
+        self.model_ok = False
+
+    def named(self, key: str) -> bool:
+        """Whether an earlier problem is about ``key`` (then its input is not checked again)."""
+        return any(key in line for line in self.skip + self.problems)
+
+    def add(self, lines: Sequence[str]) -> bool:
+        self.problems.extend(lines)
+        return not lines
+
+    # ---- prompts, model, LoRA, rewards ------------------------------------------------------
+
+    def prompts(self, part: str = "") -> None:
+        """Load the prompts; ``part`` ``train`` or ``eval``: the split that stage uses must not be empty."""
+        pc = self.cfg.prompts
+        if self.named("prompts."):
+            return
+        try:
+            ps = load_prompts(pc)
+        except ValueError as err:
+            self.add([str(err)])
+            return
+        if part and pc.eval_fraction > 0:
+            ps = split(ps, pc.eval_fraction, pc.split_seed)[0 if part == "train" else 1]
+        if not ps.prompts:
+            self.add(
+                [
+                    f"prompts.path={pc.path} gives no {part + ' ' if part else ''}prompts; check prompts.limit and "
+                    "prompts.eval_fraction."
+                ]
+            )
+            return
+        self.prompt_set = ps
+
+    def model(self) -> None:
+        m = self.cfg.model
+        if not m.tiny and not self.named("model.path"):
+            try:
+                _check_folder(m.path)
+                self.model_ok = True
+            except ValueError as err:
+                self.add([str(err)])
+        elif m.tiny:
+            self.model_ok = True
+        if m.lora_path and not self.named("model.lora_path"):
+            self.add(lora_file(m.lora_path, "model.lora_path"))
+
+    def rewards(self) -> None:
+        if any(re.match(r"rewards\.\d+ must be", line) for line in self.skip):
+            return  # an item that is not a reward was dropped: the indices no longer match what was typed
+        named = [f"rewards.{i}." for i in range(len(self.cfg.rewards)) if self.named(f"rewards.{i}.")]
+        self.add([p for p in reward_models.check(self.cfg.rewards) if not any(k in p for k in named)])
+
+    def fingerprint(self) -> tuple[str | None, float | None]:
+        """(fingerprint, scheduler shift) of the configured base model, without loading its weights."""
+        m = self.cfg.model
+        if not self.model_ok:
+            return None, None
+        if m.tiny:  # a fraction of a second: the tiny model's weights are random, built from the seed
+            parts = tiny_components(m.tiny_seed)
+            return tiny_fingerprint(parts, m.tiny_seed), parts["scheduler"].config.get("shift")
+        folder = _check_folder(m.path)
+        shift = 1.0  # FlowMatchEulerDiscreteScheduler's default
+        try:
+            shift = float(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("shift", 1.0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+        return _folder_fingerprint(folder), shift
+
+    def dtype(self) -> str | None:
+        try:
+            return str(resolve_dtype(self.cfg.model.dtype, resolve_device(self.cfg.model.device))).removeprefix(
+                "torch."
+            )
+        except ValueError:
+            return None
+
+    def store(self, path: Path, key: str, *, extend: bool) -> dict | None:
+        """Compare the store at ``path`` (if it has a meta.json) with the config; returns its meta."""
+        try:
+            meta = store_io.read_meta(path)
+        except ValueError as err:
+            self.add([f"{key}={path}: {err}"])
+            return None
+        if meta is None:
+            return None
+        fp, shift = self.fingerprint()
+        self.add(
+            store_io.compare_settings(
+                meta,
+                self.cfg,
+                store=path,
+                fingerprint=fp,
+                default_shift=shift,
+                dtype=self.dtype() if extend else None,
+                extend=extend,
+            )
+        )
+        return meta
+
+    # ---- stages -------------------------------------------------------------------------------
+
+    def precompute(self) -> None:
+        pc = self.cfg.precompute
+        store = Path(pc.store)
+        if self.named("precompute.store") or not self.add(output_folder(pc.store, "precompute.store")):
+            return
+        before = len(self.problems)
+        meta = self.store(store, "precompute.store", extend=True)
+        has_rows = (store / store_io.SAMPLES_FILE).is_file() or any((store / store_io.SHARDS_DIR).glob("*.parquet"))
+        if meta is None and has_rows:
+            self.add(
+                [
+                    f"precompute.store={store} holds samples but no {store_io.META_FILE}, so their settings are "
+                    f"unknown. Set precompute.store to a new folder, or delete {store} to rebuild it."
+                ]
+            )
+        elif has_rows and len(self.problems) == before:  # a rerun adds to the prompts already done: same texts
+            done = store_io.completed_prompts(store, pc.samples_per_prompt)
+            self.store_prompts(store, "precompute.store", done, every=False)
+
+    def train(self) -> None:
+        t = self.cfg.train
+        run_dir = Path(t.output_dir)
+        if not self.named("train.output_dir") and self.add(output_folder(t.output_dir, "train.output_dir")):
+            resume = None
+            if not self.named("train.resume"):
+                try:
+                    resume = checkpoints.resume_folder(t.resume, run_dir)
+                except ValueError as err:
+                    self.add([str(err)])
+                    resume = run_dir  # reported: do not also say the folder holds a run
+            if resume is None and (
+                (run_dir / "metrics.jsonl").exists() or checkpoints.list_checkpoints(run_dir / "checkpoints")
+            ):
+                self.add(
+                    [
+                        f"train.output_dir={run_dir} already holds a run. Continue it with train.resume=latest, or "
+                        "choose a new train.output_dir."
+                    ]
+                )
+        self.train_store()
+        for tracker in t.log_with:
+            available = _TRACKERS.get(tracker)
+            if available is not None and not available():
+                self.add(
+                    [
+                        f"train.log_with names {tracker}, which is not installed, so nothing would be logged to it. "
+                        f"Install it (pip install {_TRACKER_PACKAGES[tracker]}) or remove it from train.log_with."
+                    ]
+                )
+        self.agent()
+
+    def train_store(self) -> None:
+        t = self.cfg.train
+        if t.store:
+            path, key = Path(t.store), "train.store"
+        elif objectives.needs_store(t.objective, t.strategy):
+            path, key = Path(self.cfg.precompute.store), "precompute.store"
+        else:
+            return
+        if self.named(key):
+            return
+        complete = (path / store_io.META_FILE).is_file() and (path / store_io.SAMPLES_FILE).is_file()
+        if not complete:
+            if t.precompute_if_missing:  # built (or finished) first with this config: as a resumed precompute
+                if self.add(output_folder(str(path), key)):
+                    self.store(path, key, extend=True)
+                return
+            try:
+                store_io.load_store(path)  # raises the store's own message: what is missing and how to build it
+            except ValueError as err:  # StoreNotFoundError is one
+                self.add([f"{key}={path}: {err} Or set train.precompute_if_missing=true to build it first."])
+            return
+        if self.store(path, key, extend=False) is None or self.prompt_set is None:
+            return
+        if objectives.needs_store(t.objective, t.strategy):
+            self.store_prompts(path, key)
+
+    def store_prompts(self, path: Path, key: str, stored: dict[int, str] | None = None, every: bool = True) -> None:
+        """The store's prompts (``stored``: id -> text, default: read from samples.parquet) must have the texts of
+        the prompt set; with ``every``, each prompt of the set must be there (training looks up every front)."""
+        if self.prompt_set is None:
+            return
+        if stored is None:
+            try:
+                rows = pd.read_parquet(path / store_io.SAMPLES_FILE, columns=["prompt_id", "prompt"])
+            except Exception as err:  # pyarrow raises its own errors for a damaged file
+                self.add([f"{key}={path}: {store_io.SAMPLES_FILE} cannot be read ({type(err).__name__}: {err})."])
+                return
+            stored = dict(zip(rows["prompt_id"].astype(int), rows["prompt"].astype(str), strict=True))
+        ids, texts = [int(i) for i in self.prompt_set.ids], self.prompt_set.prompts
+        missing = [i for i in ids if i not in stored]
+        changed = [(i, t) for i, t in zip(ids, texts, strict=True) if i in stored and stored[i] != t]
+        if every and missing:
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            self.add(
+                [
+                    f"{key}={path} has no front for {len(missing)} of the {len(ids)} training prompts (prompt ids "
+                    f"{shown}). Precompute the store with the same prompts settings as training (prompts.path, "
+                    f"prompts.limit), or point {key} at a store computed for these prompts."
+                ]
+            )
+        if changed:
+            pid, text = changed[0]
+            self.add(
+                [
+                    f"{key}={path}: prompt id {pid} is {text!r} in prompts.path but {stored[pid]!r} in the store "
+                    f"({len(changed)} of the prompts differ): the prompt file changed since the store was built. "
+                    f"Set {key} to a new folder, or delete {path} to rebuild it."
+                ]
+            )
+
+    def agent(self) -> None:
+        a = self.cfg.agent
+        if a.backend == "none":
+            return
+        if a.backend == "openai" and a.api_key_env and not os.environ.get(a.api_key_env):
+            self.add(
+                [
+                    f"agent.backend=openai reads the API key from the environment variable {a.api_key_env} "
+                    "(agent.api_key_env), which is not set, so every agent call would fail. Export it, set "
+                    "agent.api_key_env to the variable that holds the key, or agent.api_key_env='' for a server "
+                    "without authentication."
+                ]
+            )
+        if a.backend == "scripted" and a.script and not self.named("agent.script"):
+            try:
+                load_script(a.script, self.cfg.reward_names, a.every)
+            except ValueError as err:
+                self.add([str(err)])
+        for name, path in a.references.items():
+            key = f"agent.references.{name}"
+            if self.named(key):
+                continue
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, SyntaxError, ValueError) as err:
+                self.add([f"{key}={path!r} is not a readable image ({err}). Fix the path or drop the entry."])
+
+    def eval(self) -> None:
+        e = self.cfg.eval
+        out = Path(e.output_dir)
+        if not self.named("eval.output_dir"):
+            self.add(output_folder(e.output_dir, "eval.output_dir"))
+        if e.manifest:  # rescoring images on disk: no base model, no LoRA
+            texts = None
+            try:
+                ps = load_prompts(self.cfg.prompts)
+                texts = dict(zip(ps.ids, ps.prompts, strict=True))
+            except ValueError:
+                pass  # a manifest with prompt texts needs no prompt file
+            if not self.named("eval.manifest"):
+                try:
+                    evaluate.read_manifest(e.manifest, default_seed=e.seed, prompt_texts=texts)
+                except ValueError as err:
+                    self.add([str(err)])
+        else:
+            self.prompts("eval")
+            self.model()
+            shifted = any(re.match(r"eval\.models\.\d+ must be", line) for line in self.skip)
+            for i, m in enumerate([] if shifted else e.models):  # (shifted: a dropped item; indices would lie)
+                if any(f"eval.models.{i}." in line for line in self.skip):
+                    continue
+                key = f"eval.models.{i}.soup" if m.soup else f"eval.models.{i}.lora"
+                for path in m.soup or ([m.lora] if m.lora else []):  # every LoRA of a soup
+                    self.add(lora_file(path, key))
+        self.rewards()
+        if e.preference_data and not self.named("eval.preference_data"):
+            try:
+                human_eval.read_preference_data(e.preference_data)
+            except ValueError as err:
+                self.add([str(err)])
+        if e.votes:
+            self.votes(out)
+        if e.runs and not self.named("eval.runs"):
+            try:
+                evaluate.read_training_curves(e.runs)
+            except ValueError as err:
+                self.add([str(err)])
+
+    def votes(self, out: Path) -> None:
+        e = self.cfg.eval
+        key_file = out / "study" / "key.json"
+        missing = [f"eval.votes.{i}={str(v)!r} does not exist." for i, v in enumerate(e.votes) if not Path(v).is_file()]
+        if not self.add(missing):
+            return
+        if key_file.is_file():
+            try:
+                human_eval.tally_votes(e.votes, key_file, e.confidence)
+            except (ValueError, KeyError, OSError) as err:
+                self.add([str(err) if isinstance(err, ValueError) else f"{key_file} is damaged ({err!r})."])
+        elif e.study_pairs == 0:
+            self.add(
+                [
+                    f"eval.votes is set but {key_file} does not exist. Tally votes with the eval.output_dir whose "
+                    "study/study.html the annotators used (written with eval.study_pairs > 0)."
+                ]
+            )

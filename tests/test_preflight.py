@@ -1,0 +1,408 @@
+"""Tests of pgot/preflight.py (and pgot.frontier.compare_settings): every input checked before any weight loads,
+every problem at once, one line each, naming the key as typed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import pgot.model
+import pgot.rewards
+import pgot.train
+from pgot import cli, preflight
+from pgot.config import ConfigError, RewardConfig, load_config
+from pgot.frontier import compare_settings
+from pgot.precompute import store_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [  # the debug config, smaller
+    "model.resolution=16",
+    "prompts.limit=2",
+    "precompute.samples_per_prompt=2",
+    "precompute.batch_size=4",
+    "train.probe_every=0",
+    "train.final_eval=false",
+]
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading a model or a reward fails the test: the preflight must report before any weight loads."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("weights were loaded before every input was checked")
+
+    for target in (pgot.model, pgot.train):
+        monkeypatch.setattr(target, "load_model", forbidden)
+    monkeypatch.setattr(pgot.rewards, "build", forbidden)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A small frontier store of the debug config (tiny model, analytic rewards), built by pgot-precompute."""
+    folder = tmp_path_factory.mktemp("store") / "frontier"
+    assert (
+        cli.precompute_main(["--config", "debug", *TINY, f"precompute.store={folder}", "--log-level", "WARNING"]) == 0
+    )
+    return folder
+
+
+def _errors(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line.removeprefix("error: ") for line in err.strip().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------
+# Every problem at once, before any weight loads
+# --------------------------------------------------------------------------------------------
+
+
+def test_paper_config_reports_every_missing_input_at_once(tmp_path, monkeypatch, capsys, no_weights):
+    """The paper's config on a machine without its weights: prompts, model, two rewards and the store, in one run."""
+    monkeypatch.setenv("PGOT_TEST_KEY", "sk-test")
+    args = [
+        "--config", "sd35_turbo_pgot",
+        f"prompts.path={tmp_path / 'prompts.txt'}",
+        f"model.path={tmp_path / 'sd35'}",
+        f"rewards.0.path={tmp_path / 'ICT'}",
+        f"rewards.1.path={tmp_path / 'HP'}",
+        "rewards.2.path=tiny",
+        "rewards.3.path=tiny",
+        f"train.store={tmp_path / 'store'}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "agent.api_key_env=PGOT_TEST_KEY",
+    ]  # fmt: skip
+    assert cli.train_main(args) == 2
+    lines = _errors(capsys)
+    assert len(lines) == 5, lines
+    for line, key in zip(
+        lines, ["prompts.path", "model.path", "rewards.0.path", "rewards.1.path", "train.store"], strict=True
+    ):
+        assert line.startswith(key), (key, line)
+    assert "pgot-fetch" in lines[1] and "does not exist" in lines[4] and "train.precompute_if_missing" in lines[4]
+    assert not (tmp_path / "run").exists()  # nothing created
+
+    # pgot-precompute: the same inputs but the store (which it writes); pgot-train --check: the same five
+    assert cli.precompute_main([*args, f"precompute.store={tmp_path / 'store'}"]) == 2
+    lines = _errors(capsys)
+    assert [line.split("=")[0] for line in lines] == ["prompts.path", "model.path", "rewards.0.path", "rewards.1.path"]
+    assert cli.train_main([*args, "--check"]) == 2 and len(_errors(capsys)) == 5
+
+
+def test_config_and_input_problems_in_one_command(tmp_path, capsys, no_weights):
+    """A config problem does not hide the missing files, and a mistyped reward is not also a missing checkpoint."""
+    args = [
+        "--config",
+        "debug",
+        "train.max_steps=0",
+        "rewards.0.name=colorfulnes",
+        f"prompts.path={tmp_path / 'p.txt'}",
+    ]
+    assert cli.train_main([*args, f"train.output_dir={tmp_path / 'run'}", "train.strategy=online"]) == 2
+    lines = _errors(capsys)
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("train.max_steps must be >= 1")
+    assert "Did you mean 'colorfulness'?" in lines[1]
+    assert lines[2].startswith(f"prompts.path='{tmp_path / 'p.txt'}' does not exist")
+
+
+def test_ready_config_passes_check_and_creates_nothing(tmp_path, capsys):
+    args = ["--config", "debug", *TINY, f"train.output_dir={tmp_path / 'run'}", f"train.store={tmp_path / 's'}"]
+    assert cli.train_main([*args, f"precompute.store={tmp_path / 's'}", "--check"]) == 0
+    assert "every input it names are in place" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
+
+
+def test_library_entry_points_run_the_same_preflight(tmp_path, no_weights):
+    """Notebook users get the CLI's errors: train.run / precompute.run / evaluate.run raise one ConfigError."""
+    from pgot import evaluate, precompute, train
+
+    overrides = [
+        *TINY,
+        f"prompts.path={tmp_path / 'none.txt'}",
+        "rewards.0.name=hps",
+        f"rewards.0.path={tmp_path}/x.pt",
+    ]
+    cfg = load_config("debug", [*overrides, f"train.output_dir={tmp_path / 'run'}", f"train.store={tmp_path / 's'}"])
+    for run in (train.run, precompute.run, evaluate.run):
+        with pytest.raises(ConfigError) as err:
+            run(cfg)
+        assert any(p.startswith("prompts.path=") for p in err.value.problems)
+        assert any("rewards.0.path" in p and "does not exist" in p for p in err.value.problems), err.value.problems
+
+
+# --------------------------------------------------------------------------------------------
+# Folders (issue 10: FileExistsError / PermissionError tracebacks)
+# --------------------------------------------------------------------------------------------
+
+_OUTPUTS = [
+    (cli.train_main, "train.output_dir"),
+    (cli.precompute_main, "precompute.store"),
+    (cli.eval_main, "eval.output_dir"),
+]
+
+
+@pytest.mark.parametrize("main, key", _OUTPUTS, ids=[k for _, k in _OUTPUTS])
+def test_output_folder_that_is_a_file(main, key, tmp_path, capsys, no_weights):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    config = "eval_debug" if main is cli.eval_main else "debug"
+    base = ["--config", config, *TINY, "train.strategy=online", f"precompute.store={tmp_path / 's'}"]
+    base += [f"train.output_dir={tmp_path / 'run'}", f"eval.output_dir={tmp_path / 'eval'}"]
+    assert main([*base, f"{key}={afile}"]) == 2
+    assert _errors(capsys) == [
+        f"{key}={str(afile)!r} is a file, not a folder. Point {key} at a folder, or move the file away."
+    ]
+    assert main([*base, f"{key}={afile / 'run'}"]) == 2  # under a file: not even root can create it
+    (line,) = _errors(capsys)
+    assert line.startswith(f"{key}={str(afile / 'run')!r} cannot be created: {afile} is a file")
+
+
+def test_output_folder_without_permission(tmp_path, capsys, no_weights):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root: permission bits do not stop writes (the case under a file is above)
+            pytest.skip("running as root: a read-only folder is writable")
+        args = ["--config", "debug", *TINY, "train.strategy=online", f"train.output_dir={locked / 'run'}"]
+        assert cli.train_main(args) == 2
+        (line,) = _errors(capsys)
+        assert line.startswith(f"train.output_dir={str(locked / 'run')!r} cannot be created: this user cannot write")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_folder_rules():
+    assert preflight.output_folder("", "train.output_dir") == [
+        "train.output_dir is empty. Set train.output_dir to a folder (it is created when missing)."
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The store (issue 11: stores built with other settings)
+# --------------------------------------------------------------------------------------------
+
+
+def _train_check(store: Path, tmp_path: Path, *extra: str) -> int:
+    base = ["--config", "debug", *TINY, f"train.store={store}", f"precompute.store={store}"]
+    return cli.train_main(
+        [*base, f"train.output_dir={tmp_path / 'run'}", "train.precompute_if_missing=false", *extra, "--check"]
+    )
+
+
+def test_store_with_other_sampler_and_model_settings(store, tmp_path, capsys, no_weights):
+    assert _train_check(store, tmp_path) == 0
+    capsys.readouterr()
+    code = _train_check(store, tmp_path, "model.resolution=32", "draft.num_steps=8", "model.tiny_seed=3")
+    assert code == 2
+    lines = _errors(capsys)
+    assert len(lines) == 3, lines
+    assert (
+        lines[0].startswith("model.tiny_seed: 3 (model fingerprint tiny-") and "its fronts describe another" in lines[0]
+    )
+    assert lines[1].startswith(f"model.resolution: 32 in the config, 16 in the store {store}. ")
+    assert lines[2].startswith(f"draft.num_steps: 8 in the config, 4 in the store {store}. ")
+    assert "{" not in "".join(lines)  # no dictionaries dumped
+
+
+def test_store_with_other_rewards(store, tmp_path, capsys, no_weights):
+    assert _train_check(store, tmp_path, "rewards.2.name=brightness") == 2
+    (line,) = _errors(capsys)
+    assert line.startswith("rewards: colorfulness, contrast, brightness in the config, but the store")
+    assert "was computed for rewards colorfulness, contrast, sharpness" in line
+    assert _train_check(store, tmp_path, "rewards.0.name=contrast", "rewards.1.name=colorfulness") == 2
+    (line,) = _errors(capsys)
+    assert "in the order contrast" not in line and "has them in the order colorfulness, contrast, sharpness" in line
+    assert _train_check(store, tmp_path, "rewards.2.name=sharpnes") == 2  # a typo: "did you mean", not a mismatch
+    (line,) = _errors(capsys)
+    assert line.startswith("rewards.2.name='sharpnes' is not a known reward") and "store" not in line
+
+
+def test_store_without_the_training_prompts(store, tmp_path, capsys, no_weights):
+    assert _train_check(store, tmp_path, "prompts.limit=4") == 2
+    (line,) = _errors(capsys)
+    assert line.startswith(f"train.store={store} has no front for 2 of the 4 training prompts (prompt ids 2, 3)")
+    assert _train_check(store, tmp_path, "prompts.limit=4", "train.strategy=online") == 0  # online reads no front
+
+
+def test_precompute_rerun_with_other_settings(store, tmp_path, capsys, no_weights):
+    base = ["--config", "debug", *TINY, f"precompute.store={store}", "--check"]
+    assert cli.precompute_main(base) == 0
+    capsys.readouterr()
+    assert cli.precompute_main([*base, "precompute.seed=1", "precompute.samples_per_prompt=3"]) == 2
+    lines = _errors(capsys)
+    assert lines == [
+        f"precompute.samples_per_prompt: 3 in the config, 2 in the store {store}. Set precompute.store to a new "
+        f"folder, or delete {store} to rebuild it.",
+        f"precompute.seed: 1 in the config, 0 in the store {store}. Set precompute.store to a new folder, or delete "
+        f"{store} to rebuild it.",
+    ]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\nanother prompt\n")
+    assert cli.precompute_main([*base, f"prompts.path={prompts}"]) == 2
+    (line,) = _errors(capsys)
+    assert "prompt id 0 is 'a red cube' in prompts.path but" in line
+
+
+def _meta(*overrides: str, fingerprint: str = "fp", sigmas=(1.0, 0.5, 0.0)) -> dict:
+    cfg = load_config(None, ["model.tiny=true", *overrides])
+    return store_meta(cfg, fingerprint, "tiny", "float32", list(sigmas))
+
+
+def test_compare_settings_rules():
+    """Each setting that changes the fronts, one line each; the loss weights and N do not count (except to extend)."""
+    rewards = ["rewards.0.name=ict", "rewards.0.path=/w/ICT", "rewards.1.name=hps", "rewards.1.path=tiny"]
+    meta = _meta(*rewards, "draft.shift=3.0")
+    same = load_config(None, ["model.tiny=true", *rewards, "rewards.0.weight=5", "precompute.samples_per_prompt=9"])
+    assert compare_settings(meta, same, store="S", fingerprint="fp", default_shift=3.0) == []  # null shift = 3.0
+    assert compare_settings(meta, same, store="S", default_shift=1.0)[0].startswith(
+        "draft.shift: null in the config, 3.0"
+    )
+    other = load_config(
+        None,
+        ["model.tiny=true", *rewards, "rewards.0.path=/w/ICT2", "rewards.0.arch=ViT-L-14", "rewards.1.tiny_seed=4",
+         "rewards.1.dtype=bfloat16", "draft.guidance_scale=2", "model.lora_path=/l.safetensors"],
+    )  # fmt: skip
+    lines = compare_settings(meta, other, store="S", fingerprint="fp2", default_shift=3.0)
+    keys = [line.split(":")[0] for line in lines]
+    assert keys == [
+        "model.tiny_seed", "model.lora_path", "draft.guidance_scale", "rewards.0.path", "rewards.0.arch",
+        "rewards.1.dtype", "rewards.1.tiny_seed",
+    ]  # fmt: skip
+    assert lines[3].startswith("rewards.0.path: '/w/ICT2' in the config, '/w/ICT' in the store S.")
+    extend = compare_settings(meta, same, store="S", extend=True, dtype="bfloat16")
+    assert [line.split(":")[0] for line in extend] == ["model.dtype", "precompute.samples_per_prompt"]
+    assert "delete S to rebuild it" in extend[0]
+    sig = compare_settings(meta, same, store="S", default_shift=3.0, sigmas=[1.0, 0.4, 0.0])
+    assert len(sig) == 1 and "sigma schedule" in sig[0]
+    assert compare_settings({**meta, "schema_version": 0}, same, store="S")[0].startswith(
+        "the store S has schema version 0"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Environment, agent, trackers
+# --------------------------------------------------------------------------------------------
+
+
+def _train(tmp_path: Path, *extra: str) -> int:
+    base = ["--config", "debug", *TINY, "train.strategy=online", f"train.output_dir={tmp_path / 'run'}"]
+    return cli.train_main([*base, *extra, "--check"])
+
+
+def test_missing_tracker_is_refused(tmp_path, capsys, monkeypatch, no_weights):
+    monkeypatch.setitem(preflight._TRACKERS, "wandb", lambda: False)
+    assert _train(tmp_path, "train.log_with=[wandb]") == 2
+    (line,) = _errors(capsys)
+    assert line.startswith("train.log_with names wandb, which is not installed") and "pip install wandb" in line
+
+
+def test_agent_key_script_and_references(tmp_path, capsys, monkeypatch, no_weights):
+    monkeypatch.delenv("PGOT_NO_SUCH_KEY", raising=False)
+    assert _train(tmp_path, "agent.backend=openai", "agent.api_key_env=PGOT_NO_SUCH_KEY") == 2
+    (line,) = _errors(capsys)
+    assert "PGOT_NO_SUCH_KEY (agent.api_key_env), which is not set" in line
+    assert _train(tmp_path, "agent.backend=openai", "agent.api_key_env=") == 0  # a local server without a key
+    capsys.readouterr()
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    args = ["agent.backend=scripted", f"agent.script={tmp_path / 'none.yaml'}", f"agent.references={{contrast: {bad}}}"]
+    assert _train(tmp_path, *args) == 2
+    lines = _errors(capsys)
+    assert len(lines) == 2 and lines[0].startswith("agent.script=") and "does not exist" in lines[0]
+    assert lines[1].startswith(f"agent.references.contrast={str(bad)!r} is not a readable image")
+
+
+def test_run_folder_and_resume(tmp_path, capsys, no_weights):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert _train(tmp_path) == 2
+    assert _errors(capsys) == [
+        f"train.output_dir={run} already holds a run. Continue it with train.resume=latest, or choose a new "
+        "train.output_dir."
+    ]
+    assert _train(tmp_path, f"train.resume={tmp_path}") == 2
+    (line,) = _errors(capsys)
+    assert line.startswith(f"train.resume='{tmp_path}' is not a pgot checkpoint folder")
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards (issue 10: a 336 px arch gave a raw size-mismatch RuntimeError)
+# --------------------------------------------------------------------------------------------
+
+
+def test_reward_arch_must_take_224_px(tmp_path):
+    hps = RewardConfig(name="hps", path="random", arch="ViT-L-14-336")
+    with pytest.raises(ValueError, match=r"arch 'ViT-L-14-336' is a tower for 336x336 px images.*rewards.0.arch"):
+        pgot.rewards.build([hps])  # when building: before any weight is allocated
+    folder = tmp_path / "clip336"
+    folder.mkdir()
+    config = {"model_type": "clip", "vision_config": {"image_size": 336, "patch_size": 14}, "text_config": {}}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")
+    clip = RewardConfig(name="clip", path=str(folder))
+    with pytest.raises(ValueError, match=r"is a tower for 336x336 px images"):
+        pgot.rewards.build([RewardConfig(name="contrast"), clip])
+    lines = pgot.rewards.check([RewardConfig(name="contrast"), clip, hps, RewardConfig(name="clip", arch="ViT-X")])
+    assert len(lines) == 3
+    assert lines[0].startswith(f"rewards.1.path={str(folder)!r}: ") and "rewards.1.arch" in lines[0]
+    assert "rewards.2.arch" in lines[1] and "rewards.3.path=''" in lines[2]
+
+
+def test_reward_folder_lacking_files(tmp_path, capsys, no_weights):
+    (tmp_path / "HP" / "hp_backbone").mkdir(parents=True)
+    args = [
+        "rewards.1.name=hp",
+        f"rewards.1.path={tmp_path / 'HP'}",
+        "rewards.2.name=imagereward",
+        f"rewards.2.path={tmp_path}",
+    ]
+    assert _train(tmp_path, *args) == 2
+    lines = _errors(capsys)
+    assert len(lines) == 2
+    assert lines[0].startswith(f"rewards.1.path={str(tmp_path / 'HP')!r}: no weights in folder")
+    assert "ImageReward.pt' does not exist" in lines[1] and "rewards.2.path" in lines[1]
+
+
+# --------------------------------------------------------------------------------------------
+# pgot-eval: LoRA files, votes, manifests, preference data, runs, before anything is generated
+# --------------------------------------------------------------------------------------------
+
+
+def test_eval_inputs_all_at_once(tmp_path, capsys, no_weights):
+    notlora = tmp_path / "notlora.safetensors"
+    save_file({"unet.weight": torch.zeros(2)}, str(notlora))
+    text = tmp_path / "text.safetensors"
+    text.write_text("not a safetensors file")
+    models = f"[{{name: base}}, {{name: a, lora: {notlora}}}, {{name: s, soup: {{{text}: 0.5, {tmp_path}/gone: 0.5}}}}]"
+    args = [
+        "--config", "eval_debug", f"eval.output_dir={tmp_path / 'eval'}", f"eval.models={models}",
+        f"eval.votes=[{tmp_path / 'votes.json'}]", f"eval.preference_data={tmp_path / 'pairs.csv'}",
+        f"eval.runs=[{tmp_path / 'run'}]",
+    ]  # fmt: skip
+    assert cli.eval_main(args) == 2
+    lines = _errors(capsys)
+    assert len(lines) == 6, lines
+    assert lines[0].startswith(f"eval.models.1.lora={str(notlora)!r}: ") and "holds no SD3 transformer LoRA" in lines[0]
+    assert lines[1].startswith(f"eval.models.2.soup={str(text)!r}: ") and "is not a safetensors file" in lines[1]
+    assert lines[2].startswith(f"eval.models.2.soup='{tmp_path}/gone' does not exist")
+    assert lines[3].startswith("eval.preference_data=") and lines[4].startswith("eval.votes.0=")
+    assert lines[5].startswith("eval.runs names")
+    assert not (tmp_path / "eval").exists()
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("model,prompt,seed,path\nm,a cat,0,gone.png\n")
+    assert (
+        cli.eval_main(["--config", "eval_debug", f"eval.output_dir={tmp_path / 'eval'}", f"eval.manifest={manifest}"])
+        == 2
+    )
+    lines = _errors(capsys)  # the manifest's message names the missing images on lines of their own
+    assert "1 of 1 images do not exist" in lines[0] and lines[1].strip() == str(tmp_path / "gone.png")
