@@ -99,10 +99,16 @@ def _lazy(module: str, attr: str, key: str | None = None) -> Callable:
     return call
 
 
-_FAMILIES = {name: "pgot.rewards.clip" for name in ("clip", "ict", "hp", "pickscore", "aesthetic")} | {
+_FAMILIES = {
+    "clip": "pgot.rewards.clip",
+    "ict": "pgot.rewards.clip",
+    "hp": "pgot.rewards.clip",
     "hps": "pgot.rewards.hps",
+    "pickscore": "pgot.rewards.clip",
     "imagereward": "pgot.rewards.imagereward",
+    "aesthetic": "pgot.rewards.clip",
 }
+"""Learned reward name -> the module that builds it (the registry's order)."""
 
 REWARDS: dict[str, Constructor] = {
     **{name: _lazy(module, f"build_{name}") for name, module in _FAMILIES.items()},
