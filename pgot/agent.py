@@ -39,7 +39,8 @@ A reply without any text says why (``max_tokens``: raise ``agent.max_tokens``; `
 Each call of :meth:`Agent.decide` writes ``log_dir/step-XXXXXX/``: the grids (``grid-NN.png``), the
 exact request (``request.json``, images as file names, never base64 and never the API key), the full raw
 reply (``reply.txt``: every text field, labelled; ``response.json``) and the decision (``decision.json``), and
-appends one line to ``log_dir/decisions.jsonl``.
+appends one line to ``log_dir/decisions.jsonl``. Each file is written atomically. A resumed run keeps the records
+of the decisions its checkpoint holds and drops those an interrupted attempt made after it (:func:`prune_records`).
 
 The API key never leaves the process except in the request header: the ``openai`` backend protects it
 (:func:`pgot.vlm_client.protect`: redacted from every log record of the process), and every agent file,
@@ -56,6 +57,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -67,6 +69,7 @@ import yaml
 from PIL import Image
 
 from pgot.config import AgentConfig, RewardConfig
+from pgot.files import atomic_write_text
 from pgot.images import labelled_grid, png_bytes, save_png
 from pgot.rewards import default_strength
 from pgot.vlm_client import ChatClient, EndpointError, protect, redact, redact_obj, release
@@ -85,6 +88,7 @@ __all__ = [
     "load_script",
     "make_grids",
     "parse_reply",
+    "prune_records",
     "resolve_reward",
 ]
 
@@ -686,9 +690,41 @@ class _Answer:
 def _write(path: Path, text: str) -> None:
     """Write an agent record; every protected secret is redacted first, whatever the caller passed."""
     try:
-        path.write_text(redact(text))
+        atomic_write_text(path, redact(text))
     except OSError as exc:  # a full disk must not stop training either
         log.warning("agent: could not write %s: %s", path, exc)
+
+
+def prune_records(log_dir: str | Path, kept: int) -> list[str]:
+    """Keep the records of the first ``kept`` decisions of a run and delete the later ones.
+
+    A resumed run continues from a checkpoint whose agent state holds ``kept`` decisions
+    (``len(AgentState.history)``); the decisions an interrupted attempt made after that checkpoint are
+    made again, so their records go: the lines of ``log_dir/decisions.jsonl`` after the first ``kept``
+    (and a line cut by a kill) and the ``step-XXXXXX`` folders those lines and no kept line name.
+    Main process only.
+
+    Returns:
+        The names of the deleted folders.
+    """
+    log_dir = Path(log_dir)
+    path = log_dir / "decisions.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            break  # cut by a kill mid-write: nothing after it was written
+    keep = {Path(str(r.get("log_dir", ""))).name for _, r in records[:kept]}
+    drop = {Path(str(r.get("log_dir", ""))).name for _, r in records[kept:]} - keep - {""}
+    for name in sorted(drop):
+        shutil.rmtree(log_dir / name, ignore_errors=True)
+    text = "".join(line if line.endswith("\n") else line + "\n" for line, _ in records[:kept])
+    if text != path.read_text():
+        atomic_write_text(path, text)
+    return sorted(drop)
 
 
 def _parse(answer: _Answer, reward_names: Sequence[str], max_tokens: int) -> Reply:

@@ -2,16 +2,28 @@
 
 A checkpoint is a folder ``<run>/checkpoints/step-XXXXXX/`` holding
 
-- the accelerate state of every process (optimizer, LR scheduler, each process's RNG states),
+- the accelerate state: ``optimizer.bin``, ``scheduler.bin`` and every process's RNG states
+  (``random_states_<rank>.pkl``, one per process),
 - ``lora_state.safetensors``: the trainable LoRA parameters in float32, by position,
 - ``pytorch_lora_weights.safetensors``: the same adapter in the diffusers format (loadable on its own),
-- ``trainer_state.json``: :class:`TrainerState`.
+- ``trainer_state.json``: :class:`TrainerState` (step, counters, agent state, the metrics.jsonl line count).
 
 **Atomic and multi-process safe.** Every process writes its part into ``.tmp-step-XXXXXX/``; all processes meet
 at a barrier *after* their writes; only then does the main process add its files and rename the folder to
-``step-XXXXXX``, and only a folder with ``trainer_state.json`` (written last) counts as a checkpoint. A run killed
-at any point leaves either the previous checkpoints or the new complete one, never a folder missing a process's
-RNG state; :func:`list_checkpoints` ignores temporary folders and :func:`save` clears stale ones.
+``step-XXXXXX``, and only a folder with ``trainer_state.json`` (written last) counts as a checkpoint. A barrier
+after the rename makes it visible to every process before anyone reads, prunes or replaces it. A run killed at
+any point leaves either the previous checkpoints or the new complete one, never a folder missing a process's RNG
+state; :func:`list_checkpoints` ignores temporary folders and :func:`clear_temporaries` removes them.
+:func:`load` refuses a checkpoint that lacks a file (a rank's RNG state included), since accelerate would skip a
+missing RNG file with an INFO line and the resume would silently stop being exact.
+
+**Resume is exact**: the prompts and noise of step s are functions of ``(train.seed, s)`` only, and the
+checkpoint holds everything else the next step reads (LoRA, AdamW moments, schedule, RNG, trainer state), so a
+run resumed from the checkpoint at step s on the same number of processes continues bit for bit as if it had
+never stopped (tested on CPU).
+
+**Stopping** (:class:`Interrupted`): ``pgot-train`` turns SIGINT and SIGTERM into a stop at the end of the step
+in flight, with a checkpoint of that step (see :mod:`pgot.train`).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,19 +51,49 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "STATE_FILE",
+    "Interrupted",
     "TrainerState",
     "checkpoint_name",
+    "clear_temporaries",
     "discard_after",
     "list_checkpoints",
     "load",
     "prune",
+    "read_state",
     "resume_folder",
     "save",
+    "step_of",
     "write_state",
 ]
 
 STATE_FILE = "trainer_state.json"
 LORA_STATE = "lora_state.safetensors"
+_TMP_PREFIX = ".tmp-"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal (SIGINT: Ctrl-C; SIGTERM: what schedulers send on preemption or time-out).
+
+    A ``KeyboardInterrupt``, so ``except Exception`` never swallows it. The CLI prints its message and exits
+    with :attr:`exit_code`.
+
+    Attributes:
+        signum: the signal number.
+        checkpoint: the checkpoint written before stopping, or None.
+    """
+
+    def __init__(self, message: str, signum: int = signal.SIGINT, checkpoint: Path | None = None):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.checkpoint = checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signum``, the shell convention: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -64,7 +107,16 @@ class TrainerState:
     skipped_steps: int = 0
     """All skipped steps."""
     metrics_lines: int = 0
-    """Lines of metrics.jsonl written up to this state (resume truncates the file to them)."""
+    """Lines of metrics.jsonl written up to this state (resume truncates the file to them); the next line's
+    ``log_index``."""
+    steps_run: int = 0
+    """Optimizer steps executed so far, those of branches an agent revert abandoned included: never goes back.
+    The trackers' x axis (TensorBoard, W&B)."""
+    decided_at: int = 0
+    """``steps_run`` at the agent's last decision. The checkpoint an agent decides on is written before the decision;
+    a resume from a checkpoint whose decision is missing (the run stopped in between) makes that decision first."""
+    num_processes: int = 0
+    """Processes of the run that wrote this state (each wrote its ``random_states_<rank>.pkl``); set by :func:`save`."""
     running: list[float] = field(default_factory=list)
     """Online std without a store: [count, sum_1..M, sumsq_1..M] of the gathered reward vectors."""
     probe_means: dict[str, list[float]] = field(default_factory=dict)
@@ -81,6 +133,9 @@ class TrainerState:
         plain = {k: v for k, v in data.items() if k in {"step", "bad_steps", "skipped_steps", "metrics_lines"}}
         return cls(
             **{k: int(v) for k, v in plain.items()},
+            steps_run=int(data.get("steps_run", data.get("step", 0))),  # states written before the field: no reverts
+            decided_at=int(data.get("decided_at", data.get("steps_run", data.get("step", 0)))),
+            num_processes=int(data.get("num_processes", 0)),
             running=[float(v) for v in data.get("running", [])],
             probe_means={k: [float(x) for x in v] for k, v in data.get("probe_means", {}).items()},
             agent=AgentState.from_dict(data.get("agent", {})),
@@ -92,8 +147,25 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _step_of(folder: Path) -> int:
-    return int(folder.name.removeprefix("step-"))
+def step_of(folder: str | Path) -> int:
+    """The step of the checkpoint folder ``step-XXXXXX``."""
+    return int(Path(folder).name.removeprefix("step-"))
+
+
+def read_state(folder: str | Path) -> TrainerState:
+    """The :class:`TrainerState` of a checkpoint folder, without loading anything else.
+
+    Raises:
+        ValueError: no readable ``trainer_state.json``.
+    """
+    folder = Path(folder)
+    try:
+        return TrainerState.from_dict(json.loads((folder / STATE_FILE).read_text()))
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"checkpoint {folder} has no readable {STATE_FILE} ({exc}). Resume from another checkpoint "
+            f"(train.resume=<folder>) or delete {folder}."
+        ) from None
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -106,7 +178,22 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
         for p in folder.iterdir()
         if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / STATE_FILE).is_file()
     ]
-    return sorted(found, key=_step_of)
+    return sorted(found, key=step_of)
+
+
+def clear_temporaries(folder: str | Path) -> list[str]:
+    """Remove what interrupted saves left in ``folder``: ``.tmp-step-*`` folders and ``step-*`` folders without
+    ``trainer_state.json``; returns their names. Main process only, while no save is running."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    complete = {p.name for p in list_checkpoints(folder)}
+    gone = []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and (p.name.startswith(_TMP_PREFIX) or (p.name.startswith("step-") and p.name not in complete)):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    return gone
 
 
 def write_state(folder: str | Path, state: TrainerState) -> None:
@@ -131,8 +218,9 @@ def save(
         The checkpoint folder.
     """
     folder = Path(folder)
+    state.num_processes = accelerator.num_processes
     name = checkpoint_name(state.step)
-    final, tmp = folder / name, folder / f".tmp-{name}"
+    final, tmp = folder / name, folder / f"{_TMP_PREFIX}{name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -140,6 +228,8 @@ def save(
     accelerator.save_state(str(tmp))  # every process: optimizer, scheduler, its own RNG states
     accelerator.wait_for_everyone()  # every process's files are complete before the rename
     if accelerator.is_main_process:
+        missing = _missing_files(tmp, accelerator.num_processes, with_state=False)
+        assert not missing, f"{tmp} lacks {missing} after every process saved its state"
         tensors = {f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
         atomic_write(tmp / LORA_STATE, lambda t: save_file(tensors, str(t)), fsync=False)
         save_lora(model, tmp)
@@ -152,14 +242,52 @@ def save(
 
 
 def load(accelerator: Accelerator, folder: str | Path, params: Sequence[torch.nn.Parameter]) -> TrainerState:
-    """LoRA, optimizer, scheduler and RNG from ``folder`` on every process (a collective); its trainer state."""
+    """LoRA, optimizer, scheduler and RNG from ``folder`` on every process (a collective); its trainer state.
+
+    Raises:
+        ValueError: the checkpoint lacks a file (an interrupted copy, a file deleted by hand, or a rank's RNG
+            state that a pre-fix pgot failed to write), so resuming from it would not be exact.
+    """
     folder = Path(folder)
-    accelerator.load_state(str(folder))
+    state = read_state(folder)
+    written = state.num_processes or len(list(folder.glob("random_states_*.pkl")))  # 0: a state from before the field
+    if written != accelerator.num_processes:
+        raise ValueError(
+            f"checkpoint {folder} was written by a run of {written} process(es); this one has "
+            f"{accelerator.num_processes}. Each process draws its own prompts and the batch is train.prompts_per_step "
+            f"per process, so this would be another run: launch it with {written} process(es) "
+            f"(accelerate launch --num_processes {written}), or choose a new train.output_dir."
+        )
+    missing = _missing_files(folder, written)
+    if missing:
+        raise ValueError(
+            f"checkpoint {folder} is incomplete: it lacks {', '.join(missing)}, so resuming from it would not be exact. "
+            f"Resume from an earlier checkpoint with train.resume=<folder>, or delete {folder} to resume from the one "
+            "before it."
+        )
+    try:
+        accelerator.load_state(str(folder))
+    except FileNotFoundError as exc:
+        raise ValueError(
+            f"checkpoint {folder} is incomplete: it lacks {Path(exc.filename or '?').name}, so it cannot be resumed. "
+            f"Resume from an earlier checkpoint with train.resume=<folder>, or delete {folder} to resume from the one "
+            "before it."
+        ) from None
     saved = load_file(str(folder / LORA_STATE))
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(saved[f"{i}"].to(p.device, p.dtype))
-    return TrainerState.from_dict(json.loads((folder / STATE_FILE).read_text()))
+    return state
+
+
+def _missing_files(folder: Path, num_processes: int, *, with_state: bool = True) -> list[str]:
+    """The files of a complete checkpoint written by ``num_processes`` processes that ``folder`` lacks: every
+    process's RNG state (accelerate skips a missing one silently) and, with ``with_state``, the LoRA and the
+    trainer state. (A missing optimizer or scheduler file fails loudly in accelerate; :func:`load` reports it.)"""
+    names = [f"random_states_{i}.pkl" for i in range(num_processes)]
+    if with_state:
+        names += [LORA_STATE, STATE_FILE]
+    return [n for n in names if not (folder / n).is_file()]
 
 
 def prune(folder: str | Path, keep: int, protect: Sequence[str] = ()) -> None:
@@ -173,7 +301,7 @@ def prune(folder: str | Path, keep: int, protect: Sequence[str] = ()) -> None:
 def discard_after(folder: str | Path, step: int) -> None:
     """Delete the checkpoints newer than ``step`` (the abandoned branch after a revert)."""
     for p in list_checkpoints(folder):
-        if _step_of(p) > step:
+        if step_of(p) > step:
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -13,8 +13,10 @@ version. ``pgot config {list,show,copy}`` lists, prints and copies out the shipp
 launchers use).
 
 A user error (missing file, bad YAML, unknown key, wrong type, out-of-range value, a store that does not match
-the config, a folder that cannot be written, ...) prints one ``error:`` line per problem on stderr and exits
-with code 2, never a traceback (``--log-level DEBUG`` shows it). A bug in pgot still shows its traceback.
+the config, a folder that cannot be written or that another pgot process holds, ...) prints one ``error:`` line
+per problem on stderr and exits with code 2, never a traceback (``--log-level DEBUG`` shows it). A bug in pgot
+still shows its traceback. SIGINT and SIGTERM exit with 128 + the signal number (130, 143) after a line saying
+what a rerun does.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -191,12 +195,20 @@ def _os_error(exc: OSError) -> str:
 
 def _guard(work: Callable[[], int | None]) -> int:
     """Run ``work``; a user error becomes one ``error:`` line per problem and exit code 2 (1 for trouble the user
-    cannot fix, such as a network failure of pgot-fetch); anything else keeps its traceback."""
+    cannot fix, such as a network failure of pgot-fetch); anything else keeps its traceback.
+
+    SIGINT (Ctrl-C) and SIGTERM (what schedulers send on preemption) stop a command cleanly with a line saying
+    what a rerun does, and exit code 128 + the signal number: 130 and 143 (training finishes the step in flight
+    and checkpoints it first, :mod:`pgot.train`)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM: like Ctrl-C
     try:
         return work() or 0
-    except KeyboardInterrupt:
-        print("interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # pgot.checkpoints.Interrupted says what a rerun does
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        name = signal.Signals(signum).name
+        print(str(exc) or f"interrupted by {name}; finished work is kept and a rerun continues it", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:  # the reader of stdout went away (`pgot config list | head`): nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
@@ -214,6 +226,15 @@ def _guard(work: Callable[[], int | None]) -> int:
         if isinstance(exc, OSError):
             return _fail([_os_error(exc)], code)
         return _fail([str(exc) or type(exc).__name__], code)
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    stop = KeyboardInterrupt()
+    stop.signum = signum
+    raise stop
 
 
 # --------------------------------------------------------------------------------------------

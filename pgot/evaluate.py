@@ -59,7 +59,7 @@ import torch
 import yaml
 
 from pgot import human_eval, metrics, plots, tables
-from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet, source_hash
+from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet, hold_folder, source_hash
 from pgot.images import load_image, save_png
 from pgot.model import check_lora_file, load_lora, load_lora_soup, load_model, resolve_lora_file
 from pgot.prompts import SAMPLE_KEY, find_table, read_table
@@ -621,8 +621,10 @@ def read_training_curves(runs: Sequence[str]) -> dict[str, pd.DataFrame]:
     followed by what the run trained, read from the run's ``config.yaml`` (``"pgot (PG-OT offline)"``,
     ``"ws (weighted sum)"``), or the folder's name alone without a readable config. A label already taken is
     prefixed by the parent folder's name. Lines that are not JSON objects (a run killed mid-write) are skipped
-    with a warning. Each frame's ``attrs["reward_sets"]`` holds the run's probe reward sets (set -> rewards) when
-    its config says, for figure titles.
+    with a warning. Event lines (``{"event": ...}``) are not metrics; at an agent revert (``{"event": "revert",
+    "to_step": s}``) the lines of the abandoned branch (steps after ``s``) are dropped, so each curve is the
+    history of the model the run ended with. Each frame's ``attrs["reward_sets"]`` holds the run's probe reward
+    sets (set -> rewards) when its config says, for figure titles.
 
     Raises:
         ValueError: an entry without a ``metrics.jsonl``.
@@ -646,7 +648,14 @@ def read_training_curves(runs: Sequence[str]) -> dict[str, pd.DataFrame]:
             except json.JSONDecodeError:
                 log.warning("%s line %d is not JSON; skipped", f, i + 1)
                 continue
-            if isinstance(rec, dict) and "step" in rec and any(k.startswith("probe/") for k in rec):
+            if isinstance(rec, dict) and rec.get("event") == "revert" and "to_step" in rec:
+                records = [r for r in records if r["step"] <= rec["to_step"]]  # the abandoned branch
+            elif (
+                isinstance(rec, dict)
+                and "event" not in rec
+                and "step" in rec
+                and any(k.startswith("probe/") for k in rec)
+            ):
                 records.append({"step": rec["step"], **{k: v for k, v in rec.items() if k.startswith("probe/")}})
         run_cfg = _run_config(f.parent)
         label = given
@@ -764,19 +773,34 @@ def run(cfg: Config) -> Path:
     Returns:
         The evaluation folder.
 
+    One process at a time works in ``eval.output_dir`` (a folder lock, :func:`pgot.files.hold_folder`).
+
     Raises:
         ValueError: a user mistake (unknown reward in a reward set, LoRA that does not fit the base model,
-            missing images, ...), with what to change. Scores already written stay in ``scores.parquet``.
+            missing images, ...), with what to change; another process holds ``eval.output_dir``; started as
+            several processes. Scores already written stay in ``scores.parquet``.
     """
-    from pgot.config import save_config
     from pgot.preflight import preflight  # it imports this module
 
     preflight(cfg, "eval")  # every input checked before any weight loads or any image is generated
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise ValueError(
+            f"pgot-eval runs in one process, but it was started as one of {world} (accelerate launch / torchrun): "
+            "every process would evaluate every model into the same eval.output_dir. Start it as a plain command: "
+            "pgot-eval --config ..."
+        )
+    with hold_folder(cfg.eval.output_dir, key="eval.output_dir", what="pgot-eval"):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> Path:
+    from pgot.config import save_config
+
     e = cfg.eval
     names = cfg.reward_names
     out = Path(e.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    atomic_write(out / "config.yaml", lambda tmp: save_config(cfg, tmp))
     scores_path = out / "scores.parquet"
     factory = _rewards_factory(cfg)
     if e.manifest:

@@ -7,6 +7,7 @@ A store is a folder::
       samples.parquet        one row per base-model sample (written by the merge)
       shards/                shard-<rank>-<n>.parquet, written during precompute, removed by the merge
       images/<prompt_id>/<sample_index>.png   (optional)
+      .pgot.lock, .pgot.lock.json             the folder lock of the precompute writing it (pgot.files)
 
 ``samples.parquet`` has the columns ``prompt_id`` (int64), ``prompt`` (str), ``seed`` (int64),
 ``sample_index`` (int64), one float32 column per reward (named after the reward, in config order)
@@ -15,7 +16,10 @@ and ``on_frontier`` marks the non-dominated rows among its N (maximisation, DESI
 It is readable with ``pandas.read_parquet``.
 
 Every file is written atomically (a temporary file, then ``os.replace``), so a killed precompute
-leaves only whole shards behind and a rerun skips the prompts they complete.
+leaves only whole shards behind and a rerun skips the samples they hold. A shard holds the sample rows of one
+batch (its ``on_frontier`` is False: fronts need all N samples of a prompt); the merge marks each prompt's front
+among its N samples. ``meta.json`` is written just before the first shard (:mod:`pgot.precompute`), so a store
+whose ``meta.json`` has no sample next to it is the trace of a precompute that never finished a batch.
 
 This is the store module, so it reads and writes files; it does not print and does not use
 accelerate (the runner, :mod:`pgot.precompute`, does).
@@ -28,6 +32,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +41,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+
+from pgot.files import atomic_write_parquet, atomic_write_text
+from pgot.pareto import pareto_mask
 
 if TYPE_CHECKING:
     from pgot.config import Config
@@ -48,16 +56,19 @@ __all__ = [
     "RewardStats",
     "StoreNotFoundError",
     "build_rows",
-    "check_compatible",
     "compare_settings",
     "completed_prompts",
+    "has_new_samples",
+    "has_shards",
     "load_store",
     "merge_shards",
     "next_shard_index",
     "read_meta",
     "read_rows",
     "remove_stale_temporaries",
+    "reset",
     "reward_stats",
+    "sample_rows",
     "write_meta",
     "write_shard",
 ]
@@ -78,21 +89,6 @@ class StoreNotFoundError(FileNotFoundError, ValueError):
 # --------------------------------------------------------------------------------------------
 # Low-level writing
 # --------------------------------------------------------------------------------------------
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def _normalise_rows(df: pd.DataFrame, reward_names: Sequence[str]) -> pd.DataFrame:
@@ -151,12 +147,47 @@ def build_rows(
     return _normalise_rows(pd.DataFrame(data), reward_names)
 
 
+def sample_rows(
+    prompt_ids: Sequence[int],
+    prompts: Sequence[str],
+    seed: int,
+    sample_indices: Sequence[int],
+    scores: torch.Tensor,
+    reward_names: Sequence[str],
+) -> pd.DataFrame:
+    """The store rows of B samples of any prompts (a shard), in the ``samples.parquet`` layout.
+
+    Args:
+        prompt_ids: (B,) each sample's prompt id.
+        prompts: (B,) each sample's prompt text.
+        seed: ``precompute.seed``.
+        sample_indices: (B,) each sample's index among its prompt's N.
+        scores: (B, M) reward vectors, columns in ``reward_names`` order.
+        reward_names: the M reward names.
+
+    Returns:
+        B rows with ``on_frontier`` False (the merge marks the fronts, which need all N samples of a prompt).
+    """
+    scores = scores.detach().to("cpu", torch.float32)
+    assert scores.shape[1] == len(reward_names), (
+        f"scores have {scores.shape[1]} columns for {len(reward_names)} rewards"
+    )
+    data: dict[str, Any] = {
+        "prompt_id": [int(p) for p in prompt_ids],
+        "prompt": list(prompts),
+        "seed": [int(seed)] * len(prompt_ids),
+        "sample_index": [int(i) for i in sample_indices],
+    }
+    arr = scores.numpy()
+    for j, name in enumerate(reward_names):
+        data[name] = arr[:, j]
+    data["on_frontier"] = np.zeros(len(prompt_ids), dtype=bool)
+    return _normalise_rows(pd.DataFrame(data), reward_names)
+
+
 def write_meta(store: str | Path, meta: dict) -> Path:
     """Write ``meta.json`` atomically; returns its path."""
-    path = Path(store) / META_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode())
-    return path
+    return atomic_write_text(Path(store) / META_FILE, json.dumps(meta, indent=2, sort_keys=False) + "\n")
 
 
 def read_meta(store: str | Path) -> dict | None:
@@ -188,8 +219,10 @@ def next_shard_index(store: str | Path, rank: int) -> int:
     return max(taken, default=-1) + 1
 
 
-def write_shard(store: str | Path, rows: pd.DataFrame, rank: int, index: int | None = None) -> Path:
-    """Write the rows of some completed prompts as a new shard of process ``rank``, atomically.
+def write_shard(
+    store: str | Path, rows: pd.DataFrame, rank: int, index: int | None = None, *, key: str = "precompute.store"
+) -> Path:
+    """Write some sample rows as a new shard of process ``rank``, atomically.
 
     Shards are named ``shards/shard-<rank>-<index>.parquet``. Processes of one run have distinct
     ranks, so they never collide; ``index`` defaults to :func:`next_shard_index`, so a rerun never
@@ -197,20 +230,45 @@ def write_shard(store: str | Path, rows: pd.DataFrame, rank: int, index: int | N
 
     Args:
         store: the store folder.
-        rows: complete prompts in the ``samples.parquet`` layout (see :func:`build_rows`).
+        rows: samples in the ``samples.parquet`` layout (see :func:`sample_rows`).
         rank: the writing process's rank.
         index: the shard's index (default: the next free one of this rank).
+        key: the config key naming the store, for the error.
 
     Returns:
         The shard's path.
+
+    Raises:
+        ValueError: the shard exists already: another process writes shards of this rank into the store (two
+            precomputes at once, which the store's lock prevents; or a store shared across machines without it).
     """
     folder = Path(store) / SHARDS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     index = next_shard_index(store, rank) if index is None else index
     path = folder / f"shard-{rank:05d}-{index:06d}.parquet"
-    assert not path.exists(), f"shard {path} exists already"
-    _atomic_write_parquet(rows.reset_index(drop=True), path)
+    if path.exists():
+        raise ValueError(
+            f"{key}={store}: shard {path.name} appeared while this precompute was writing it, so another process is "
+            f"writing into the same store. Run one pgot-precompute per store at a time (or set {key} to another "
+            "folder); then rerun this one, which keeps every finished sample."
+        )
+    atomic_write_parquet(rows.reset_index(drop=True), path)
     return path
+
+
+def has_shards(store: str | Path) -> bool:
+    """Whether the store holds unmerged shards."""
+    return bool(_shard_paths(Path(store)))
+
+
+def reset(store: str | Path) -> None:
+    """Delete a store's ``meta.json``, ``samples.parquet``, shards and images: what a precompute that never
+    finished a batch left behind (main process, under the store's lock; the lock files stay)."""
+    store = Path(store)
+    for name in (META_FILE, SAMPLES_FILE):
+        (store / name).unlink(missing_ok=True)
+    for name in (SHARDS_DIR, IMAGES_DIR):
+        shutil.rmtree(store / name, ignore_errors=True)
 
 
 def remove_stale_temporaries(store: str | Path) -> int:
@@ -289,32 +347,52 @@ def reward_stats(df: pd.DataFrame, reward_names: Sequence[str]) -> dict[str, dic
 
 
 def merge_shards(store: str | Path, reward_names: Sequence[str], samples_per_prompt: int) -> pd.DataFrame:
-    """Merge ``samples.parquet`` and every shard into ``samples.parquet``, then remove the shards.
+    """Merge the complete prompts of ``samples.parquet`` and every shard into ``samples.parquet``, mark each
+    prompt's front among its N samples (``on_frontier``), then remove the shards.
 
-    The merged file is written atomically before any shard is removed, so a merge killed halfway
-    loses nothing (see :func:`read_rows`).
+    The samples of prompts that do not have all N yet (a precompute killed mid-prompt, then rerun with fewer
+    prompts) are kept in one new shard, for a later precompute with those prompts to finish. The merged file is
+    written atomically before any shard is removed, so a merge killed halfway loses nothing (see
+    :func:`read_rows`).
 
     Args:
         store: the store folder.
         reward_names: the reward columns, in order.
-        samples_per_prompt: N; every prompt must have exactly N rows.
+        samples_per_prompt: N.
 
     Returns:
-        The merged rows, sorted by ``(prompt_id, sample_index)``.
+        The merged rows (complete prompts), sorted by ``(prompt_id, sample_index)``.
     """
     store = Path(store)
     shards = _shard_paths(store)
     df = _normalise_rows(read_rows(store), reward_names)
     counts = df.groupby("prompt_id")["sample_index"].nunique()
-    bad = counts[counts != samples_per_prompt]
-    assert bad.empty, f"prompts {bad.index.tolist()[:5]} have {bad.tolist()[:5]} samples, expected {samples_per_prompt}"
-    _atomic_write_parquet(df, store / SAMPLES_FILE)
+    assert (counts <= samples_per_prompt).all(), f"prompts with more than N={samples_per_prompt} samples in {store}"
+    complete = df["prompt_id"].isin(counts.index[counts == samples_per_prompt])
+    merged, unfinished = df[complete].reset_index(drop=True), df[~complete]
+    if len(merged):  # rows are sorted by (prompt_id, sample_index): (P * N, M) -> (P, N, M)
+        scores = torch.from_numpy(merged[list(reward_names)].to_numpy(dtype=np.float32, copy=True))
+        mask = pareto_mask(scores.view(-1, samples_per_prompt, len(reward_names)))
+        merged["on_frontier"] = mask.reshape(-1).numpy()
+    atomic_write_parquet(merged, store / SAMPLES_FILE)
+    kept = write_shard(store, unfinished, rank=0) if len(unfinished) else None
     for p in shards:
-        p.unlink(missing_ok=True)
+        if p != kept:
+            p.unlink(missing_ok=True)
     folder = store / SHARDS_DIR
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
-    return df
+    return merged
+
+
+def has_new_samples(store: str | Path, samples_per_prompt: int) -> bool:
+    """Whether a shard holds a sample of a prompt that has all N samples in the store: something to merge."""
+    shards = _shard_paths(Path(store))
+    if not shards:
+        return False
+    in_shards = set(pd.concat([pd.read_parquet(p, columns=["prompt_id"]) for p in shards])["prompt_id"].tolist())
+    counts = read_rows(store).groupby("prompt_id")["sample_index"].nunique()
+    return bool(in_shards & set(counts.index[counts >= samples_per_prompt].tolist()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,8 +528,6 @@ class Frontier:
         names = list(reward_names)
         samples = self.samples.copy()
         if set(names) != set(self.reward_names):
-            from pgot.pareto import pareto_mask
-
             n = int(self.meta.get("precompute", {}).get("samples_per_prompt", 0)) or int(
                 samples.groupby("prompt_id").size().max()
             )
@@ -521,10 +597,15 @@ def load_store(path: str | Path) -> Frontier:
         )
     if not (store / SAMPLES_FILE).is_file():
         shards = len(_shard_paths(store))
+        if shards:
+            raise StoreNotFoundError(
+                f"frontier store {store} is unfinished: {shards} shards, no {SAMPLES_FILE} (the precompute was "
+                "interrupted). Rerun pgot-precompute with the same config and precompute.store pointing there to "
+                "finish it (finished samples are kept)."
+            )
         raise StoreNotFoundError(
-            f"frontier store {store} has no {SAMPLES_FILE}"
-            + (f" (only {shards} unmerged shards: the precompute was interrupted)" if shards else "")
-            + ". Rerun pgot-precompute with the same config to finish it."
+            f"frontier store {store} holds no samples: a precompute stopped there before finishing a batch. Run "
+            "pgot-precompute with precompute.store pointing there (it starts the store afresh, with any settings)."
         )
     reward_names = list(meta.get("reward_names", []))
     samples = pd.read_parquet(store / SAMPLES_FILE)
@@ -539,53 +620,11 @@ def load_store(path: str | Path) -> Frontier:
         meta = dict(meta, stats=reward_stats(samples, reward_names))
     if _shard_paths(store):
         log.warning(
-            "frontier store %s has unmerged shards; rerun pgot-precompute to merge them (they are ignored here)", store
-        )
+            "frontier store %s also holds samples in shards/ that samples.parquet does not (unfinished prompts, or an "
+            "interrupted merge); they are ignored here. pgot-precompute with the store's prompts finishes and merges "
+            "them.", store,
+        )  # fmt: skip
     return _frontier_from(samples, reward_names, meta, _stats_from_meta(meta, reward_names), store)
-
-
-def check_compatible(frontier: Frontier, reward_names: Sequence[str], fingerprint: str) -> None:
-    """Refuse a store computed with other rewards or another base model.
-
-    Reward order matters: reward vectors are positional (column k is ``rewards.k``) everywhere in
-    pgot, so a store whose columns are the same rewards in another order is refused rather than
-    silently permuted. Use :meth:`Frontier.select` to reorder or subset a store deliberately.
-
-    Args:
-        frontier: a loaded store.
-        reward_names: the rewards of the config, in order (``Config.reward_names``).
-        fingerprint: the base model's fingerprint (``SD3Model.fingerprint``).
-
-    Raises:
-        ValueError: naming both sides and how to fix it.
-    """
-    store_names = list(frontier.reward_names)
-    names = list(reward_names)
-    fix = (
-        "Rerun pgot-precompute with this config and a new precompute.store, "
-        "or point train.store at a store computed for it."
-    )
-    if store_names != names:
-        if sorted(store_names) == sorted(names):
-            raise ValueError(
-                f"the frontier store {frontier.path} has rewards in the order {store_names}, but the config lists "
-                f"{names}. Reward columns are positional: list rewards in the store's order ({', '.join(store_names)}). {fix}"
-            )
-        raise ValueError(
-            f"the frontier store {frontier.path} was computed for rewards {store_names}, but the config has {names}. {fix}"
-        )
-    if frontier.fingerprint != fingerprint:
-        model_path = frontier.meta.get("model", {}).get("path", "")
-        raise ValueError(
-            f"the frontier store {frontier.path} was computed with model fingerprint {frontier.fingerprint!r}"
-            f"{f' ({model_path})' if model_path else ''}, but the configured model has fingerprint {fingerprint!r}. "
-            f"Its fronts describe another base model. {fix}"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Does a store fit a config?
-# --------------------------------------------------------------------------------------------
 
 
 def _same_path(a: object, b: object) -> bool:

@@ -54,6 +54,8 @@ __all__ = [
     "LORA_WEIGHT_NAME",
     "SD3Model",
     "add_lora",
+    "check_model_folder",
+    "folder_fingerprint",
     "check_lora_file",
     "load_lora",
     "load_lora_soup",
@@ -160,7 +162,7 @@ class SD3Model:
 # --------------------------------------------------------------------------------------------
 
 
-def _folder_fingerprint(folder: Path) -> str:
+def folder_fingerprint(folder: Path) -> str:
     """sha1 of every small config/json file's content and every other file's relative path and size."""
     h = hashlib.sha1()
     for f in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts and ".git" not in p.parts):
@@ -182,7 +184,7 @@ def _not_sd3(path: str, why: str) -> ValueError:
     return ValueError(f"model.path={path!r} {why}, so it is not an SD3 / SD3.5 diffusers folder. {_GET_WEIGHTS}")
 
 
-def _check_folder(path: str) -> Path:
+def check_model_folder(path: str) -> Path:
     if not path:
         raise ValueError(f"model.path is empty and model.tiny is false. {_GET_WEIGHTS}")
     folder = Path(path).expanduser()
@@ -253,9 +255,9 @@ def load_model(
         )
         return _finish(model, cfg)
 
-    folder = _check_folder(cfg.path)
+    folder = check_model_folder(cfg.path)
     src = str(folder)
-    fp = _folder_fingerprint(folder) if folder.is_dir() else "hub-" + hashlib.sha1(src.encode()).hexdigest()[:16]
+    fp = folder_fingerprint(folder) if folder.is_dir() else "hub-" + hashlib.sha1(src.encode()).hexdigest()[:16]
     logger.info("loading SD3 from %s (%s, %s)", src, dev, dt)
     kw = {"torch_dtype": dt}
     transformer = SD3Transformer2DModel.from_pretrained(src, subfolder="transformer", **kw)

@@ -13,11 +13,21 @@ Several processes (GPUs, or CPU processes with gloo)::
 
     accelerate launch --multi_gpu --num_processes 2 -m pgot precompute --config configs/precompute_debug.yaml
 
-Prompts are dealt round-robin to the processes. Each process generates ``precompute.batch_size``
-images per pass from a flat list of (prompt, sample) work items and writes a prompt's rows to its own
-shard only once all N samples of that prompt are scored, so a killed run loses at most the prompts in
-flight: a rerun with the same config skips complete prompts and produces the same ``samples.parquet``.
-The main process merges the shards and computes the per-reward statistics at the end.
+**Batches.** The (prompt, sample) grid of the whole prompt set, prompt-major, is cut into batches of
+``precompute.batch_size`` items once and for all: batch b always holds the items ``[b * B, (b + 1) * B)``,
+whatever the number of processes and wherever an earlier run stopped. Pending batches are dealt round-robin to
+the processes; each writes every batch it finishes as one shard, atomically. A batch's numbers can depend on the
+batch's composition (batched kernels), and the composition never changes, so **a store is bit-identical however
+it was built**: in one go, on several processes, or resumed after any number of kills (tested with SIGKILL and
+with a batch size that does not divide N). A batch that holds items already in the store (a store extended with
+more prompts) is generated whole and only its missing rows are kept. The main process merges the shards, marks
+each prompt's front among its N samples and computes the per-reward statistics at the end.
+
+**The store's settings are committed with its first shard**: ``meta.json`` is written just before the first
+shard, so a precompute that fails before finishing one batch (a missing reward checkpoint, a typo) leaves no
+settings behind, and the next run, with any settings, starts the store afresh. A store with samples resumes
+only with the settings it was built with. One precompute at a time writes a store (a folder lock,
+:func:`pgot.files.hold_folder`); a second one is refused with the holder's name.
 """
 
 from __future__ import annotations
@@ -29,18 +39,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 import pgot
 from pgot import frontier as store_io
 from pgot.config import Config, ConfigError
+from pgot.files import hold_folder
 from pgot.generate import generate, sigmas
 from pgot.images import save_png
 from pgot.model import load_model
-from pgot.pareto import pareto_mask
 from pgot.preflight import preflight
 from pgot.prompts import load_prompts
 from pgot.rewards import build as build_rewards
@@ -135,15 +145,32 @@ def run(cfg: Config) -> Path:
         accelerator.end_training()  # destroys the process group; without it gloo processes abort at exit
 
 
-def build_store(cfg: Config, accelerator: Accelerator) -> Path:
+def build_store(cfg: Config, accelerator: Accelerator, *, wait: bool = False) -> Path:
     """The work of :func:`run` on an existing accelerator (every process calls it; ``pgot-train`` uses it to
     build a missing store with ``train.precompute_if_missing``).
 
+    Args:
+        cfg: the config.
+        accelerator: the processes that share the work.
+        wait: when another process holds the store, wait for it (``pgot-train``: another run building the same
+            store) instead of refusing (``pgot-precompute``).
+
     Returns:
         The store folder.
+
+    Raises:
+        ValueError: no rewards; the store is in use by another process; it was built with other settings or
+            prompts.
     """
     if not cfg.rewards:
         raise ValueError("rewards is empty; list at least one reward, e.g. rewards: [{name: colorfulness}].")
+    with hold_folder(
+        cfg.precompute.store, key="precompute.store", what="pgot-precompute", accelerator=accelerator, wait=wait
+    ):
+        return _build(cfg, accelerator)
+
+
+def _build(cfg: Config, accelerator: Accelerator) -> Path:
     pc = cfg.precompute
     store = Path(pc.store)
     n = pc.samples_per_prompt
@@ -156,9 +183,15 @@ def build_store(cfg: Config, accelerator: Accelerator) -> Path:
     model = load_model(cfg.model, device=accelerator.device)
     sig = sigmas(model, cfg.draft.num_steps, shift=cfg.draft.shift, resolution=cfg.model.resolution)
     dtype = str(model.dtype).removeprefix("torch.")
-    meta = store_meta(cfg, model.fingerprint, model.path, dtype, sig.tolist())
+    box = [store_meta(cfg, model.fingerprint, model.path, dtype, sig.tolist())]
+    broadcast_object_list(box, from_process=0)  # one meta.json (its timestamp included), whoever commits it
+    meta = box[0]
     existing = store_io.read_meta(store)
-    done = store_io.completed_prompts(store, n)  # every process reads the same files before anyone writes
+    rows = store_io.read_rows(store)  # every process reads the same files before anyone writes
+    if existing is not None and not len(rows):
+        existing = None  # settings of a precompute that never finished a batch: nothing to keep
+        if accelerator.is_main_process:
+            log.warning("precompute.store=%s holds no finished samples; starting it afresh with this config", store)
     if existing is not None:
         problems = store_io.compare_settings(
             existing, cfg, store=store, fingerprint=model.fingerprint, default_shift=model.scheduler.config.get("shift"),
@@ -170,28 +203,33 @@ def build_store(cfg: Config, accelerator: Accelerator) -> Path:
                 + problems
             )
         meta["created"] = existing.get("created", meta["created"])
-    elif done:
+    elif len(rows):
         raise ValueError(
             f"precompute.store={store} holds samples but no {store_io.META_FILE}, so their settings are unknown. "
             f"Set precompute.store to a new folder, or delete {store} to rebuild it."
         )
-    _check_prompt_texts(done, ids, texts, store)
+    done = set(zip(rows["prompt_id"].tolist(), rows["sample_index"].tolist(), strict=True))
+    stored = rows.drop_duplicates("prompt_id") if len(rows) else rows
+    _check_prompt_texts(
+        dict(zip(stored["prompt_id"].astype(int), stored["prompt"].astype(str), strict=True)), ids, texts, store
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         store_io.remove_stale_temporaries(store)
-        if existing is None:  # an existing meta stays as it is (it describes samples.parquet) until the merge
-            store_io.write_meta(store, meta)
-    accelerator.wait_for_everyone()  # meta.json exists before any shard
+        if existing is None:  # nothing finished: what a failed attempt left (settings, images) goes
+            store_io.reset(store)
+    accelerator.wait_for_everyone()  # the store is consistent before any shard
 
-    pending = [j for j, pid in enumerate(ids) if pid not in done]
+    batches = _batches(len(ids), n, pc.batch_size)
+    pending = [b for b in batches if any((ids[j], i) not in done for j, i in b)]
     mine = pending[rank::world]
     if accelerator.is_main_process:
         log.info(
-            "precompute: %d prompts, %d already in %s, %d to do on %d process(es); N=%d, %d images",
-            len(ids), len(ids) - len(pending), store, len(pending), world, n, len(pending) * n,
+            "precompute: %d prompts x %d samples in %s; %d of %d batches of %d to do on %d process(es)",
+            len(ids), n, store, len(pending), len(batches), pc.batch_size, world,
         )  # fmt: skip
     reward_models = build_rewards(cfg.rewards, device=accelerator.device)
-    _generate_shards(cfg, model, reward_models, ids, texts, mine, rank, accelerator.is_main_process)
+    _generate_shards(cfg, model, reward_models, ids, texts, mine, done, meta, rank, accelerator.is_main_process)
 
     accelerator.wait_for_everyone()  # every process's shards are complete before the merge reads them
     if accelerator.is_main_process:
@@ -200,26 +238,32 @@ def build_store(cfg: Config, accelerator: Accelerator) -> Path:
     return store
 
 
+def _batches(num_prompts: int, n: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """The fixed tiling of the (prompt index, sample index) grid, prompt-major, into batches of ``batch_size``."""
+    items = [(j, i) for j in range(num_prompts) for i in range(n)]
+    return [items[s : s + batch_size] for s in range(0, len(items), batch_size)]
+
+
 def _generate_shards(
     cfg: Config,
     model: Any,
     reward_models: list,
     ids: list[int],
     texts: list[str],
-    mine: list[int],
+    batches: list[list[tuple[int, int]]],
+    done: set[tuple[int, int]],
+    meta: dict,
     rank: int,
     is_main: bool,
 ) -> None:
-    """Generate and score this process's prompts; write each batch's completed prompts as one shard."""
+    """Generate and score this process's batches; write each batch's new rows as one shard (``meta.json`` first)."""
     pc = cfg.precompute
-    store, n, names = Path(pc.store), pc.samples_per_prompt, cfg.reward_names
-    items = [(j, i) for j in mine for i in range(n)]  # flat (prompt index, sample index) work list
-    partial: dict[int, dict[int, torch.Tensor]] = {}  # prompt index -> sample index -> (M,) scores
+    store, names = Path(pc.store), cfg.reward_names
     shard_index = store_io.next_shard_index(store, rank)
-    bar = tqdm(total=len(items), unit="img", desc="precompute", disable=not is_main, dynamic_ncols=True)
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, unit="img", desc="precompute", disable=not is_main, dynamic_ncols=True)
     start, nan_rows = time.perf_counter(), 0
-    for s in range(0, len(items), pc.batch_size):
-        batch = items[s : s + pc.batch_size]
+    for batch in batches:
         pj = [j for j, _ in batch]
         prompts = [texts[j] for j in pj]
         pids = [ids[j] for j in pj]
@@ -231,39 +275,36 @@ def _generate_shards(
             )  # fmt: skip
             # images: (b, 3, H, W) in [0, 1]
             scores = score(reward_models, images, prompts).float().cpu()  # (b, M)
-        nan_rows += int(scores.isnan().any(dim=1).sum())
+        new = [k for k, (pid, i) in enumerate(zip(pids, idx, strict=True)) if (pid, i) not in done]  # the rest: dups
+        nan_rows += int(scores[new].isnan().any(dim=1).sum())
         if pc.save_images:
-            _save_images(store, images, pids, idx)
-        for (j, i), row in zip(batch, scores, strict=True):
-            partial.setdefault(j, {})[i] = row
-        rows = []
-        for j in dict.fromkeys(pj):
-            if len(partial[j]) == n:
-                got = partial.pop(j)
-                vals = torch.stack([got[i] for i in range(n)])  # (N, M)
-                rows.append(
-                    store_io.build_rows(ids[j], texts[j], pc.seed, list(range(n)), vals, pareto_mask(vals), names)
-                )
-        if rows:
-            store_io.write_shard(store, pd.concat(rows, ignore_index=True), rank, shard_index)
-            shard_index += 1
+            _save_images(store, images[new], [pids[k] for k in new], [idx[k] for k in new])
+        if not (store / store_io.META_FILE).is_file():
+            store_io.write_meta(store, meta)  # the settings are committed with the first shard, by whoever writes it
+        rows = store_io.sample_rows([pids[k] for k in new], [prompts[k] for k in new], pc.seed, [idx[k] for k in new],
+                                    scores[new], names)  # fmt: skip
+        store_io.write_shard(store, rows, rank, shard_index, key="precompute.store")
+        shard_index += 1
         if len(model.embed_cache) > 1024:  # bound host memory on large prompt sets
             model.embed_cache.clear()
         bar.update(len(batch))
     bar.close()
-    assert not partial, f"prompts left incomplete: {list(partial)}"
     if nan_rows:
         log.warning("process %d: %d samples have a NaN reward (kept in the store, never on a frontier)", rank, nan_rows)
     elapsed = time.perf_counter() - start
-    if is_main and items:
-        log.info(
-            "process %d: %d images in %.1fs (%.2f img/s)", rank, len(items), elapsed, len(items) / max(elapsed, 1e-9)
-        )
+    if is_main and total:
+        log.info("process %d: %d images in %.1fs (%.2f img/s)", rank, total, elapsed, total / max(elapsed, 1e-9))
 
 
 def _merge(store: Path, cfg: Config, meta: dict) -> None:
-    """Merge the shards, then record counts and per-reward statistics in meta.json (main process)."""
+    """Merge the shards (each prompt's front marked among its N samples), then record counts and per-reward
+    statistics in meta.json (main process). A store with nothing new is left as it is."""
     names, n = cfg.reward_names, cfg.precompute.samples_per_prompt
+    if not store_io.has_new_samples(store, n) and (store / store_io.SAMPLES_FILE).is_file():
+        existing = store_io.read_meta(store) or {}
+        if existing.get("completed") and existing.get("stats"):
+            log.info("frontier store %s holds every finished prompt already; nothing to merge", store)
+            return
     df = store_io.merge_shards(store, names, n)
     sizes = df.groupby("prompt_id")["on_frontier"].sum()
     meta = dict(meta)

@@ -33,7 +33,6 @@ from pathlib import Path
 import pandas as pd
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 from PIL import Image
-from safetensors import safe_open
 
 from pgot import checkpoints, evaluate, human_eval, objectives
 from pgot import frontier as store_io
@@ -41,13 +40,13 @@ from pgot import rewards as reward_models
 from pgot.agent import load_script
 from pgot.config import STAGES, Config, ConfigError, check
 from pgot.devices import resolve_device, resolve_dtype
-from pgot.model import LORA_WEIGHT_NAME, _check_folder, _folder_fingerprint, resolve_lora_file
+from pgot.model import check_lora_file, check_model_folder, folder_fingerprint
 from pgot.prompts import PromptSet, load_prompts, split
 from pgot.tiny import tiny_components, tiny_fingerprint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_inputs", "lora_file", "output_folder", "preflight"]
+__all__ = ["check_inputs", "output_folder", "preflight"]
 
 _TRACKERS: dict[str, Callable[[], bool]] = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
 _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -144,29 +143,6 @@ def output_folder(path: str, key: str) -> list[str]:
     return []
 
 
-def lora_file(path: str, key: str) -> list[str]:
-    """Whether ``path`` (config key ``key``) is a diffusers SD3 LoRA: a file, a folder holding one, or a pgot run
-    folder (its ``final/``), with transformer LoRA weights. Reads the safetensors header only."""
-    try:
-        f = resolve_lora_file(path, key)
-    except ValueError as err:
-        return [str(err)]
-    how = (
-        f"Point {key} at a diffusers SD3 LoRA ({LORA_WEIGHT_NAME}, keys transformer.<module>.lora_A.weight), as "
-        "pgot-train writes it to <run>/final/, a folder holding one, or a finished pgot run folder."
-    )
-    try:
-        with safe_open(str(f), framework="pt") as fh:
-            keys = list(fh.keys())
-    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for a file of another kind
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return [f"{key}={str(path)!r}: {str(f)!r} is not a safetensors file ({first}). {how}"]
-    if not any(k.startswith("transformer.") and "lora" in k for k in keys):
-        seen = ", ".join(keys[:2]) or "no tensors"
-        return [f"{key}={str(path)!r}: {str(f)!r} holds no SD3 transformer LoRA weights (keys: {seen}). {how}"]
-    return []
-
-
 class _Checks:
     """The checks of one config; ``problems`` collects their lines."""
 
@@ -213,14 +189,15 @@ class _Checks:
         m = self.cfg.model
         if not m.tiny and not self.named("model.path"):
             try:
-                _check_folder(m.path)
+                check_model_folder(m.path)
                 self.model_ok = True
             except ValueError as err:
                 self.add([str(err)])
         elif m.tiny:
             self.model_ok = True
         if m.lora_path and not self.named("model.lora_path"):
-            self.add(lora_file(m.lora_path, "model.lora_path"))
+            base = None if m.allow_lora_transfer else self.fingerprint()[0]
+            self.add(check_lora_file(m.lora_path, key="model.lora_path", fingerprint=base))
 
     def rewards(self) -> None:
         if any(re.match(r"rewards\.\d+ must be", line) for line in self.skip):
@@ -236,13 +213,13 @@ class _Checks:
         if m.tiny:  # a fraction of a second: the tiny model's weights are random, built from the seed
             parts = tiny_components(m.tiny_seed)
             return tiny_fingerprint(parts, m.tiny_seed), parts["scheduler"].config.get("shift")
-        folder = _check_folder(m.path)
+        folder = check_model_folder(m.path)
         shift = 1.0  # FlowMatchEulerDiscreteScheduler's default
         try:
             shift = float(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("shift", 1.0))
         except (OSError, ValueError, TypeError, AttributeError):
             pass
-        return _folder_fingerprint(folder), shift
+        return folder_fingerprint(folder), shift
 
     def dtype(self) -> str | None:
         try:
@@ -441,8 +418,9 @@ class _Checks:
                 if any(f"eval.models.{i}." in line for line in self.skip):
                     continue
                 key = f"eval.models.{i}.soup" if m.soup else f"eval.models.{i}.lora"
+                base = None if m.allow_lora_transfer else self.fingerprint()[0]
                 for path in m.soup or ([m.lora] if m.lora else []):  # every LoRA of a soup
-                    self.add(lora_file(path, key))
+                    self.add(check_lora_file(path, key=key, fingerprint=base))
         self.rewards()
         if e.preference_data and not self.named("eval.preference_data"):
             try:

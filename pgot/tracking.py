@@ -1,14 +1,25 @@
 """What a training run reports: ``metrics.jsonl``, the accelerate trackers (TensorBoard, W&B) and the progress bar.
 
-One :class:`RunLog` per run, used on the main process only. ``metrics.jsonl`` holds one JSON object per logged
-step; the trackers receive the numeric entries of the same line, so a value in TensorBoard or W&B equals the one
-in ``metrics.jsonl``. Log records of the ``pgot`` loggers are written through the bar (``tqdm.write``) while it is
+One :class:`RunLog` per run, used on the main process only. ``metrics.jsonl`` holds one JSON object per line:
+
+- a **metrics line** per logged step, with ``step`` (the optimizer step of the model the line describes; it goes
+  back after an agent revert), ``log_index`` (the line's position in the file, 0, 1, 2, ...: it never repeats)
+  and ``steps_run`` (optimizer steps executed so far, those of abandoned branches included: it never goes back);
+- an **event line** (``{"event": "revert", ...}``) where something happened between steps; readers of metrics
+  skip lines that have ``event`` (:func:`metric_lines`).
+
+The trackers receive the numeric entries of each metrics line with ``steps_run`` as their x axis, so a value in
+TensorBoard or W&B equals the one in ``metrics.jsonl`` and no tracker ever sees a step go back. A resumed run
+truncates ``metrics.jsonl`` to the lines of its checkpoint (``TrainerState.metrics_lines``) and continues the
+counters from there; TensorBoard is told to drop the points the interrupted attempt logged after the checkpoint
+(``purge_step``). Log records of the ``pgot`` loggers are written through the bar (``tqdm.write``) while it is
 open, so they do not break it.
 
 Besides the numbers, the trackers get what a run saves as files, as diffusers' training examples log their
-validation images: images (:meth:`RunLog.log_images`: the probe grids ``probes/grid``, the agent's diagnostic grids
-``agent/grid-NN``) through TensorBoard's ``SummaryWriter.add_image`` and W&B's ``wandb.Image``; text
-(:meth:`RunLog.log_text`: the agent's decisions ``agent/decision``) through ``add_text`` and ``wandb.Html``; and
+validation images, at the same x (``steps_run``): images (:meth:`RunLog.log_images`: the probe grids
+``probes/grid``, the agent's diagnostic grids ``agent/grid-NN``) through TensorBoard's ``SummaryWriter.add_image``
+and W&B's ``wandb.Image``; text (:meth:`RunLog.log_text`: the agent's decisions ``agent/decision``, the
+end-of-training table ``final/table``) through ``add_text`` and ``wandb.Html``; and
 the resolved config (its flat keys as TensorBoard hyperparameters and the W&B run config, through
 ``accelerator.init_trackers``; :meth:`RunLog.log_config` adds the YAML as TensorBoard text ``config``).
 """
@@ -28,10 +39,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pgot.files import atomic_write_text
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["RunLog", "finite_or_none", "flatten", "truncate_lines"]
+__all__ = ["RunLog", "finite_or_none", "flatten", "metric_lines", "truncate_lines"]
 
 
 def finite_or_none(x: float) -> float | None:
@@ -53,12 +66,33 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def truncate_lines(path: str | Path, lines: int) -> None:
-    """Keep the first ``lines`` lines of ``path`` (a resumed run drops what was logged after its checkpoint)."""
+    """Keep the first ``lines`` lines of ``path`` (a resumed run drops what was logged after its checkpoint).
+
+    The file is replaced atomically, and only when it has more lines (a file that already matches is not touched).
+    """
     path = Path(path)
     if not path.exists():
         return
-    kept = path.read_text().splitlines(keepends=True)[:lines]
-    path.write_text("".join(kept))
+    text = path.read_text()
+    kept = text.splitlines(keepends=True)[:lines]
+    if kept and not kept[-1].endswith("\n"):  # a line cut by a kill mid-write is not a line
+        kept = kept[:-1]
+    if "".join(kept) != text:
+        atomic_write_text(path, "".join(kept))
+
+
+def metric_lines(path: str | Path) -> list[dict[str, Any]]:
+    """The metrics lines of a ``metrics.jsonl``, in file order: event lines and lines that are not JSON objects
+    (a line cut by a kill) are skipped."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "event" not in rec:
+            out.append(rec)
+    return out
 
 
 class _BarHandler(logging.Handler):
@@ -111,9 +145,9 @@ class RunLog:
         self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
     def write(self, line: dict[str, Any], step: int) -> None:
-        """Append ``line`` to metrics.jsonl, send its numbers to the trackers, move the bar to ``step``."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        """Append the metrics line ``line`` to metrics.jsonl, send its numbers to the trackers at x = ``step``
+        (``steps_run``: never goes back), move the bar to the line's optimizer ``step``."""
+        self._append(line)
         numbers = {k: v for k, v in line.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.accelerator.log(numbers, step=step)
         postfix = {"loss": f"{line['loss']:.4g}" if line.get("loss") is not None else "nan"}
@@ -121,14 +155,23 @@ class RunLog:
             k.removeprefix("reward/"): f"{v:.3g}" for k, v in line.items() if k.startswith("reward/") and v is not None
         }
         self.bar.set_postfix(postfix)
-        self.bar.update(step - self.bar.n)
+        self.bar.update(int(line.get("step", step)) - self.bar.n)
+
+    def event(self, line: dict[str, Any]) -> None:
+        """Append the event line ``line`` (it has an ``event`` key) to metrics.jsonl; trackers get nothing."""
+        assert "event" in line, f"an event line needs an 'event' key: {line}"
+        self._append(line)
+
+    def _append(self, line: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def log_images(self, images: Mapping[str, Image.Image], step: int) -> None:
         """Send images to the trackers: TensorBoard ``add_image`` (HWC uint8), W&B ``wandb.Image``.
 
         Args:
             images: tag (e.g. ``probes/grid``) -> RGB PIL image (e.g. :func:`pgot.images.labelled_grid`).
-            step: the training step they belong to.
+            step: the trackers' x value (pgot-train passes ``steps_run``, the x axis of :meth:`write`).
         """
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
@@ -147,7 +190,7 @@ class RunLog:
 
         Args:
             texts: tag (e.g. ``agent/decision``) -> text.
-            step: the training step it belongs to.
+            step: the trackers' x value (pgot-train passes ``steps_run``, the x axis of :meth:`write`).
         """
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":

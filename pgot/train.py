@@ -35,29 +35,56 @@ Decisions documented here (the paper leaves them open):
 * **Agent** (``agent.backend``): every ``agent.every`` steps a checkpoint is written, the main process shows the
   agent diagnostic images of the current and the base model (LoRA disabled; same prompts and seeds), and the
   decision is broadcast and applied on every process (:meth:`pgot.agent.AgentState.apply`). ``remove
-  <reward>`` also reloads the approved checkpoint (or the one the agent names) and deletes the newer ones. A
-  step-0 checkpoint is the first approved one. A failing agent is logged and counts as continue.
+  <reward>`` also reloads the approved checkpoint (or the one the agent names), deletes the newer ones and
+  writes a ``revert`` event line to ``metrics.jsonl``. A step-0 checkpoint is the first approved one. A failing
+  agent is logged and counts as continue.
 * **Determinism**: the prompts of step s come from a generator seeded by ``(train.seed, s)``; the noise of
   sample i of prompt p on process r from ``make_noise(train.seed + 7919 * t, p, r * N + i)`` with
   ``t = (s - 1) * train.gradient_accumulation_steps + micro_step + 1``. Online: every process draws the same
   prompts (different sample indices); offline: processes draw different prompts.
 
-Run folder (``train.output_dir``): ``config.yaml``, ``sigmas.json``, ``metrics.jsonl``, ``probes/``
-(``step0_scores.safetensors``, ``step-XXXXXX.png``), ``checkpoints/step-XXXXXX/`` (:mod:`pgot.checkpoints`),
-``agent/step-XXXXXX/``, ``final/pytorch_lora_weights.safetensors``.
+Run folder (``train.output_dir``): ``config.yaml``, ``sigmas.json``, ``metrics.jsonl`` (:mod:`pgot.tracking`),
+``probes/`` (``step0_scores.safetensors``, ``step-XXXXXX.png``), ``checkpoints/step-XXXXXX/``
+(:mod:`pgot.checkpoints`), ``agent/step-XXXXXX/``, ``logs/`` (trackers), ``final/pytorch_lora_weights.safetensors``
+(written atomically: complete or absent), ``.pgot.lock`` and ``.pgot.lock.json`` (the folder lock).
+
+**One run, one folder.** One process at a time works in a run folder: :func:`fit` holds its lock
+(:func:`pgot.files.hold_folder`; under ``accelerate launch`` the main process, the others wait for it); a second
+run gets one error line naming the holder. What a run does with the folder (:func:`_prepare_folder`, decided on the
+main process before anything is written):
+
+* empty or missing: a fresh start;
+* holds a run and ``train.resume`` is empty: refused;
+* ``train.resume=latest`` with no checkpoint (an attempt killed or interrupted before its first checkpoint): what
+  the attempt wrote is deleted and the run starts afresh;
+* a checkpoint to resume: the config must equal the run's ``config.yaml`` except :data:`RESUMABLE_KEYS`; every
+  other difference is refused, one line per key (:func:`config_changes`), and nothing in the folder changes. The
+  resume is exact: ``metrics.jsonl`` is truncated to the checkpoint's lines, the interrupted attempt's agent
+  records and probe grids go, and a decision the agent had not made on the checkpoint is made first;
+* the checkpoint of ``train.max_steps`` and the final LoRA exist: finished; the table is printed again and
+  nothing in the folder changes.
+
+**Signals.** SIGINT and SIGTERM during training stop every process after the step in flight (the flag rides in
+the gradient all-reduce, so all agree on the step), with a checkpoint of that step;
+:class:`~pgot.checkpoints.Interrupted` then says so, and the CLI exits with 130 / 143. Outside the loop (set-up,
+cleanup) they stop at once, and the message says what a rerun does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import fnmatch
 import logging
 import math
+import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -67,25 +94,80 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pgot import checkpoints, metrics, objectives, precompute, probes, rewards, tables
-from pgot.agent import Agent, AgentState, Decision, build_agent
-from pgot.checkpoints import TrainerState
-from pgot.config import Config, save_config
+from pgot.agent import Agent, AgentState, Decision, build_agent, prune_records
+from pgot.checkpoints import Interrupted, TrainerState
+from pgot.config import Config, ConfigError, config_to_dict, load_config, save_config
 from pgot.embeddings import PromptEmbeds, encode_prompts
-from pgot.frontier import Frontier, check_compatible, load_store
+from pgot.files import atomic_write, atomic_write_json, hold_folder
+from pgot.frontier import Frontier, compare_settings, load_store
 from pgot.generate import generate, sigmas
 from pgot.images import labelled_grid, save_png
-from pgot.model import SD3Model, add_lora, load_model, save_lora
+from pgot.model import LORA_WEIGHT_NAME, SD3Model, add_lora, load_model, save_lora
 from pgot.preflight import preflight
 from pgot.prompts import load_prompts, split
 from pgot.tracking import RunLog, finite_or_none, flatten
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TooManyBadSteps", "cleanup", "fit", "run", "setup", "train"]
+__all__ = ["RESUMABLE_KEYS", "TooManyBadSteps", "cleanup", "config_changes", "fit", "run", "setup", "train"]
 
 _NOISE_STRIDE = 7919
 """Seed offset per micro-step: the noise of training micro-step t uses seed ``train.seed + 7919 * t``."""
 _TIMING_KEYS = ("step_time", "peak_memory_gb")  # vary between runs: not compared on resume
+_RUN_ITEMS = ("config.yaml", "sigmas.json", "metrics.jsonl", "probes", "agent", "logs", "final", "checkpoints")
+"""What pgot-train writes in a run folder (an attempt that stopped before its first checkpoint leaves some)."""
+
+RESUMABLE_KEYS: tuple[str, ...] = (
+    # how long, and where
+    "train.max_steps",
+    "train.resume",
+    "train.output_dir",
+    # logging, probe and checkpoint cadence, the end-of-run table, the stop rule
+    "train.log_every",
+    "train.log_with",
+    "train.probe_every",
+    "train.reward_sets",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.final_eval",
+    "train.max_bad_steps",
+    "train.precompute_if_missing",
+    # memory and caches: the same numbers, computed with less memory or more reuse
+    "model.gradient_checkpointing",
+    "model.vae_gradient_checkpointing",
+    "model.embedding_cache",
+    "rewards.*.gradient_checkpointing",
+    "rewards.*.text_cache",
+    # how a missing store is built (the store itself is checked against the config on its own)
+    "precompute.batch_size",
+    "precompute.save_images",
+    # the agent's endpoint, credentials, timeouts and budget
+    "agent.base_url",
+    "agent.model",
+    "agent.api_key_env",
+    "agent.timeout",
+    "agent.max_retries",
+    "agent.retry_backoff",
+    "agent.max_tokens",
+    "agent.cost_limit",
+    "agent.price_per_1k_input",
+    "agent.price_per_1k_output",
+    # not read by pgot-train
+    "eval",
+)
+"""The config keys that may differ between a run and its resume; every other difference is refused.
+
+A resume continues one training: it must run with the settings of the run it continues (its ``config.yaml``),
+or its later steps would belong to another experiment on top of the first one's LoRA. These keys change
+nothing about what is trained: how long (``train.max_steps``: extending a run; with a ``linear`` or ``cosine``
+schedule the remaining steps follow the schedule of the new length), where (``train.output_dir``,
+``train.resume``), what is logged and how often (logging, probe and checkpoint cadence, trackers, the final
+table, the bad-step limit), how memory is spent (gradient checkpointing, caches), how a missing store would be
+built, and how the agent's endpoint is reached (URL, model name, key variable, timeouts, retries, reply
+length, budget). Entries are config keys as typed on the command line; ``*`` stands for a list index and an
+entry also covers the keys below it (``eval`` covers ``eval.models.0.lora``). Listed in the README's
+"Resume and crashes".
+"""
 
 
 class TooManyBadSteps(ValueError):
@@ -115,6 +197,9 @@ class Run:
     agent: Agent | None = None
     log: RunLog | None = None  # main process only
     pending: dict[str, torch.Tensor] = field(default_factory=dict)  # summed over micro-steps until the next line
+    finished: bool = False  # a rerun of a complete run: nothing to train, nothing to write
+    decision_due: bool = False  # resumed from a checkpoint the agent had not decided on yet
+    saved_at: tuple[int, int] | None = None  # (step, steps_run) of the state last written to a checkpoint
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -138,15 +223,28 @@ def run(cfg: Config) -> Path:
 def fit(cfg: Config) -> tuple[Path, SD3Model]:
     """Train; return ``(run folder, SD3Model with the trained adapter)``.
 
+    The run folder is locked for the duration (:func:`pgot.files.hold_folder`). What a run does with a folder
+    that already holds one (resume, start afresh, nothing, refuse) is :func:`setup`'s.
+
     Raises:
-        ValueError: a user error (config, store mismatch), or :class:`TooManyBadSteps`.
+        ValueError: a user error (config, a folder in use or holding another run, store mismatch), or
+            :class:`TooManyBadSteps`.
+        Interrupted: SIGINT or SIGTERM (after the checkpoint of the step in flight, when training had started).
     """
     preflight(cfg, "train")  # every input checked before any weight loads
     accelerator = _accelerator(cfg)
     try:
-        r = setup(cfg, accelerator)
-        train(r)
-        cleanup(r)
+        with hold_folder(
+            cfg.train.output_dir, key="train.output_dir", what="a pgot-train run", accelerator=accelerator
+        ):
+            try:
+                r = setup(cfg, accelerator)
+                train(r)
+                cleanup(r)
+            except Interrupted:
+                raise
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI, outside the loop's handling
+                raise _interrupted(cfg, getattr(exc, "signum", signal.SIGINT)) from None
         return r.run_dir, r.model
     finally:
         accelerator.end_training()  # destroys the process group; without it gloo processes abort at exit
@@ -155,28 +253,103 @@ def fit(cfg: Config) -> tuple[Path, SD3Model]:
 def train(r: Run) -> None:
     """The method, one optimizer step per iteration: sample, score, loss, step, log, check."""
     t, acc = r.cfg.train, r.accelerator
-    while r.state.step < t.max_steps:
-        step, start = r.state.step + 1, time.perf_counter()
-        for micro in range(t.gradient_accumulation_steps):
-            with acc.autocast():
-                texts, ids, scores = _rollout(r, step, micro)  # (P, N, M) rewards of P prompts x N samples, DRaFT-K
-                loss = _objective(r, scores, ids, texts)  # PG-OT or a baseline, on the active reward columns
-            acc.backward(loss / t.gradient_accumulation_steps)
-        ok, grad_norm = _update(r, step)  # one all-reduce (LoRA grads + NaN flag); skip, or clip + AdamW + schedule
-        r.state.step, r.state.bad_steps = step, 0 if ok else r.state.bad_steps + 1
-        r.state.skipped_steps += 0 if ok else 1
-        _log(r, step, grad_norm, time.perf_counter() - start)  # metrics.jsonl, trackers, bar; probes
-        if r.state.bad_steps >= t.max_bad_steps:
-            raise TooManyBadSteps(
-                f"{r.state.bad_steps} consecutive steps had a NaN or infinite loss or reward (train.max_bad_steps="
-                f"{t.max_bad_steps}); stopped at step {step}. The last good checkpoint is intact in "
-                f"{r.checkpoint_dir}. Lower train.learning_rate, set train.max_grad_norm, or check the rewards."
-            )
-        agent_due = r.agent_on and step % r.cfg.agent.every == 0
-        if agent_due or _due(step, t.checkpoint_every) or step == t.max_steps:
-            _save_checkpoint(r)
-        if agent_due:
-            _consult_agent(r)  # continue / switch to online / remove a reward and revert to the approved checkpoint
+    with _StopSignals() as signals:
+        if r.decision_due:  # the checkpoint was written, the agent's decision on it was not: decide it now
+            _consult_agent(r)
+        while r.state.step < t.max_steps:
+            step, start = r.state.step + 1, time.perf_counter()
+            for micro in range(t.gradient_accumulation_steps):
+                with acc.autocast():
+                    texts, ids, scores = _rollout(r, step, micro)  # (P, N, M) rewards of P prompts x N samples
+                    loss = _objective(r, scores, ids, texts)  # PG-OT or a baseline, on the active reward columns
+                acc.backward(loss / t.gradient_accumulation_steps)
+            ok, grad_norm, stop = _update(r, step, signals.signum)  # one all-reduce: LoRA grads, NaN and stop flags
+            r.state.step, r.state.bad_steps = step, 0 if ok else r.state.bad_steps + 1
+            r.state.skipped_steps += 0 if ok else 1
+            r.state.steps_run += 1
+            _log(r, step, grad_norm, time.perf_counter() - start)  # metrics.jsonl, trackers, bar; probes
+            if r.state.bad_steps >= t.max_bad_steps:
+                raise TooManyBadSteps(
+                    f"{r.state.bad_steps} consecutive steps had a NaN or infinite loss or reward (train.max_bad_steps="
+                    f"{t.max_bad_steps}); stopped at step {step}. The last good checkpoint is intact in "
+                    f"{r.checkpoint_dir}. Lower train.learning_rate, set train.max_grad_norm, or check the rewards."
+                )
+            agent_due = r.agent_on and step % r.cfg.agent.every == 0
+            if agent_due or _due(step, t.checkpoint_every) or step == t.max_steps:
+                _save_checkpoint(r)
+            if agent_due:
+                _consult_agent(r)  # continue / switch to online / remove a reward and revert to the approved checkpoint
+            if stop and r.state.step < t.max_steps:
+                _stop(r, signals.signum or signal.SIGTERM)  # a checkpoint of this state, then Interrupted
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM while the loop runs: the first one is remembered and the run stops after the step in
+    flight, with a checkpoint (every process agrees through the gradient all-reduce). A repeat within
+    :attr:`repeat_s` seconds is the same request: schedulers and terminals signal every process of a job, and
+    ``accelerate launch`` forwards the signal it gets to each worker as well. A signal after that stops at once.
+    Outside the main thread (where Python cannot install handlers) signals keep their default meaning."""
+
+    repeat_s = 5.0
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._first = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum and time.monotonic() - self._first < self.repeat_s:
+            return  # the same request, delivered twice (scheduler or terminal, and the launcher)
+        if self.signum:
+            stop = KeyboardInterrupt()
+            stop.signum = signum  # fit() turns it into Interrupted, naming the last checkpoint
+            raise stop
+        self.signum, self._first = signum, time.monotonic()
+        log.warning(
+            "%s received: stopping after the step in flight, with a checkpoint (send it again after %g s to stop at "
+            "once)", signal.Signals(signum).name, self.repeat_s,
+        )  # fmt: skip
+
+
+def _stop(r: Run, signum: int) -> None:
+    """Checkpoint the current state (unless that is done) and raise :class:`Interrupted` on every process."""
+    if r.saved_at != (r.state.step, r.state.steps_run):
+        _save_checkpoint(r)
+    path = r.checkpoint_dir / checkpoints.checkpoint_name(r.state.step)
+    raise Interrupted(
+        f"stopped by {signal.Signals(signum).name} after step {r.state.step} of {r.cfg.train.max_steps}, with the "
+        f"checkpoint {path}. Run the same command with train.resume=latest to continue from it (exactly).",
+        signum,
+        checkpoint=path,
+    )
+
+
+def _interrupted(cfg: Config, signum: int) -> Interrupted:
+    """The :class:`Interrupted` of a run stopped outside the loop's handling (set-up, a second signal, cleanup)."""
+    run_dir, name = Path(cfg.train.output_dir), signal.Signals(signum).name
+    found = checkpoints.list_checkpoints(run_dir / "checkpoints")
+    if found:
+        return Interrupted(
+            f"interrupted by {name}; the last checkpoint is {found[-1]}. Run the same command with "
+            "train.resume=latest to continue from it.",
+            signum,
+            checkpoint=found[-1],
+        )
+    return Interrupted(
+        f"interrupted by {name} before the first checkpoint. Run the same command with train.resume=latest to "
+        f"start the run in {run_dir} afresh.",
+        signum,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,35 +465,43 @@ def _targets(r: Run, active: list) -> torch.Tensor:
     return torch.tensor(out)
 
 
-def _update(r: Run, step: int) -> tuple[bool, torch.Tensor]:
-    """Gradient all-reduce, then skip the step (NaN / inf anywhere) or clip, AdamW step and schedule step."""
+def _update(r: Run, step: int, signum: int) -> tuple[bool, torch.Tensor, bool]:
+    """Gradient all-reduce, then skip the step (NaN / inf anywhere) or clip, AdamW step and schedule step.
+
+    Returns:
+        ``(applied, grad norm, stop)``; ``stop``: a process received SIGINT / SIGTERM (``signum`` here, 0 if not),
+        decided identically on every process.
+    """
     acc, t = r.accelerator, r.cfg.train
-    bad_any = _all_reduce_grads(r, r.pending.pop("_bad"))  # also decides the skip identically on every process
+    bad_any, stop = _all_reduce_grads(r, r.pending.pop("_bad"), float(signum > 0))  # the same on every process
     if bad_any:
         warnings.warn(f"step {step}: NaN or infinite loss or reward; the step is skipped", RuntimeWarning, stacklevel=2)
         r.optimizer.zero_grad(set_to_none=True)
-        return False, torch.tensor(float("nan"))
+        return False, torch.tensor(float("nan")), stop
     max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
     grad_norm = acc.clip_grad_norm_(r.params, max_norm)
     r.optimizer.step()
     r.lr_scheduler.step()
     r.optimizer.zero_grad(set_to_none=True)
-    return True, grad_norm.detach()
+    return True, grad_norm.detach(), stop
 
 
-def _all_reduce_grads(r: Run, bad: torch.Tensor) -> bool:
-    """Average the LoRA gradients over processes in one flat all-reduce that also carries the bad-step flag."""
+def _all_reduce_grads(r: Run, bad: torch.Tensor, stop: float) -> tuple[bool, bool]:
+    """Average the LoRA gradients over processes in one flat all-reduce that also carries the bad-step and stop
+    flags; returns ``(bad anywhere, stop anywhere)``."""
     acc = r.accelerator
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in r.params]
+    flags = torch.stack([bad.reshape(()).float(), torch.tensor(stop, device=bad.device)])  # (2,)
     if acc.num_processes > 1:
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [bad.reshape(1).float() * acc.num_processes])
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [flags.to(grads[0].device) * acc.num_processes])
         flat = acc.reduce(flat, reduction="mean")
         offset = 0
         for p, g in zip(r.params, grads, strict=True):
             p.grad = flat[offset : offset + g.numel()].view_as(p).to(p.dtype)
             offset += g.numel()
-        bad = flat[-1]
-    return bool(bad.item() > 0)  # the one host sync per step: the skip must be decided identically everywhere
+        flags = flat[-2:]
+    bad_any, stop_any = (flags > 0).tolist()  # the one host sync per step: decided identically everywhere
+    return bool(bad_any), bool(stop_any)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +539,8 @@ def _log(r: Run, step: int, grad_norm: torch.Tensor, step_time: float) -> None:
         values[k] = vec[offset : offset + size].tolist()
         offset += size
     r.pending.clear()
-    line: dict = {"step": step, "loss": finite_or_none(values["loss"][0])}
+    line: dict = {"step": step, "log_index": r.state.metrics_lines, "steps_run": r.state.steps_run}
+    line["loss"] = finite_or_none(values["loss"][0])
     line.update({f"reward/{n}": finite_or_none(v) for n, v in zip(cfg.reward_names, values["rewards"], strict=True)})
     line["lr"] = r.lr_scheduler.get_last_lr()[0]
     line["grad_norm"] = finite_or_none(float(grad_norm))
@@ -374,7 +556,7 @@ def _log(r: Run, step: int, grad_norm: torch.Tensor, step_time: float) -> None:
     if probe and acc.is_main_process:
         line.update(_probe(r, step))
     if acc.is_main_process:
-        r.log.write(line, step)
+        r.log.write(line, r.state.steps_run)  # trackers' x axis: steps_run, which never goes back
     r.state.metrics_lines += 1
 
 
@@ -397,7 +579,7 @@ def _save_probe_grid(r: Run, images: torch.Tensor, texts: list[str], step: int) 
         images, s, row_labels=texts[::s], column_labels=[f"sample {j}" for j in range(s)], title=f"step {step}"
     )
     save_png(grid, r.run_dir / "probes" / f"step-{step:06d}.png")
-    r.log.log_images({"probes/grid": grid}, step)  # TensorBoard / W&B, when train.log_with names them
+    r.log.log_images({"probes/grid": grid}, r.state.steps_run)  # trackers (train.log_with), x axis as write()
 
 
 def _step0_probe(r: Run) -> torch.Tensor | None:
@@ -413,8 +595,7 @@ def _step0_probe(r: Run) -> torch.Tensor | None:
     texts, ids, idx = probes.probe_set(r.train_ids, r.train_texts, cfg.train.probe_prompts, cfg.train.probe_samples)
     with probes.base_model(r.model) if r.state.step > 0 else contextlib.nullcontext():
         _, scores = probes.sample_and_score(cfg, r.model, r.reward_models, texts, ids, idx, cfg.train.seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"scores": scores.contiguous()}, str(path))
+    atomic_write(path, lambda tmp: save_file({"scores": scores.contiguous()}, str(tmp)))
     return scores
 
 
@@ -426,10 +607,11 @@ def _step0_probe(r: Run) -> torch.Tensor | None:
 def _save_checkpoint(r: Run) -> Path:
     if r.running is not None:
         r.state.running = r.running.tolist()
-    path = checkpoints.save(r.accelerator, r.checkpoint_dir, r.state, r.params, r.model)
+    path = checkpoints.save(r.accelerator, r.checkpoint_dir, r.state, r.params, r.model)  # ends with a barrier
     if r.accelerator.is_main_process:
         checkpoints.prune(r.checkpoint_dir, r.cfg.train.keep_checkpoints, protect=[r.state.agent.approved])
-    r.accelerator.wait_for_everyone()
+    r.accelerator.wait_for_everyone()  # pruned before anyone lists or loads checkpoints again
+    r.saved_at = (r.state.step, r.state.steps_run)
     return path
 
 
@@ -439,6 +621,7 @@ def _rewrite_state(r: Run, name: str) -> None:
     if r.accelerator.is_main_process:
         checkpoints.write_state(r.checkpoint_dir / name, r.state)
     r.accelerator.wait_for_everyone()
+    r.saved_at = (r.state.step, r.state.steps_run)
 
 
 def _consult_agent(r: Run) -> None:
@@ -451,6 +634,7 @@ def _consult_agent(r: Run) -> None:
     if cfg.agent.act and decision.action == "remove":
         reverted_to = _revert(r, decision)
     r.state.agent.apply(decision, checkpoint=here, act=cfg.agent.act, reverted_to=reverted_to)
+    r.state.decided_at, r.decision_due = r.state.steps_run, False
     if acc.is_main_process:
         _track_decision(r, decision, step, reverted_to)
     if reverted_to is not None:
@@ -460,25 +644,27 @@ def _consult_agent(r: Run) -> None:
 
 
 def _track_decision(r: Run, decision: Decision, step: int, reverted_to: tuple[str, int] | None) -> None:
-    """The agent's diagnostic grids (``agent/grid-NN``) and its decision (``agent/decision``) to the trackers."""
+    """The agent's diagnostic grids (``agent/grid-NN``) and its decision at optimizer step ``step``
+    (``agent/decision``) to the trackers, at x = ``steps_run`` like the metrics."""
     images = {}
     for path in sorted(Path(decision.log_dir).glob("grid-*.png")) if decision.log_dir else []:
         with Image.open(path) as im:
             images[f"agent/{path.stem}"] = im.convert("RGB")
     if images:
-        r.log.log_images(images, step)
+        r.log.log_images(images, r.state.steps_run)
     what = decision.action + (f" {decision.reward}" if decision.reward else "")
     if reverted_to is not None:
         what += f", reverted to {reverted_to[0]}"
     lines = [f"step {step}: {what}" + ("" if r.cfg.agent.act else " (not applied: agent.act=false)")]
     lines += [f"{k}: {v}" for k, v in (("reason", decision.reason), ("error", decision.error)) if v]
     lines += [f"analysis: {decision.analysis}"] if decision.analysis else []
-    r.log.log_text({"agent/decision": "\n".join(lines)}, step)
+    r.log.log_text({"agent/decision": "\n".join(lines)}, r.state.steps_run)
 
 
 def _revert(r: Run, decision: Decision) -> tuple[str, int]:
     """Reload the checkpoint a removal reverts to (the one the agent names, else the approved one) on every
-    process, delete the newer ones, and keep the run's history; returns ``(folder name, step)``."""
+    process, delete the newer ones, mark the revert in metrics.jsonl, and keep the run's history; returns
+    ``(folder name, step)``."""
     kept = r.state
     approved = kept.agent.approved
     target = checkpoints.checkpoint_name(decision.revert_to) if decision.revert_to is not None else approved
@@ -486,9 +672,14 @@ def _revert(r: Run, decision: Decision) -> tuple[str, int]:
         log.warning("agent: checkpoint %s is gone; reverting to the approved %s instead", target, approved)
         target = approved
     loaded = checkpoints.load(r.accelerator, r.checkpoint_dir / target, r.params)  # LoRA, optimizer, scheduler
+    r.accelerator.wait_for_everyone()  # every process has read the target before anything in the folder changes
+    line = {"event": "revert", "log_index": kept.metrics_lines, "steps_run": kept.steps_run, "step": kept.step}
+    line.update(to_step=loaded.step, checkpoint=target, reward=decision.reward)
     kept.step, kept.bad_steps, kept.skipped_steps = loaded.step, 0, loaded.skipped_steps
+    kept.metrics_lines += 1  # the event line, on every process
     if r.accelerator.is_main_process:
         checkpoints.discard_after(r.checkpoint_dir, loaded.step)  # the abandoned branch
+        r.log.event(line)
         r.log.rewind(loaded.step)
     return target, loaded.step
 
@@ -555,39 +746,228 @@ def _accelerator(cfg: Config) -> Accelerator:
 
 def _ensure_store(cfg: Config, acc: Accelerator) -> Frontier | None:
     """The frontier store, built first by precompute (on every process of this accelerator) when it is missing
-    and ``train.precompute_if_missing`` is set."""
+    and ``train.precompute_if_missing`` is set. Another run building the same store is waited for."""
     path = _store_path(cfg)
     if path is None:
         return None
-    complete = (path / "meta.json").is_file() and (path / "samples.parquet").is_file()
-    if not complete and cfg.train.precompute_if_missing:
+    box = [(path / "meta.json").is_file() and (path / "samples.parquet").is_file()]
+    broadcast_object_list(box, from_process=0)  # one decision for every process: build_store is a collective
+    if not box[0] and cfg.train.precompute_if_missing:
         if acc.is_main_process:
             print(f"frontier store {path} is missing; precomputing it first (train.precompute_if_missing=true)")
-        precompute.build_store(
-            dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, store=str(path))), acc
-        )
+        store_cfg = dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, store=str(path)))
+        precompute.build_store(store_cfg, acc, wait=True)
     return load_store(path)  # says what is missing and how to build it
 
 
-def setup(cfg: Config, acc: Accelerator) -> Run:
-    """Everything before the first step: run folder checks, store, model + LoRA, rewards, prompts, optimizer,
-    resume, step-0 probe and checkpoint."""
+@dataclass
+class _Start:
+    """How a run starts in its folder: what :func:`_start` decided on the main process, shared with all."""
+
+    resume: str = ""  # the checkpoint to load; empty: a fresh start
+    finished: bool = False  # the run is complete: nothing to train, nothing to write
+    problems: list[str] = field(default_factory=list)  # a refusal, raised on every process
+
+
+def _start(cfg: Config, acc: Accelerator) -> _Start:
+    """Decide on the main process, under the folder's lock, how this run uses ``train.output_dir``; every process
+    leaves with the same decision (a broadcast) or the same error. The folder is made consistent first."""
+    box: list[dict[str, Any] | None] = [None]
+    if acc.is_main_process:
+        try:
+            box[0] = dataclasses.asdict(_prepare_folder(cfg))
+        except ConfigError as exc:
+            box[0] = dataclasses.asdict(_Start(problems=exc.problems))
+        except ValueError as exc:
+            box[0] = dataclasses.asdict(_Start(problems=[str(exc)]))
+    broadcast_object_list(box, from_process=0)
+    start = _Start(**box[0])
+    if start.problems:
+        raise ConfigError(start.problems)
+    return start
+
+
+def _prepare_folder(cfg: Config) -> _Start:
+    """The rules for a run folder (main process). With ``train.resume`` empty, a folder that holds a run is
+    refused. With ``latest`` or a checkpoint folder:
+
+    - no checkpoint: a fresh start; what an attempt that stopped before its first checkpoint wrote is deleted;
+    - a checkpoint: the config must equal the run's ``config.yaml`` up to :data:`RESUMABLE_KEYS`
+      (:func:`config_changes`); the records the interrupted attempt wrote after the checkpoint are deleted
+      (checkpoints and the final LoRA after an explicitly named older checkpoint, agent records, probe grids;
+      ``metrics.jsonl`` is truncated when the log opens);
+    - the checkpoint of ``train.max_steps`` and the final LoRA: the run is finished; nothing is written.
+
+    Raises:
+        ConfigError: the config differs from the run's in keys outside :data:`RESUMABLE_KEYS`, one per line.
+        ValueError: the folder holds a run and ``train.resume`` is empty; the checkpoint is beyond
+            ``train.max_steps``; ``train.resume`` names another run's checkpoint while the folder holds one.
+    """
     t = cfg.train
     run_dir = Path(t.output_dir)
-    resume = checkpoints.resume_folder(t.resume, run_dir)
-    if resume is None and (
-        (run_dir / "metrics.jsonl").exists() or checkpoints.list_checkpoints(run_dir / "checkpoints")
-    ):
+    ckpt_dir = run_dir / "checkpoints"
+    found = checkpoints.list_checkpoints(ckpt_dir)
+    present = [n for n in _RUN_ITEMS if (run_dir / n).exists()]
+    if not t.resume:
+        if present:
+            what = "a run" if found else "an attempt at a run that stopped before its first checkpoint"
+            raise ValueError(
+                f"train.output_dir={run_dir} already holds {what}. Continue it with train.resume=latest (an attempt "
+                "without a checkpoint starts afresh), or choose a new train.output_dir."
+            )
+        return _Start()
+    target = checkpoints.resume_folder(t.resume, run_dir)
+    if target is None:
+        if present:
+            _discard(run_dir, present)
+            log.warning(
+                "train.output_dir=%s held an attempt that stopped before its first checkpoint; starting the run "
+                "afresh (removed %s)", run_dir, ", ".join(present),
+            )  # fmt: skip
+        return _Start()
+    inside = target.resolve().parent == ckpt_dir.resolve()
+    if not inside and present:
         raise ValueError(
-            f"train.output_dir={run_dir} already holds a run. Continue it with train.resume=latest, or choose a new "
-            "train.output_dir."
+            f"train.resume={t.resume} is a checkpoint of another run, but train.output_dir={run_dir} already holds "
+            "one. Continue another run in a new train.output_dir."
         )
-    store = _ensure_store(cfg, acc)
+    source = run_dir / "config.yaml" if inside else target.parent.parent / "config.yaml"
+    problems = config_changes(cfg, source, target)
+    if problems:
+        raise ConfigError(problems)
+    step = checkpoints.read_state(target).step
+    if step > t.max_steps:
+        raise ValueError(
+            f"train.max_steps={t.max_steps} is below the step of the checkpoint to resume ({step}, {target}): a run "
+            f"cannot be shortened. Set train.max_steps>={step}, or resume from an earlier checkpoint with "
+            f"train.resume={ckpt_dir / checkpoints.checkpoint_name(t.max_steps)} (the later ones are then deleted)."
+        )
+    if not inside:
+        return _Start(resume=str(target))
+    newer = [p.name for p in found if checkpoints.step_of(p) > step]
+    if newer:
+        checkpoints.discard_after(ckpt_dir, step)
+        shutil.rmtree(run_dir / "final", ignore_errors=True)
+        log.warning("resuming from %s: deleted the later checkpoints %s and final/", target, ", ".join(newer))
+    if step == t.max_steps and (run_dir / "final" / LORA_WEIGHT_NAME).is_file():
+        return _Start(resume=str(target), finished=True)
+    checkpoints.clear_temporaries(ckpt_dir)
+    shutil.rmtree(run_dir / ".tmp-final", ignore_errors=True)
+    prune_records(run_dir / "agent", len(checkpoints.read_state(target).agent.history))
+    for grid in (run_dir / "probes").glob("step-*.png"):
+        if grid.stem.removeprefix("step-").isdigit() and int(grid.stem.removeprefix("step-")) > step:
+            grid.unlink()
+    return _Start(resume=str(target))
+
+
+def _discard(run_dir: Path, items: list[str]) -> None:
+    for name in items:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def config_changes(cfg: Config, saved: str | Path, checkpoint: str | Path | None = None) -> list[str]:
+    """How ``cfg`` differs from the config a run was trained with, outside :data:`RESUMABLE_KEYS`.
+
+    Args:
+        cfg: the config of the resume.
+        saved: the run's ``config.yaml``.
+        checkpoint: the checkpoint being resumed, for the messages.
+
+    Returns:
+        One line per differing key, named as typed on the command line (``train.objective: weighted_sum here,
+        pgot in the run``), then a line saying what to do; empty when the resume may go ahead.
+    """
+    saved = Path(saved)
+    where = f"train.output_dir={saved.parent}"
+    if not saved.is_file():
+        return [
+            f"{where} holds {checkpoint or 'checkpoints'} but no config.yaml, so the settings of that run are unknown "
+            "and a resume could mix two trainings. Restore its config.yaml, or choose a new train.output_dir."
+        ]
+    try:
+        old = _typed_keys(config_to_dict(load_config(saved)))
+    except ConfigError as exc:
+        return [
+            f"{saved} does not load with this pgot ({'; '.join(exc.problems)}), so a resume cannot be checked against "
+            "it. Continue the run with the pgot that started it, or choose a new train.output_dir."
+        ]
+    new = _typed_keys(config_to_dict(cfg))
+    lines = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        a, b = new.get(key, _ABSENT), old.get(key, _ABSENT)
+        if a != b and not any(fnmatch.fnmatchcase(key, p) or key.startswith(f"{p}.") for p in RESUMABLE_KEYS):
+            lines.append(f"{key}: {_show(a)} here, {_show(b)} in the run")
+    if not lines:
+        return []
+    return [
+        f"{where} holds a run trained with other settings ({saved}); resuming it with these would mix two trainings:",
+        *lines,
+        "Resume with the run's settings (drop these overrides), or start a new run with another train.output_dir. "
+        "Settings that may change on resume: pgot.train.RESUMABLE_KEYS (README, 'Resume and crashes').",
+    ]
+
+
+_ABSENT = object()
+
+
+def _typed_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"rewards.0.weight": 2.0, "train.active_rewards": [...], ...}``."""
+    if isinstance(obj, dict) and (obj or not prefix):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_typed_keys(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_typed_keys(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: obj}
+
+
+def _show(value: Any) -> str:
+    """A value as one would type it in an override."""
+    if value is _ABSENT:
+        return "(not set)"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def setup(cfg: Config, acc: Accelerator) -> Run:
+    """Everything before the first step: the run folder (:func:`_prepare_folder`: fresh, resumed, finished or
+    refused), store, model + LoRA, rewards, prompts, optimizer, resume, step-0 probe and checkpoint.
+
+    A finished run (its ``train.max_steps`` checkpoint and final LoRA exist) loads its last checkpoint and
+    writes nothing.
+    """
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    start = _start(cfg, acc)
+    store = None if start.finished else _ensure_store(cfg, acc)
     model = load_model(cfg.model, device=acc.device)
     set_seed(t.seed)  # the LoRA's random A init: the same on every process and in every run of this config
     params = add_lora(model, cfg.model)
-    if store is not None:
-        check_compatible(store, cfg.reward_names, model.fingerprint)
+    if store is not None:  # with the model loaded: its fingerprint, shift and sigma schedule too
+        sig = sigmas(model, cfg.draft.num_steps, shift=cfg.draft.shift, resolution=cfg.model.resolution)
+        problems = compare_settings(
+            store.meta, cfg, store=store.path, fingerprint=model.fingerprint,
+            default_shift=model.scheduler.config.get("shift"), sigmas=sig.tolist(),
+        )  # fmt: skip
+        if problems:
+            raise ConfigError(problems)
     prompt_set = load_prompts(cfg.prompts)
     if cfg.prompts.eval_fraction > 0:
         prompt_set, _ = split(prompt_set, cfg.prompts.eval_fraction, cfg.prompts.split_seed)
@@ -603,28 +983,41 @@ def setup(cfg: Config, acc: Accelerator) -> Run:
     r = Run(
         cfg=cfg, accelerator=acc, model=model, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
         reward_models=rewards.build(cfg.rewards, device=acc.device), train_ids=[int(i) for i in prompt_set.ids],
-        train_texts=list(prompt_set.prompts), store=store, run_dir=run_dir, state=state,
+        train_texts=list(prompt_set.prompts), store=store, run_dir=run_dir, state=state, finished=start.finished,
     )  # fmt: skip
     if store is None and cfg.ot.normalize == "frontier":
         r.running = torch.zeros(1 + 2 * len(cfg.rewards), dtype=torch.float64, device=acc.device)
-    if resume is not None:
-        r.state = checkpoints.load(acc, resume, params)
+    if start.resume:
+        r.state = checkpoints.load(acc, start.resume, params)
+        r.saved_at = (r.state.step, r.state.steps_run)
         if r.running is not None and r.state.running:
             r.running = torch.tensor(r.state.running, dtype=torch.float64, device=acc.device)
         if acc.is_main_process:
-            log.info("resumed from %s (step %d)", resume, r.state.step)
+            log.info("resumed from %s (step %d)", start.resume, r.state.step)
+    if r.finished:
+        if acc.is_main_process:
+            log.info("the run in %s is complete (step %d); nothing to train", run_dir, r.state.step)
+        return r
     r.front = store.select(r.state.agent.active_rewards) if store is not None else None
+    every = cfg.agent.every
+    r.decision_due = (
+        r.agent_on and r.state.step > 0 and r.state.step % every == 0 and r.state.decided_at < r.state.steps_run
+    )
     if r.agent_on and acc.is_main_process:
         r.agent = build_agent(cfg.agent, cfg.rewards)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        atomic_write(run_dir / "config.yaml", lambda tmp: save_config(cfg, tmp))
         sig = sigmas(model, cfg.draft.num_steps, shift=cfg.draft.shift, resolution=cfg.model.resolution)
-        (run_dir / "sigmas.json").write_text(json.dumps({"num_steps": cfg.draft.num_steps, "sigmas": sig.tolist()}))
+        atomic_write_json(
+            run_dir / "sigmas.json", {"num_steps": cfg.draft.num_steps, "sigmas": sig.tolist()}, indent=None
+        )
         r.probe0 = _step0_probe(r)
         r.log = RunLog(acc, run_dir, t.max_steps, r.state.step, r.state.metrics_lines)
     if t.log_with:
-        acc.init_trackers("pgot", config=flatten(dataclasses.asdict(cfg)))  # TensorBoard / W&B (main process)
+        # TensorBoard drops what an interrupted attempt logged after the checkpoint (x axis: steps_run)
+        resumed = {"tensorboard": {"purge_step": r.state.steps_run + 1}} if start.resume else {}
+        acc.init_trackers("pgot", config=flatten(dataclasses.asdict(cfg)), init_kwargs=resumed)  # main process
         if acc.is_main_process:
             r.log.log_config((run_dir / "config.yaml").read_text())
     acc.wait_for_everyone()
@@ -636,15 +1029,24 @@ def setup(cfg: Config, acc: Accelerator) -> Run:
 
 
 def cleanup(r: Run) -> None:
-    """Final LoRA in the diffusers format and, when asked, the tuned-vs-base table on the probe prompts."""
+    """Final LoRA in the diffusers format (written atomically: ``final/`` is complete or absent) and, when asked,
+    the tuned-vs-base table (:func:`_final_table`, also sent to the trackers). A finished run's rerun only prints
+    the table."""
     acc = r.accelerator
     if acc.is_main_process:
-        r.log.close()
-        save_lora(r.model, r.run_dir / "final")
+        if r.log is not None:
+            r.log.close()
+        if not r.finished:
+            tmp, final = r.run_dir / ".tmp-final", r.run_dir / "final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_lora(r.model, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
         if r.cfg.train.final_eval:
             table = _final_table(r)
             print(table, flush=True)
-            r.log.log_text({"final/table": table}, r.state.step)
+            if r.log is not None:
+                r.log.log_text({"final/table": table}, r.state.steps_run)
         log.info("run folder: %s", r.run_dir)
     acc.wait_for_everyone()
 

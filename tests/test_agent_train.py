@@ -3,7 +3,8 @@
 A D.3-like schedule scaled to agent.every=1 (remove a weak reward and revert, remove another, switch to
 online) must show in trainer_state.json, metrics.jsonl and agent/ at the right steps, also across a
 resume; an OpenAI-compatible server (127.0.0.1) must have a well-formed decision applied, and an HTTP 500
-must leave training running with the reason logged.
+must leave training running with the reason logged. A run interrupted in the middle of a decision resumes
+exactly, with the records of the interrupted attempt replaced.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from pgot.agent import prune_records
 from pgot.cli import train_main
+from pgot.tracking import metric_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = ["colorfulness", "contrast", "sharpness"]
@@ -59,8 +64,7 @@ def last_state(out: Path) -> dict:
 
 
 def metrics(out: Path) -> list[tuple[int, str, list[str]]]:
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(d["step"], d["strategy"], d["active_rewards"]) for d in lines]
+    return [(d["step"], d["strategy"], d["active_rewards"]) for d in metric_lines(out / "metrics.jsonl")]
 
 
 def decisions(out: Path) -> list[dict]:
@@ -201,6 +205,66 @@ def test_http_agent_applies_decisions_and_survives_500(tmp_path, store, monkeypa
         assert sum(p["type"] == "image_url" for p in parts) == 2  # agent.diagnostic_prompts=2
     logged = "\n".join(p.read_text() for p in (out / "agent").rglob("*") if p.suffix in (".json", ".jsonl", ".txt"))
     assert "sk-train-secret-key" not in logged
+
+
+# --------------------------------------------------------------------------------------------
+# Records across interruptions
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_run_killed_during_a_decision_decides_it_again_on_resume(tmp_path, store, monkeypatch):
+    """The checkpoint of step 2 is written, the agent writes its records and is interrupted before its decision is
+    applied: the rerun drops those records, makes the decision on that checkpoint, and ends as the run that was
+    never interrupted (LoRA, metrics, decisions, records)."""
+    from pgot import train as train_module
+
+    script = tmp_path / "schedule.yaml"
+    script.write_text("2: {action: remove, reward: colorfulness}\n")
+    args = ("agent.backend=scripted", f"agent.script={script}", "train.max_steps=4")
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert train(ref, store, *args) == 0
+
+    decide = train_module._decide
+
+    def interrupted(r, step):
+        decision = decide(r, step)  # records written
+        if step == 2:
+            raise KeyboardInterrupt
+        return decision
+
+    monkeypatch.setattr(train_module, "_decide", interrupted)
+    assert train(out, store, *args) == 130
+    assert (out / "agent" / "step-000002" / "decision.json").is_file() and len(decisions(out)) == 2
+    monkeypatch.setattr(train_module, "_decide", decide)
+    assert train(out, store, *args) == 0
+
+    def fields(run: Path) -> list[tuple]:
+        return [(d["step"], d["action"], d["reward"], Path(d["log_dir"]).name) for d in decisions(run)]
+
+    assert fields(out) == fields(ref) and metrics(out) == metrics(ref)
+    assert sorted(p.name for p in (out / "agent").iterdir()) == sorted(p.name for p in (ref / "agent").iterdir())
+    assert last_state(out)["history"] == last_state(ref)["history"]
+    a, b = (load_file(str(r / "final" / "pytorch_lora_weights.safetensors")) for r in (ref, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_records_keeps_the_decisions_of_the_checkpoint(tmp_path):
+    agent_dir = tmp_path / "agent"
+    names = ["step-000001", "step-000002", "step-000002-2", "step-000003"]
+    for name in names:
+        (agent_dir / name).mkdir(parents=True)
+        (agent_dir / name / "decision.json").write_text("{}")
+    lines = [json.dumps({"step": int(n[5:11]), "log_dir": str(agent_dir / n)}) + "\n" for n in names[:3]]
+    (agent_dir / "decisions.jsonl").write_text("".join(lines) + '{"step": 3, "log_d')  # step 3's line cut by a kill
+    assert prune_records(agent_dir, 2) == ["step-000002-2"]
+    assert (agent_dir / "decisions.jsonl").read_text() == "".join(lines[:2])
+    assert sorted(p.name for p in agent_dir.iterdir()) == [
+        "decisions.jsonl",
+        "step-000001",
+        "step-000002",
+        "step-000003",
+    ]
+    assert prune_records(tmp_path / "none", 0) == []
 
 
 # --------------------------------------------------------------------------------------------

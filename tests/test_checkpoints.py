@@ -1,12 +1,15 @@
-"""pgot/checkpoints.py: trainer state round trip, atomic save / load, prune, revert, resume folders.
+"""pgot/checkpoints.py: trainer state round trip, atomic save / load, prune, revert, resume folders, incomplete
+checkpoints refused, stop signals.
 
 The multi-process race (a slow rank writing into a folder already renamed) is covered by the two-process
-tests in tests/test_train.py; here one process checks the file-level contract.
+test with a slowed rank in tests/test_train.py; here one process checks the file-level contract.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 
 import pytest
 import torch
@@ -32,13 +35,19 @@ def setup():
 def _state(step: int) -> TrainerState:
     agent = AgentState.initial([RewardConfig(name="contrast"), RewardConfig(name="sharpness", strength="weak")])
     agent.apply(Decision("continue", None, "ok", "", step=step, cost=0.1), checkpoint=checkpoints.checkpoint_name(step))
-    return TrainerState(step=step, skipped_steps=1, metrics_lines=step, running=[1.0, 2.0], agent=agent)
+    return TrainerState(
+        step=step, skipped_steps=1, metrics_lines=step, steps_run=step + 2, decided_at=step, num_processes=1,
+        running=[1.0, 2.0], agent=agent,
+    )  # fmt: skip
 
 
 def test_trainer_state_round_trip():
     st = _state(7)
     assert TrainerState.from_dict(json.loads(json.dumps(st.to_dict()))) == st
     assert st.to_dict()["agent"]["approved"] == "step-000007"
+    old = {k: v for k, v in st.to_dict().items() if k not in ("steps_run", "decided_at", "num_processes")}
+    legacy = TrainerState.from_dict(old)  # written before those fields: no reverts, decided, process count unknown
+    assert (legacy.steps_run, legacy.decided_at, legacy.num_processes) == (7, 7, 0)
 
 
 def test_save_load_prune_discard(tmp_path, setup):
@@ -71,3 +80,43 @@ def test_resume_folder_rules(tmp_path):
     assert checkpoints.resume_folder("latest", tmp_path) is None  # nothing yet: a fresh start
     with pytest.raises(ValueError, match=r"train.resume='.*nope' is not a pgot checkpoint folder"):
         checkpoints.resume_folder(str(tmp_path / "nope"), tmp_path)
+
+
+def test_incomplete_checkpoints_and_other_process_counts_are_refused(tmp_path, setup):
+    """accelerate skips a missing RNG file with an INFO line; pgot refuses the checkpoint instead, naming it."""
+    acc, model, params, _ = setup
+    good = checkpoints.save(acc, tmp_path / "checkpoints", _state(3), params, model)
+    assert checkpoints.read_state(good).num_processes == 1 and checkpoints.step_of(good) == 3
+    for name in ("random_states_0.pkl", "optimizer.bin", checkpoints.LORA_STATE):
+        broken = tmp_path / f"without-{name}"
+        shutil.copytree(good, broken)
+        (broken / name).unlink()
+        with pytest.raises(ValueError, match=rf"checkpoint {broken} is incomplete: it lacks {name}"):
+            checkpoints.load(acc, broken, params)
+    other = tmp_path / "two-processes"
+    shutil.copytree(good, other)
+    state = json.loads((other / checkpoints.STATE_FILE).read_text())
+    (other / checkpoints.STATE_FILE).write_text(json.dumps({**state, "num_processes": 2}))
+    with pytest.raises(ValueError, match=r"written by a run of 2 process\(es\); this one has 1.*--num_processes 2"):
+        checkpoints.load(acc, other, params)
+    (other / checkpoints.STATE_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="has no readable trainer_state.json"):
+        checkpoints.load(acc, other, params)
+
+
+def test_clear_temporaries(tmp_path, setup):
+    acc, model, params, _ = setup
+    folder = tmp_path / "checkpoints"
+    checkpoints.save(acc, folder, _state(1), params, model)
+    (folder / ".tmp-step-000002").mkdir()
+    (folder / "step-000003").mkdir()  # a folder without trainer_state.json
+    assert checkpoints.clear_temporaries(folder) == [".tmp-step-000002", "step-000003"]
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000001"]
+    assert checkpoints.clear_temporaries(tmp_path / "missing") == []
+
+
+def test_interrupted_carries_the_exit_code():
+    stop = checkpoints.Interrupted("stopped", signal.SIGTERM)
+    assert isinstance(stop, KeyboardInterrupt) and not isinstance(stop, Exception)  # never caught by except Exception
+    assert (stop.exit_code, str(stop), stop.checkpoint) == (143, "stopped", None)
+    assert checkpoints.Interrupted("x").exit_code == 130

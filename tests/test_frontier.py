@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pgot import frontier as fr
+from pgot.config import load_config
 
 NAMES = ["clip", "hp"]
 N = 5
@@ -182,25 +183,24 @@ def test_load_store_errors(tmp_path):
         fr.load_store(store)
 
 
-def test_check_compatible_messages(tmp_path):
+def test_store_settings_are_compared_by_key(tmp_path):
+    """One store-vs-config check (compare_settings): reward order, reward set and base model, named by key."""
     store, _ = write_store(tmp_path)
-    f = fr.load_store(store)
-    fr.check_compatible(f, ["clip", "hp"], "fp-a")
-    with pytest.raises(ValueError) as e:
-        fr.check_compatible(f, ["hp", "clip"], "fp-a")
-    msg = str(e.value)
+    meta = fr.load_store(store).meta
+
+    def cfg(*overrides):
+        rewards = [f"rewards.{i}.name={n}" for i, n in enumerate(overrides[0])]
+        return load_config(None, ["model.tiny=true", *rewards])
+
+    assert fr.compare_settings(meta, cfg(["clip", "hp"]), store=store, fingerprint="fp-a") == []
+    (msg,) = fr.compare_settings(meta, cfg(["hp", "clip"]), store=store, fingerprint="fp-a")
+    assert "order clip, hp" in msg and "positional" in msg and "pgot-precompute" in msg
+    (msg,) = fr.compare_settings(meta, cfg(["clip", "hps"]), store=store, fingerprint="fp-a")
+    assert "rewards: clip, hps in the config" in msg and "rewards clip, hp" in msg and "train.store" in msg
+    (msg,) = fr.compare_settings(meta, cfg(["clip", "hp"]), store=store, fingerprint="fp-b")
     assert (
-        "order ['clip', 'hp']" in msg and "['hp', 'clip']" in msg and "positional" in msg and "pgot-precompute" in msg
+        msg.startswith("model.tiny_seed: 0 (model fingerprint fp-b)") and "fp-a" in msg and "another base model" in msg
     )
-    with pytest.raises(ValueError) as e:
-        fr.check_compatible(f, ["clip", "hps"], "fp-a")
-    msg = str(e.value)
-    assert "rewards ['clip', 'hp']" in msg and "['clip', 'hps']" in msg
-    assert "Rerun pgot-precompute" in msg and "train.store" in msg
-    with pytest.raises(ValueError) as e:
-        fr.check_compatible(f, ["clip", "hp"], "fp-b")
-    msg = str(e.value)
-    assert "'fp-a'" in msg and "'fp-b'" in msg and "Rerun pgot-precompute" in msg and "train.store" in msg
 
 
 def test_select_reorders_and_recomputes_subset_fronts(tmp_path):
@@ -217,3 +217,43 @@ def test_select_reorders_and_recomputes_subset_fronts(tmp_path):
         torch.testing.assert_close(h.fronts[pid], s[:, 1:][brute_force_front(s[:, 1:])])
     with pytest.raises(ValueError, match="cannot select rewards"):
         f.select(["hpsv2"])
+
+
+def test_batch_shards_straddle_prompts_and_the_merge_marks_the_fronts(tmp_path):
+    """Precompute writes the samples of one batch per shard (prompts split across shards and ranks, on_frontier
+    unknown); the merge marks each prompt's front among its N samples, as brute force does."""
+    store = tmp_path / "s"
+    scores = {pid: make_scores(pid) for pid in (1, 2)}
+    items = [(pid, i) for pid in (1, 2) for i in range(N)]
+    for k, start in enumerate(range(0, len(items), 3)):  # batches of 3 across the (prompt, sample) grid
+        batch = items[start : start + 3]
+        rows = fr.sample_rows([p for p, _ in batch], [f"prompt {p}" for p, _ in batch], 0, [i for _, i in batch],
+                              torch.stack([scores[p][i] for p, i in batch]), NAMES)  # fmt: skip
+        assert not rows["on_frontier"].any()
+        fr.write_shard(store, rows, rank=k % 2)
+    assert fr.has_shards(store) and fr.completed_prompts(store, N) == {1: "prompt 1", 2: "prompt 2"}
+    df = fr.merge_shards(store, NAMES, N)
+    assert not fr.has_shards(store)
+    for pid in (1, 2):
+        assert df.loc[df["prompt_id"] == pid, "on_frontier"].tolist() == brute_force_front(scores[pid]).tolist()
+    pd.testing.assert_frame_equal(pd.read_parquet(store / fr.SAMPLES_FILE), df)
+
+
+def test_a_shard_that_appears_under_a_writer_is_a_clear_error(tmp_path):
+    store = tmp_path / "s"
+    path = fr.write_shard(store, prompt_rows(1, make_scores(1)), rank=0, index=0)
+    with pytest.raises(
+        ValueError, match=rf"precompute.store={store}: shard {path.name} appeared while .* another process"
+    ):
+        fr.write_shard(store, prompt_rows(2, make_scores(2)), rank=0, index=0)
+
+
+def test_reset_clears_a_store_but_its_lock(tmp_path):
+    store, _ = write_store(tmp_path)
+    (store / fr.IMAGES_DIR / "3").mkdir(parents=True)
+    (store / ".pgot.lock").write_text("")
+    fr.write_shard(store, prompt_rows(3, make_scores(3)), rank=0)
+    fr.reset(store)
+    assert sorted(p.name for p in store.iterdir()) == [".pgot.lock"]
+    with pytest.raises(fr.StoreNotFoundError, match="has no meta.json"):
+        fr.load_store(store)

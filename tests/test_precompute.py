@@ -1,12 +1,14 @@
-"""pgot-precompute end to end on the tiny model (CPU): fronts, stats, resume, two processes, kill and resume.
+"""pgot-precompute end to end on the tiny model (CPU): fronts, stats, resume, two processes (one slowed), kill
+and resume, a failed precompute that leaves nothing behind, one precompute per store.
 
-The stores of these tests are built with ``precompute.batch_size`` dividing ``samples_per_prompt``, so every
-batch holds the same images whatever the process count or resume point, and the scores are compared
-exactly. Different batch layouts agree to float rounding only (checked with a tolerance).
+Batches are a fixed tiling of the (prompt, sample) grid, so a store is bit-identical whatever the process count
+or resume point, also with a batch size that does not divide ``samples_per_prompt``: stores are compared
+exactly. Different batch sizes agree to float rounding only (checked with a tolerance).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -22,10 +24,13 @@ import pandas as pd
 import pytest
 import torch
 
+from pgot import cli
 from pgot import frontier as fr
 from pgot.config import load_config
+from pgot.files import FolderLock
 
 ROOT = Path(__file__).resolve().parents[1]
+HOOKS = ROOT / "tests" / "hooks"  # sitecustomize.py: a slowed rank, for subprocesses
 DEBUG_CONFIG = ROOT / "configs" / "precompute_debug.yaml"
 P, N = 3, 4
 BASE = [f"prompts.limit={P}", f"precompute.samples_per_prompt={N}", "precompute.batch_size=4"]
@@ -53,6 +58,7 @@ def config(store: Path, *extra: str):
 def run(store: Path, *extra: str) -> Path:
     from pgot import precompute
 
+    torch.set_num_threads(1)  # as every subprocess (OMP_NUM_THREADS=1): kernels' sums depend on the thread count
     return precompute.run(config(store, *extra))
 
 
@@ -69,12 +75,18 @@ def assert_same_store(a: Path, b: Path) -> None:
     assert not (b / fr.SHARDS_DIR).exists()
 
 
-def subprocess_env() -> dict[str, str]:
+def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(
         os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
     )
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
+    env["PYTHONPATH"] = os.pathsep.join([str(HOOKS), str(ROOT), env.get("PYTHONPATH", "")])
+    return {**env, **extra}
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def free_port() -> int:
@@ -116,7 +128,7 @@ def test_end_to_end_fronts_stats_and_meta(reference):
     assert [r["name"] for r in meta["rewards"]] == cfg.reward_names and meta["created"] and meta["completed"]
     from pgot.model import load_model
 
-    fr.check_compatible(f, cfg.reward_names, load_model(cfg.model).fingerprint)
+    assert fr.compare_settings(f.meta, cfg, store=reference, fingerprint=load_model(cfg.model).fingerprint) == []
     pngs = sorted((reference / fr.IMAGES_DIR).rglob("*.png"))
     assert len(pngs) == P * N and (reference / fr.IMAGES_DIR / "2" / "3.png").is_file()
 
@@ -131,9 +143,10 @@ def test_rerun_skips_done_prompts_and_extends(reference, tmp_path, monkeypatch):
     monkeypatch.setattr(
         precompute, "generate", lambda m, prompts, *a, **k: calls.append(len(prompts)) or real(m, prompts, *a, **k)
     )
-    run(store)  # complete: nothing generated, same store
+    before = hashes(store)
+    run(store)  # complete: nothing generated, nothing written
     assert calls == []
-    assert_same_store(reference, store)
+    assert hashes(store) == before
     run(store, f"prompts.limit={P + 1}")  # one more prompt: only its N samples are generated
     assert sum(calls) == N
     df = pd.read_parquet(store / fr.SAMPLES_FILE)
@@ -178,6 +191,7 @@ def test_refuses_a_store_built_otherwise(reference, tmp_path):
 
 
 def test_two_processes_give_the_same_store(reference, tmp_path):
+    """2 CPU processes, rank 1 slowed by 1 s before each shard it writes: the merge waits for every shard."""
     store = tmp_path / "store"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -185,7 +199,8 @@ def test_two_processes_give_the_same_store(reference, tmp_path):
         "--main_process_port", str(free_port()),
         "-m", "pgot", "precompute", "--config", str(DEBUG_CONFIG), *BASE, f"precompute.store={store}",
     ]  # fmt: skip
-    out = subprocess.run(cmd, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    env = subprocess_env(PGOT_TEST_SLOW_RANK="1", PGOT_TEST_SLOW_S="1")
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "terminate called" not in out.stderr
     # the store carries no trace of the layout: identical to the single-process one
@@ -195,33 +210,33 @@ def test_two_processes_give_the_same_store(reference, tmp_path):
     assert meta_without_times(reference) == meta_without_times(store)
 
 
-def _slow_child(store: Path) -> None:  # pragma: no cover - runs in the forked child
+def _slow_child(store: Path, *extra: str) -> None:  # pragma: no cover - runs in the forked child
     """Precompute with a sleep per batch, so that the parent can kill it between two shards."""
-    import pgot.generate
+    from pgot import precompute
 
-    real = pgot.generate.generate
+    real = precompute.generate
 
     def slow(*args, **kwargs):
         time.sleep(0.4)
         return real(*args, **kwargs)
 
-    pgot.generate.generate = slow
+    precompute.generate = slow
     try:
-        run(store)
+        run(store, *extra)
     finally:
         os._exit(0)
 
 
-def test_kill_and_resume_gives_the_same_store(reference, tmp_path):
+def _kill_after_shards(store: Path, shards: int, *extra: str) -> None:
+    """Run a precompute in a forked child and SIGKILL it once ``shards`` shards are written."""
     # a forked child inherits the imported modules: no 10-40 s of imports for a fresh interpreter
-    store = tmp_path / "store"
-    child = multiprocessing.get_context("fork").Process(target=_slow_child, args=(store,))
+    child = multiprocessing.get_context("fork").Process(target=_slow_child, args=(store, *extra))
     child.start()
-    shards = store / fr.SHARDS_DIR
+    folder = store / fr.SHARDS_DIR
     deadline = time.monotonic() + 120
     try:
-        while not (shards.is_dir() and any(shards.glob("shard-*.parquet"))):
-            assert child.is_alive(), "precompute exited before writing a shard"
+        while not (folder.is_dir() and len(list(folder.glob("shard-*.parquet"))) >= shards):
+            assert child.is_alive(), "precompute exited before writing enough shards"
             assert time.monotonic() < deadline, "no shard after 120 s"
             time.sleep(0.01)
         os.kill(child.pid, signal.SIGKILL)
@@ -229,10 +244,93 @@ def test_kill_and_resume_gives_the_same_store(reference, tmp_path):
         child.kill()
         child.join()
     assert child.exitcode == -signal.SIGKILL
-    n_shards = len(list(shards.glob("shard-*.parquet")))
+
+
+def test_kill_and_resume_gives_the_same_store(reference, tmp_path):
+    store = tmp_path / "store"
+    _kill_after_shards(store, 1)
+    n_shards = len(list((store / fr.SHARDS_DIR).glob("shard-*.parquet")))
     assert 1 <= n_shards < P and not (store / fr.SAMPLES_FILE).exists(), "killed mid-run: some shards, no merged file"
     with pytest.raises(fr.StoreNotFoundError, match="interrupted"):
         fr.load_store(store)
-    assert len(fr.completed_prompts(store, N)) == n_shards
+    assert len(fr.completed_prompts(store, N)) == n_shards  # batch 4 = N: one prompt per shard
     run(store)  # resume
     assert_same_store(reference, store)
+
+
+@pytest.fixture(scope="module")
+def reference3(tmp_path_factory) -> Path:
+    """An uninterrupted store with batches of 3 (not dividing N=4: batches straddle prompts)."""
+    store = tmp_path_factory.mktemp("ref3") / "store"
+    run(store, "precompute.batch_size=3")
+    return store
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_resume_is_bit_exact_with_a_batch_that_does_not_divide_n(reference3, tmp_path, shards):
+    """P=3 x N=4 in batches of 3 (4 batches, each straddling prompts), SIGKILLed after 1, 2 or 3 shards and
+    resumed: samples.parquet and meta.json's statistics are those of the uninterrupted run, bit for bit."""
+    store = tmp_path / "store"
+    _kill_after_shards(store, shards, "precompute.batch_size=3")
+    assert not (store / fr.SAMPLES_FILE).exists()
+    run(store, "precompute.batch_size=3")
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(reference3 / fr.SAMPLES_FILE), pd.read_parquet(store / fr.SAMPLES_FILE), check_exact=True
+    )
+    assert meta_without_times(store) == meta_without_times(reference3)  # stats, counts, front sizes: exact
+
+
+def test_a_failed_precompute_leaves_nothing_to_refuse(reference, tmp_path, capsys):
+    """A reward checkpoint that does not exist: one error line naming rewards.1.path, and no meta.json; the rerun
+    with the fix builds the store (settings are committed with the first shard). A store left with settings but no
+    sample (an older pgot) is started afresh, whatever its settings."""
+    store = tmp_path / "store"
+    args = ["--config", str(DEBUG_CONFIG), *BASE, f"precompute.store={store}"]
+    assert cli.precompute_main([*args, "rewards.1.name=clip", "rewards.1.path=/nonexistent/clip"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rewards.1.path=...) to an HF CLIPModel folder" in err[0] and "<i>" not in err[0]
+    assert not (store / fr.META_FILE).exists()
+    assert cli.precompute_main(args) == 0
+    assert_same_store(reference, store)
+
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    (poisoned / fr.META_FILE).write_text(json.dumps({**fr.read_meta(reference), "num_samples": 0, "stats": None,
+                                                     "precompute": {"samples_per_prompt": 9, "seed": 5}}))  # fmt: skip
+    with pytest.raises(fr.StoreNotFoundError, match="holds no samples: a precompute stopped there before finishing"):
+        fr.load_store(poisoned)
+    run(poisoned)
+    assert_same_store(reference, poisoned)
+
+
+def test_one_precompute_per_store(reference, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(reference, store)
+    before = hashes(store)
+    with FolderLock(store, key="precompute.store", what="pgot-precompute"):
+        assert cli.precompute_main(["--config", str(DEBUG_CONFIG), *BASE, f"precompute.store={store}"]) == 2
+        holding = hashes(store)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"precompute.store={store} is in use by another process (pid {os.getpid()}" in err[0]
+
+    def data(h: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in h.items() if not k.startswith(".pgot.lock")}  # the test's own lock record
+
+    assert data(holding) == data(before)  # the refused precompute wrote nothing
+
+
+def test_a_store_left_mid_prompt_serves_fewer_prompts_and_is_finished_later(reference3, tmp_path):
+    """Killed after 2 batches of 3 (prompt 0 done, prompt 1 half done), rerun with prompts.limit=1: the store holds
+    prompt 0 and keeps prompt 1's samples in a shard; a rerun with all 3 prompts finishes it, bit-exact."""
+    store = tmp_path / "store"
+    _kill_after_shards(store, 2, "precompute.batch_size=3")
+    run(store, "precompute.batch_size=3", "prompts.limit=1")
+    assert fr.load_store(store).prompt_ids == [0] and fr.has_shards(store)
+    before = hashes(store)
+    run(store, "precompute.batch_size=3", "prompts.limit=1")  # nothing new: nothing written
+    assert hashes(store) == before
+    run(store, "precompute.batch_size=3")
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(reference3 / fr.SAMPLES_FILE), pd.read_parquet(store / fr.SAMPLES_FILE), check_exact=True
+    )
+    assert meta_without_times(store) == meta_without_times(reference3) and not fr.has_shards(store)

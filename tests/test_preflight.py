@@ -391,9 +391,11 @@ def test_eval_inputs_all_at_once(tmp_path, capsys, no_weights):
     assert cli.eval_main(args) == 2
     lines = _errors(capsys)
     assert len(lines) == 6, lines
-    assert lines[0].startswith(f"eval.models.1.lora={str(notlora)!r}: ") and "holds no SD3 transformer LoRA" in lines[0]
-    assert lines[1].startswith(f"eval.models.2.soup={str(text)!r}: ") and "is not a safetensors file" in lines[1]
-    assert lines[2].startswith(f"eval.models.2.soup='{tmp_path}/gone' does not exist")
+    assert (
+        lines[0].startswith("eval.models.1.lora: ") and str(notlora) in lines[0] and "holds no LoRA weights" in lines[0]
+    )
+    assert lines[1].startswith("eval.models.2.soup: ") and str(text) in lines[1] and "is not a readable" in lines[1]
+    assert lines[2].startswith("eval.models.2.soup") and f"{tmp_path}/gone" in lines[2] and "does not exist" in lines[2]
     assert lines[3].startswith("eval.preference_data=") and lines[4].startswith("eval.votes.0=")
     assert lines[5].startswith("eval.runs names")
     assert not (tmp_path / "eval").exists()
@@ -405,4 +407,4 @@ def test_eval_inputs_all_at_once(tmp_path, capsys, no_weights):
         == 2
     )
     lines = _errors(capsys)  # the manifest's message names the missing images on lines of their own
-    assert "1 of 1 images do not exist" in lines[0] and lines[1].strip() == str(tmp_path / "gone.png")
+    assert "1 of 1 images do not exist" in lines[0] and lines[1].strip() == f"line 2: {tmp_path / 'gone.png'}"

@@ -1,13 +1,18 @@
-"""pgot/train.py: the DRaFT-K LoRA loop, its objectives, checkpoints, resume, NaN handling and distribution.
+"""pgot/train.py: the DRaFT-K LoRA loop, its objectives, checkpoints, resume, NaN handling and distribution;
+what a run does with its folder (resume, start afresh, finished, refused, locked) and with signals.
 
 Oracles: the diffusers pipeline (the final LoRA reproduces pgot's samples), a run that was never
-interrupted (SIGKILL + resume ends bit-identical on CPU), the frozen base weights (unchanged).
+interrupted (SIGKILL, SIGINT, SIGTERM + resume end bit-identical on CPU, on one process and on two with a
+slowed rank), the frozen base weights (unchanged), the run folder's bytes (unchanged by a refused or a
+finished rerun).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,8 +30,11 @@ from safetensors.torch import load_file
 
 from pgot import cli, metrics, probes, tables, train
 from pgot.config import load_config, save_config
+from pgot.files import LOCK_RECORD
+from pgot.tracking import metric_lines
 
 ROOT = Path(__file__).resolve().parents[1]
+HOOKS = ROOT / "tests" / "hooks"  # sitecustomize.py: slowed ranks and signals at a given step, for subprocesses
 DEBUG = ROOT / "configs" / "debug.yaml"  # the base of every test config (tiny model, analytic rewards)
 RES = 16
 REWARDS = ["colorfulness", "contrast", "sharpness"]
@@ -92,7 +100,40 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _metrics(run: Path) -> list[dict]:
+    """The metrics lines (event lines skipped)."""
+    return metric_lines(run / "metrics.jsonl")
+
+
+def _lines(run: Path) -> list[dict]:
+    """Every line of metrics.jsonl, event lines included."""
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def _strip(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in lines]
+
+
+def _same_lora(a: Path, b: Path) -> None:
+    x, y = (
+        load_file(str(a / "final" / "pytorch_lora_weights.safetensors")),
+        load_file(str(b / "final" / "pytorch_lora_weights.safetensors")),
+    )
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.equal(x[k], y[k]), k
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _free_port() -> int:
@@ -101,14 +142,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": f"{HOOKS}{os.pathsep}{ROOT}",
         "HF_HUB_OFFLINE": "1",
+        **extra,
     }
+
+
+def _launch(config: Path, processes: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of pgot-train on CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "pgot", "train", "--config", str(config)]  # fmt: skip
+    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=240)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,9 +198,13 @@ def test_debug_config_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert {"probe/jdr_all", "probe/jcr_all", "probe/kl_sharpness", "probe/win_contrast"} <= set(lines[1])
     assert load_config(out / "config.yaml").train.max_steps == 3
     assert len(json.loads((out / "sigmas.json").read_text())["sigmas"]) == 5
-    # running it again with train.resume=latest (the debug config's) finds the run complete and only reprints the table
+    assert [m["log_index"] for m in lines] == [0, 1, 2] and [m["steps_run"] for m in lines] == [1, 2, 3]
+    # running it again with train.resume=latest (the debug config's) finds the run complete: it reprints the table
+    # and changes nothing in the folder
+    before = _hashes(out)
     assert cli.train_main(argv) == 0
-    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+    assert "JDR_all (%)" in capsys.readouterr().out
+    assert _hashes(out) == before
 
 
 def test_trainable_changed_frozen_did_not(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,7 +268,7 @@ def test_tensorboard_tracker_gets_the_metrics(tmp_path: Path, store: Path) -> No
     acc = event_accumulator.EventAccumulator(str(events))
     acc.Reload()
     logged = {e.step: e.value for e in acc.Scalars("loss")}
-    expected = {m["step"]: m["loss"] for m in _metrics(run)}
+    expected = {m["steps_run"]: m["loss"] for m in _metrics(run)}  # the trackers' x axis: steps_run
     assert logged.keys() == expected.keys() == {1, 2}
     for step, value in expected.items():
         assert logged[step] == pytest.approx(value, rel=1e-6)
@@ -226,22 +280,48 @@ def _tags(event_accumulator, path: Path) -> list[str]:
     return acc.Tags()["scalars"]
 
 
-def test_two_processes_online_under_accelerate_launch(tmp_path: Path) -> None:
-    """Online PG-OT on 2 CPU processes (gloo): same prompts, pooled reward vectors, one shared LoRA."""
-    cfg = _cfg(tmp_path / "run", None, **{"train.strategy": "online", "train.checkpoint_every": 1})
-    save_config(cfg, tmp_path / "cfg.yaml")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "pgot", "train", "--config", str(tmp_path / "cfg.yaml")]  # fmt: skip
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "terminate called" not in proc.stderr
-    lines = _metrics(tmp_path / "run")
-    assert [m["step"] for m in lines] == [1, 2]
+def test_two_processes_with_a_slowed_rank_save_whole_checkpoints_and_resume_exactly(tmp_path: Path) -> None:
+    """Online PG-OT on 2 CPU processes (gloo) with rank 1 slowed by 1 s in every collective write (checkpoint
+    save and load): every checkpoint holds both ranks' RNG states, an agent revert reloads and discards safely,
+    a SIGTERM that only rank 1 receives stops both ranks after the same step with a checkpoint, and the resumed
+    run ends bit-identical to the uninterrupted one. (Without the barrier between the ranks' writes and the
+    rename, rank 1's random_states_1.pkl lands in a folder already renamed: the checkpoint misses it.)"""
+    script = tmp_path / "script.yaml"
+    script.write_text("2: {action: remove, reward: sharpness}\n")
+    extra = {"train.strategy": "online", "train.checkpoint_every": 1, "train.keep_checkpoints": 10,
+             "train.max_steps": 4, "train.resume": "latest", "agent.backend": "scripted", "agent.script": str(script),
+             "agent.every": 2, "agent.diagnostic_prompts": 2, "rewards.2.strength": "weak"}  # fmt: skip
+    for name in ("ref", "stopped"):
+        save_config(_cfg(tmp_path / name, None, **extra), tmp_path / f"{name}.yaml")
+    slow = {"PGOT_TEST_SLOW_RANK": "1", "PGOT_TEST_SLOW_S": "1"}
+
+    ref = _launch(tmp_path / "ref.yaml", **slow)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "terminate called" not in ref.stderr
+    run = tmp_path / "ref"
+    events = [m for m in _lines(run) if "event" in m]
+    assert [(e["event"], e["step"], e["to_step"]) for e in events] == [("revert", 2, 0)]
+    lines = _metrics(run)
+    assert [m["step"] for m in lines] == [1, 2, 1, 2, 3, 4] and [m["steps_run"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert all(m["front_size"] == 2 * 2 for m in lines)  # the pool: world x N vectors per prompt
-    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
-    assert state["running"][0] == 2 * 2 * 2 * 2  # running std counts: 2 steps x P=2 x world*N=4 gathered vectors
-    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "random_states_1.pkl").is_file()  # saved on every rank
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    assert [c.name for c in ckpts] == [f"step-00000{i}" for i in range(5)]  # 1, 2 of the first branch discarded
+    for c in ckpts:
+        assert (c / "random_states_0.pkl").is_file() and (c / "random_states_1.pkl").is_file(), c
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["agent"]["active_rewards"] == ["colorfulness", "contrast"]
+    assert state["running"][0] == 6 * 2 * 2 * 2  # 6 steps run x P=2 x world*N=4 gathered vectors
+
+    stopped = _launch(tmp_path / "stopped.yaml", **slow, PGOT_TEST_SIGNAL="3:SIGTERM:1")  # rank 1 only, step 3
+    assert stopped.returncode != 0
+    assert "stopped by SIGTERM after step 3 of 4" in stopped.stderr, stopped.stderr[-3000:]
+    out = tmp_path / "stopped"
+    assert (out / "checkpoints" / "step-000003" / "random_states_1.pkl").is_file() and not (out / "final").exists()
+    resumed = _launch(tmp_path / "stopped.yaml", **slow)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_lora(run, out)
+    assert _strip(_lines(out)) == _strip(_lines(run))
 
 
 def test_sigkill_and_resume_is_exact(tmp_path: Path, store: Path) -> None:
@@ -383,9 +463,21 @@ def test_agent_remove_reverts_and_switch_goes_online(tmp_path: Path, store: Path
     script.write_text("2:\n  action: remove\n  reward: sharpness\n4:\n  action: switch\n  strategy: online\n")
     extra = {"train.max_steps": 4, "agent.backend": "scripted", "agent.script": str(script), "agent.every": 2,
              "agent.diagnostic_prompts": 2, "rewards.2.strength": "weak", "train.strategy": "auto"}  # fmt: skip
-    run, _ = train.fit(_cfg(tmp_path / "run", store, **extra))
+    run, _ = train.fit(_cfg(tmp_path / "run", store, **extra, **{"train.log_with": ["tensorboard"]}))
     lines = _metrics(run)
     assert [m["step"] for m in lines] == [1, 2, 1, 2, 3, 4]  # reverted to step 0 after step 2; history kept
+    everything = _lines(run)
+    assert [m["log_index"] for m in everything] == list(range(7))  # one counter for every line, events included
+    (revert,) = [m for m in everything if "event" in m]
+    assert revert == {"event": "revert", "log_index": 2, "steps_run": 2, "step": 2, "to_step": 0,
+                      "checkpoint": "step-000000", "reward": "sharpness"}  # fmt: skip
+    assert [m["steps_run"] for m in lines] == [1, 2, 3, 4, 5, 6]  # the trackers' x axis never goes back
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    (events,) = [p for p in (run / "logs").rglob("events.out.tfevents.*") if "loss" in _tags(event_accumulator, p)]
+    acc = event_accumulator.EventAccumulator(str(events))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in acc.Scalars("step")] == [1, 2, 1, 2, 3, 4]
     assert lines[0]["active_rewards"] == REWARDS and lines[2]["active_rewards"] == ["colorfulness", "contrast"]
     state = json.loads((run / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     agent = state["agent"]  # pgot.agent.AgentState, checkpointed inside trainer_state.json
@@ -401,6 +493,187 @@ def test_agent_remove_reverts_and_switch_goes_online(tmp_path: Path, store: Path
     last = _metrics(run)[-1]
     assert last["step"] == 5 and last["strategy"] == "online" and last["active_rewards"] == ["colorfulness", "contrast"]
     assert last["front_size"] == 2  # online pool of one process: N vectors per prompt
+
+
+# --------------------------------------------------------------------------------------------
+# One run, one folder: resume rules, finished runs, signals, locks
+# --------------------------------------------------------------------------------------------
+
+RESUME = {"train.resume": "latest", "train.max_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, store: Path) -> Path:
+    """An uninterrupted run of 4 steps (checkpoint only at the end), the oracle of the interrupted ones."""
+    _reset_accelerate()
+    run, _ = train.fit(_cfg(tmp_path_factory.mktemp("reference") / "run", store, **RESUME))
+    _reset_accelerate()
+    return run
+
+
+def test_resume_with_other_settings_is_refused_naming_each_key(
+    tmp_path: Path, store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    train.fit(_cfg(out, store, **{**RESUME, "train.max_steps": 2, "train.checkpoint_every": 1}))
+    before = _hashes(out)
+    _reset_accelerate()
+    changed = {**RESUME, "train.objective": "weighted_sum", "rewards.0.weight": 2.0, "train.learning_rate": 0.5,
+               "train.active_rewards": ["contrast", "sharpness"], "train.max_steps": 3, "train.log_every": 2}  # fmt: skip
+    assert cli.train_main(["--config", str(DEBUG), *_overrides(out, store, **changed)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"train.output_dir={out} holds a run trained with other settings" in err
+    for line in ["error: train.objective: weighted_sum here, pgot in the run",
+                 "error: rewards.0.weight: 2.0 here, 1.0 in the run",
+                 "error: train.learning_rate: 0.5 here, 0.01 in the run",
+                 "error: train.active_rewards: [contrast, sharpness] here, [] in the run"]:  # fmt: skip
+        assert line in err.splitlines(), line
+    assert not [x for x in err.splitlines() if x.startswith(("error: train.max_steps", "error: train.log_every"))]
+    assert _hashes(out) == before  # nothing in the folder changed
+    # only resumable keys changed: the run continues
+    _reset_accelerate()
+    ok = {**RESUME, "train.max_steps": 3, "train.log_every": 2, "train.checkpoint_every": 3, "train.keep_checkpoints": 1,
+          "model.gradient_checkpointing": True, "rewards.1.text_cache": 0, "agent.timeout": 5.0,
+          "eval.samples_per_prompt": 3}  # fmt: skip
+    train.fit(_cfg(out, store, **ok))
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+    assert load_config(out / "config.yaml").train.max_steps == 3  # config.yaml follows the resumable changes
+
+
+def test_config_changes_names_keys_as_typed(tmp_path: Path) -> None:
+    saved = tmp_path / "config.yaml"
+    base = _cfg(tmp_path, None)
+    save_config(base, saved)
+    assert train.config_changes(_cfg(tmp_path, None), saved) == []
+    same = _cfg(tmp_path / "elsewhere", None, **{"train.max_steps": 50, "agent.base_url": "http://vllm:8000/v1",
+                                                 "rewards.2.gradient_checkpointing": True, "eval.models": [{"lora": "x"}]})  # fmt: skip
+    assert train.config_changes(same, saved) == []  # train.output_dir, max_steps, endpoint, memory, eval: resumable
+    other = _cfg(tmp_path, None, **{"rewards.2.name": "brightness", "draft.shift": 3.0, "model.lora_path": ""})
+    lines = train.config_changes(other, saved)
+    assert sorted(lines[1:-1]) == [
+        "draft.shift: 3.0 here, null in the run",
+        "rewards.2.name: brightness here, sharpness in the run",
+    ]
+    more = load_config(DEBUG, [*_overrides(tmp_path, None), "rewards=[{name: contrast}]"])
+    assert "rewards.1.name: (not set) here, contrast in the run" in train.config_changes(more, saved)
+    assert "no config.yaml" in train.config_changes(base, tmp_path / "nope" / "config.yaml")[0]
+
+
+def test_resume_cannot_shorten_and_an_earlier_checkpoint_drops_the_later_ones(
+    tmp_path: Path, store: Path, reference: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    train.fit(_cfg(out, store, **{**RESUME, "train.checkpoint_every": 1, "train.keep_checkpoints": 10}))
+    _reset_accelerate()
+    with pytest.raises(ValueError, match=r"train.max_steps=2 is below the step of the checkpoint to resume \(4"):
+        train.fit(_cfg(out, store, **{**RESUME, "train.max_steps": 2}))
+    _reset_accelerate()
+    earlier = out / "checkpoints" / "step-000002"
+    with caplog.at_level(logging.WARNING, logger="pgot.train"):
+        train.fit(_cfg(out, store, **{**RESUME, "train.resume": str(earlier), "train.checkpoint_every": 1}))
+    assert "deleted the later checkpoints step-000003, step-000004 and final/" in caplog.text
+    _same_lora(reference, out)  # steps 3 and 4 again, from step 2's checkpoint: the same LoRA
+    assert _strip(_metrics(out)) == _strip(_metrics(reference))
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_rerun_continues_exactly(
+    tmp_path: Path, store: Path, reference: Path, sig: str
+) -> None:
+    """A real pgot-train process gets SIGINT (Ctrl-C) or SIGTERM (preemption) during step 2 of 4; no checkpoint is
+    due before the end: it finishes step 2, writes that step's checkpoint, exits 130 / 143 saying so; the rerun
+    ends bit-identical to the uninterrupted run."""
+    out = tmp_path / "run"
+    save_config(_cfg(out, store, **RESUME), tmp_path / "cfg.yaml")
+    proc = subprocess.run([sys.executable, "-m", "pgot", "train", "--config", str(tmp_path / "cfg.yaml")],
+                          env=_env(PGOT_TEST_SIGNAL=f"2:{sig}"), capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 128 + getattr(signal, sig), proc.stderr[-3000:]
+    assert (
+        f"stopped by {sig} after step 2 of 4, with the checkpoint {out / 'checkpoints' / 'step-000002'}" in proc.stderr
+    )
+    assert "train.resume=latest" in proc.stderr and "Traceback" not in proc.stderr
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step-000002"] and not (out / "final").exists()
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    train.fit(_cfg(out, store, **RESUME))
+    _same_lora(reference, out)
+    assert _strip(_metrics(out)) == _strip(_metrics(reference))
+
+
+def test_a_repeated_signal_is_one_request_and_a_later_one_stops_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Schedulers signal every process of a job and accelerate launch forwards the signal to each worker too: a
+    repeat within StopSignals.repeat_s is the same request; one after it stops at once."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with train._StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.signum == signal.SIGTERM  # remembered: the loop stops after the step in flight
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy: ignored
+        assert signals.signum == signal.SIGTERM
+        monkeypatch.setattr(train._StopSignals, "repeat_s", 0.0)
+        with pytest.raises(KeyboardInterrupt) as e:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert e.value.signum == signal.SIGINT
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+
+
+def test_interrupted_before_the_first_checkpoint_reruns_afresh(
+    tmp_path: Path, store: Path, reference: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Interrupted during step 3 with no checkpoint yet (a second Ctrl-C, a kill, a crash): exit 130 saying a
+    rerun starts afresh; the rerun with train.resume=latest does, and ends as the uninterrupted run (nothing of
+    the aborted attempt mixes in); without train.resume it refuses, saying why."""
+    out = tmp_path / "run"
+    rollout = train._rollout
+
+    def interrupted(r, step, micro):
+        if step == 3:
+            raise KeyboardInterrupt
+        return rollout(r, step, micro)
+
+    monkeypatch.setattr(train, "_rollout", interrupted)
+    assert cli.train_main(["--config", str(DEBUG), *_overrides(out, store, **RESUME)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted by SIGINT before the first checkpoint" in err and "start the run" in err
+    assert [m["step"] for m in _metrics(out)] == [1, 2] and not (out / "checkpoints").exists()
+    monkeypatch.setattr(train, "_rollout", rollout)
+    _reset_accelerate()
+    with pytest.raises(ValueError, match="already holds an attempt at a run that stopped before its first checkpoint"):
+        train.fit(_cfg(out, store, **{**RESUME, "train.resume": ""}))
+    _reset_accelerate()
+    train.fit(_cfg(out, store, **RESUME))
+    _same_lora(reference, out)
+    assert _strip(_metrics(out)) == _strip(_metrics(reference))
+
+
+def test_two_runs_in_one_folder(tmp_path: Path, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The second of two identical pgot-train started into one train.output_dir stops with one line naming the
+    first (host, pid, start, command) and exit 2; the first runs to the end alone."""
+    out = tmp_path / "run"
+    save_config(_cfg(out, store, **{**RESUME, "train.max_steps": 6}), tmp_path / "cfg.yaml")
+    first = subprocess.Popen([sys.executable, "-m", "pgot", "train", "--config", str(tmp_path / "cfg.yaml")],
+                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_RECORD).exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.poll() is None, "the first run ended before the second one started"
+    assert cli.train_main(["--config", str(tmp_path / "cfg.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: train.output_dir={out} is in use by another process")
+    assert f"pid {first.pid} on host {socket.gethostname()}" in err[0] and str(tmp_path / "cfg.yaml") in err[0]
+    assert first.wait(timeout=240) == 0, first.stderr.read()[-3000:]
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert not (out / LOCK_RECORD).exists()
+
+
+def test_a_run_folder_held_by_another_process_is_refused_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgot.files import FolderLock, FolderLockedError
+
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with FolderLock(tmp_path / "run", key="train.output_dir", what="a pgot-train run"):
+        with pytest.raises(FolderLockedError, match="train.output_dir=.* is in use by another process"):
+            train.fit(_cfg(tmp_path / "run", None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,13 +773,13 @@ def test_tensorboard_gets_images_text_and_config(tmp_path: Path, store: Path) ->
     (events,) = [p for p in (run / "logs").rglob("events.out.tfevents.*") if "loss" in _tags(event_accumulator, p)]
     acc = event_accumulator.EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
     acc.Reload()
-    assert {e.step: e.value for e in acc.Scalars("loss")} == pytest.approx(
-        {m["step"]: m["loss"] for m in _metrics(run)}
-    )
+    lines = _metrics(run)  # x axis: steps_run (no revert here, so it equals the optimizer step)
+    assert {e.step: e.value for e in acc.Scalars("loss")} == pytest.approx({m["steps_run"]: m["loss"] for m in lines})
     grids = {e.step: e.encoded_image_string for e in acc.Images("probes/grid")}
-    assert grids.keys() == {1, 2, 3}
-    for step, png in grids.items():
-        assert np.array_equal(_pixels(png), _pixels(run / "probes" / f"step-{step:06d}.png")), step
+    assert grids.keys() == {m["steps_run"] for m in lines} == {1, 2, 3}
+    for m in lines:
+        png = run / "probes" / f"step-{m['step']:06d}.png"
+        assert np.array_equal(_pixels(grids[m["steps_run"]]), _pixels(png)), m["step"]
     (agent_grid,) = acc.Images("agent/grid-00")
     assert agent_grid.step == 2
     assert np.array_equal(
@@ -563,15 +836,15 @@ def test_wandb_offline_gets_the_metrics_images_text_and_config(
             rows[row["_step"]] = row
         elif kind == "config":
             config.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in record.config.update})
-    lines = _metrics(run)
-    assert sorted(rows) == [m["step"] for m in lines] == [1, 2, 3]
-    for line in lines:  # every number of metrics.jsonl, at its step
+    lines = _metrics(run)  # x axis (W&B's _step): steps_run; no revert here, so it equals the optimizer step
+    assert sorted(rows) == [m["steps_run"] for m in lines] == [1, 2, 3]
+    for line in lines:  # every number of metrics.jsonl, at its steps_run
+        row = rows[line["steps_run"]]
         for key, value in line.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                assert rows[line["step"]][key] == pytest.approx(value, rel=1e-6), key
-    for step, row in rows.items():
+                assert row[key] == pytest.approx(value, rel=1e-6), key
         grid = folder / "files" / row["probes/grid/path"]
-        assert np.array_equal(_pixels(grid), _pixels(run / "probes" / f"step-{step:06d}.png")), step
+        assert np.array_equal(_pixels(grid), _pixels(run / "probes" / f"step-{line['step']:06d}.png")), line["step"]
     agent_grid = folder / "files" / rows[2]["agent/grid-00/path"]
     assert np.array_equal(_pixels(agent_grid), _pixels(run / "agent" / "step-000002" / "grid-00.png"))
     assert "step 2: continue" in (folder / "files" / rows[2]["agent/decision/path"]).read_text()

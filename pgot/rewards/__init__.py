@@ -206,8 +206,8 @@ def build(
         dtype: weights dtype for rewards whose ``dtype`` is ``auto`` (default: bfloat16 on CUDA, float32 elsewhere).
 
     Raises:
-        ValueError: an unknown reward name (listing the known ones), or a bad checkpoint; the message names the
-            reward's keys as typed (``rewards.2.path``).
+        ValueError: an unknown reward name (listing the known ones), or a missing or bad checkpoint; the message
+            names the reward's config keys with their index (``rewards.2.path``), whatever the builder wrote.
     """
     rewards = []
     for i, cfg in enumerate(configs):
@@ -216,12 +216,23 @@ def build(
         logger.info("building reward %s from %s", cfg.name, cfg.path or "(analytic)")
         try:
             rewards.append(REWARDS[cfg.name](cfg, device, dtype))
-        except ValueError as err:
-            message = _keyed(str(err), i)
-            if message == str(err):
-                raise
-            raise ValueError(message) from err
+        except ValueError as exc:
+            raise ValueError(_with_index(str(exc), i, cfg)) from None
+        except OSError as exc:  # a file the builder opened: missing, unreadable, a folder where a file was expected
+            raise ValueError(
+                f"rewards.{i}.path={cfg.path!r} (reward {cfg.name!r}): cannot read {exc.filename or cfg.path!r} "
+                f"({exc.strerror or exc}). Point rewards.{i}.path at this reward's checkpoint; `pgot-fetch --config "
+                "<your config>` downloads every checkpoint a config names."
+            ) from None
     return rewards
+
+
+def _with_index(message: str, i: int, cfg: RewardConfig) -> str:
+    """A builder's message with ``rewards.<i>`` made ``rewards.{i}``; prefixed with the key when it names none."""
+    message = _keyed(message, i)
+    if f"rewards.{i}" not in message:
+        message = f"rewards.{i} ({cfg.name}, path {cfg.path!r}): {message}"
+    return message
 
 
 def score(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""Test hooks for subprocess runs (never imported by pgot): put ``tests/hooks`` first on ``PYTHONPATH``.
+
+Python imports ``sitecustomize`` at start-up in every process, the ``accelerate launch`` workers included. Driven
+by environment variables, so the same file serves every test:
+
+- ``PGOT_TEST_SLOW_RANK=<rank>``: in the worker of that rank (``RANK``, under ``accelerate launch``), each collective write
+  starts ``PGOT_TEST_SLOW_S`` seconds (default 1) late: accelerate's ``save_state`` (checkpoints),
+  ``pgot.checkpoints.load`` (resume, agent revert) and ``pgot.frontier.write_shard`` (precompute shards). A
+  missing barrier then shows deterministically: the other ranks rename, prune or merge before it has written.
+- ``PGOT_TEST_SIGNAL=<step>:<SIGNAL>[:<rank>]``: the worker of that rank (without a rank: a single-process run)
+  sends itself ``SIGNAL`` when training step ``<step>`` starts (inside its first rollout), so the signal is in
+  flight during that step.
+
+The ``accelerate launch`` process itself (no ``LOCAL_RANK``) is never hooked.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+
+_RANK = os.environ.get("RANK", "0")
+
+
+def _delayed(fn, seconds: float):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+_WORKER = os.environ.get("LOCAL_RANK") is not None  # a process started by accelerate launch / torchrun
+
+if _WORKER and os.environ.get("PGOT_TEST_SLOW_RANK") == _RANK:
+    import accelerate
+
+    import pgot.checkpoints
+    import pgot.frontier
+
+    _s = float(os.environ.get("PGOT_TEST_SLOW_S", "1"))
+    accelerate.Accelerator.save_state = _delayed(accelerate.Accelerator.save_state, _s)
+    pgot.checkpoints.load = _delayed(pgot.checkpoints.load, _s)
+    pgot.frontier.write_shard = _delayed(pgot.frontier.write_shard, _s)
+
+if os.environ.get("PGOT_TEST_SIGNAL"):
+    _step, _name, *_only = os.environ["PGOT_TEST_SIGNAL"].split(":")
+    if (_WORKER and _only and _only[0] == _RANK) or (not _WORKER and not _only):
+        import pgot.train
+
+        _rollout = pgot.train._rollout
+
+        @functools.wraps(_rollout)
+        def _signalling_rollout(r, step, micro, _rollout=_rollout):
+            if step == int(_step) and micro == 0:
+                os.kill(os.getpid(), getattr(signal, _name))
+            return _rollout(r, step, micro)
+
+        pgot.train._rollout = _signalling_rollout
