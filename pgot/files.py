@@ -47,6 +47,7 @@ __all__ = [
     "LOCK_RECORD",
     "FolderLock",
     "FolderLockedError",
+    "folder_in_use",
     "Holder",
     "atomic_write",
     "atomic_write_bytes",
@@ -293,6 +294,26 @@ class FolderLock:
             f"for it to finish, or set {self.key} to another folder. The lock ({self.folder / LOCK_FILE}) is released "
             "when its holder exits, however it exits."
         )
+
+
+def folder_in_use(folder: str | Path, *, key: str, what: str) -> str | None:
+    """Whether another process holds ``folder``'s lock now (a check for the preflight; it takes nothing).
+
+    Returns:
+        The message :class:`FolderLock` would raise, naming the holder; None when the folder is free or absent.
+    """
+    folder = Path(folder)
+    if not (folder / LOCK_FILE).is_file():
+        return None
+    probe = filelock.FileLock(str(folder / LOCK_FILE))
+    try:
+        probe.acquire(timeout=0)
+    except filelock.Timeout:
+        return FolderLock(folder, key=key, what=what)._locked_message()
+    except OSError:
+        return None  # not readable or writable: the folder check says so
+    probe.release()
+    return None
 
 
 @contextmanager

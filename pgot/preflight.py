@@ -34,12 +34,13 @@ import pandas as pd
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 from PIL import Image
 
-from pgot import checkpoints, evaluate, human_eval, objectives
+from pgot import evaluate, human_eval, objectives
 from pgot import frontier as store_io
 from pgot import rewards as reward_models
 from pgot.agent import load_script
 from pgot.config import STAGES, Config, ConfigError, check
 from pgot.devices import resolve_device, resolve_dtype
+from pgot.files import folder_in_use
 from pgot.model import check_lora_file, check_model_folder, folder_fingerprint
 from pgot.prompts import PromptSet, load_prompts, split
 from pgot.tiny import tiny_components, tiny_fingerprint
@@ -238,6 +239,8 @@ class _Checks:
             return None
         if meta is None:
             return None
+        if extend and not len(store_io.read_rows(path)):
+            return None  # settings of a precompute that never finished a batch: the next run starts it afresh
         fp, shift = self.fingerprint()
         self.add(
             store_io.compare_settings(
@@ -277,22 +280,13 @@ class _Checks:
         t = self.cfg.train
         run_dir = Path(t.output_dir)
         if not self.named("train.output_dir") and self.add(output_folder(t.output_dir, "train.output_dir")):
-            resume = None
-            if not self.named("train.resume"):
-                try:
-                    resume = checkpoints.resume_folder(t.resume, run_dir)
-                except ValueError as err:
-                    self.add([str(err)])
-                    resume = run_dir  # reported: do not also say the folder holds a run
-            if resume is None and (
-                (run_dir / "metrics.jsonl").exists() or checkpoints.list_checkpoints(run_dir / "checkpoints")
-            ):
-                self.add(
-                    [
-                        f"train.output_dir={run_dir} already holds a run. Continue it with train.resume=latest, or "
-                        "choose a new train.output_dir."
-                    ]
-                )
+            from pgot.train import folder_problems  # pgot.train imports this module
+
+            in_use = folder_in_use(run_dir, key="train.output_dir", what="a pgot-train run")
+            if in_use:
+                self.add([in_use])
+            elif not self.named("train.resume"):
+                self.add(folder_problems(self.cfg))  # the run-folder rules training applies (resume, config)
         self.train_store()
         for tracker in t.log_with:
             available = _TRACKERS.get(tracker)

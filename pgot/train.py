@@ -109,7 +109,17 @@ from pgot.tracking import RunLog, finite_or_none, flatten
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RESUMABLE_KEYS", "TooManyBadSteps", "cleanup", "config_changes", "fit", "run", "setup", "train"]
+__all__ = [
+    "RESUMABLE_KEYS",
+    "TooManyBadSteps",
+    "cleanup",
+    "config_changes",
+    "fit",
+    "folder_problems",
+    "run",
+    "setup",
+    "train",
+]
 
 _NOISE_STRIDE = 7919
 """Seed offset per micro-step: the noise of training micro-step t uses seed ``train.seed + 7919 * t``."""
@@ -787,34 +797,78 @@ def _start(cfg: Config, acc: Accelerator) -> _Start:
     return start
 
 
+def folder_problems(cfg: Config) -> list[str]:
+    """Why ``train.output_dir`` cannot be used with ``cfg`` (the run-folder rules of :func:`_prepare_folder`, read
+    only: the preflight reports them before anything loads). Empty when the run may start or resume.
+
+    A folder that holds a run (or an attempt at one) with ``train.resume`` empty; ``train.resume`` naming no
+    checkpoint, or another run's checkpoint while the folder holds one; a config that differs from the run's in keys
+    outside :data:`RESUMABLE_KEYS`; ``train.max_steps`` below the checkpoint's step.
+    """
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    present = [n for n in _RUN_ITEMS if (run_dir / n).exists()]
+    if not t.resume:
+        if present:
+            what = (
+                "a run"
+                if checkpoints.list_checkpoints(ckpt_dir)
+                else "an attempt at a run that stopped before its first checkpoint"
+            )
+            return [
+                f"train.output_dir={run_dir} already holds {what}. Continue it with train.resume=latest (an attempt "
+                "without a checkpoint starts afresh), or choose a new train.output_dir."
+            ]
+        return []
+    try:
+        target = checkpoints.resume_folder(t.resume, run_dir)
+    except ValueError as exc:
+        return [str(exc)]
+    if target is None:
+        return []
+    inside = target.resolve().parent == ckpt_dir.resolve()
+    if not inside and present:
+        return [
+            f"train.resume={t.resume} is a checkpoint of another run, but train.output_dir={run_dir} already holds "
+            "one. Continue another run in a new train.output_dir."
+        ]
+    source = run_dir / "config.yaml" if inside else target.parent.parent / "config.yaml"
+    problems = config_changes(cfg, source, target)
+    if problems:
+        return problems
+    step = checkpoints.read_state(target).step
+    if step > t.max_steps:
+        return [
+            f"train.max_steps={t.max_steps} is below the step of the checkpoint to resume ({step}, {target}): a run "
+            f"cannot be shortened. Set train.max_steps>={step}, or resume from an earlier checkpoint with "
+            f"train.resume={ckpt_dir / checkpoints.checkpoint_name(t.max_steps)} (the later ones are then deleted)."
+        ]
+    return []
+
+
 def _prepare_folder(cfg: Config) -> _Start:
-    """The rules for a run folder (main process). With ``train.resume`` empty, a folder that holds a run is
-    refused. With ``latest`` or a checkpoint folder:
+    """The rules for a run folder (main process): :func:`folder_problems` refuses; then, with ``train.resume``
+    ``latest`` or a checkpoint folder:
 
     - no checkpoint: a fresh start; what an attempt that stopped before its first checkpoint wrote is deleted;
-    - a checkpoint: the config must equal the run's ``config.yaml`` up to :data:`RESUMABLE_KEYS`
-      (:func:`config_changes`); the records the interrupted attempt wrote after the checkpoint are deleted
-      (checkpoints and the final LoRA after an explicitly named older checkpoint, agent records, probe grids;
-      ``metrics.jsonl`` is truncated when the log opens);
+    - a checkpoint: the records the interrupted attempt wrote after the checkpoint are deleted (checkpoints and the
+      final LoRA after an explicitly named older checkpoint, agent records, probe grids; ``metrics.jsonl`` is
+      truncated when the log opens);
     - the checkpoint of ``train.max_steps`` and the final LoRA: the run is finished; nothing is written.
 
     Raises:
-        ConfigError: the config differs from the run's in keys outside :data:`RESUMABLE_KEYS`, one per line.
-        ValueError: the folder holds a run and ``train.resume`` is empty; the checkpoint is beyond
-            ``train.max_steps``; ``train.resume`` names another run's checkpoint while the folder holds one.
+        ConfigError: one line per problem of :func:`folder_problems`.
     """
+    problems = folder_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
     t = cfg.train
     run_dir = Path(t.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     found = checkpoints.list_checkpoints(ckpt_dir)
     present = [n for n in _RUN_ITEMS if (run_dir / n).exists()]
     if not t.resume:
-        if present:
-            what = "a run" if found else "an attempt at a run that stopped before its first checkpoint"
-            raise ValueError(
-                f"train.output_dir={run_dir} already holds {what}. Continue it with train.resume=latest (an attempt "
-                "without a checkpoint starts afresh), or choose a new train.output_dir."
-            )
         return _Start()
     target = checkpoints.resume_folder(t.resume, run_dir)
     if target is None:
@@ -826,24 +880,9 @@ def _prepare_folder(cfg: Config) -> _Start:
             )  # fmt: skip
         return _Start()
     inside = target.resolve().parent == ckpt_dir.resolve()
-    if not inside and present:
-        raise ValueError(
-            f"train.resume={t.resume} is a checkpoint of another run, but train.output_dir={run_dir} already holds "
-            "one. Continue another run in a new train.output_dir."
-        )
-    source = run_dir / "config.yaml" if inside else target.parent.parent / "config.yaml"
-    problems = config_changes(cfg, source, target)
-    if problems:
-        raise ConfigError(problems)
-    step = checkpoints.read_state(target).step
-    if step > t.max_steps:
-        raise ValueError(
-            f"train.max_steps={t.max_steps} is below the step of the checkpoint to resume ({step}, {target}): a run "
-            f"cannot be shortened. Set train.max_steps>={step}, or resume from an earlier checkpoint with "
-            f"train.resume={ckpt_dir / checkpoints.checkpoint_name(t.max_steps)} (the later ones are then deleted)."
-        )
     if not inside:
         return _Start(resume=str(target))
+    step = checkpoints.read_state(target).step
     newer = [p.name for p in found if checkpoints.step_of(p) > step]
     if newer:
         checkpoints.discard_after(ckpt_dir, step)

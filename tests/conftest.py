@@ -13,6 +13,16 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread from the start, so module- and session-scoped fixtures (reference runs and stores built
+    once) compute with the same threads as the tests that compare against them, whatever the test order."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _single_thread_torch():
     try:

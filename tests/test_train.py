@@ -668,11 +668,11 @@ def test_two_runs_in_one_folder(tmp_path: Path, store: Path, capsys: pytest.Capt
 def test_a_run_folder_held_by_another_process_is_refused_before_loading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pgot.files import FolderLock, FolderLockedError
+    from pgot.files import FolderLock
 
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     with FolderLock(tmp_path / "run", key="train.output_dir", what="a pgot-train run"):
-        with pytest.raises(FolderLockedError, match="train.output_dir=.* is in use by another process"):
+        with pytest.raises(ValueError, match="train.output_dir=.* is in use by another process"):  # preflight
             train.fit(_cfg(tmp_path / "run", None))
 
 
