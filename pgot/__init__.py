@@ -8,8 +8,12 @@ also a public name (``pgot.ot_loss``, the module of the function ``pgot.ot_loss`
 the package; reach such a module with ``from pgot.ot_loss import ...`` or ``importlib.import_module``.
 
     >>> import pgot
-    >>> mask = pgot.pareto_mask(scores)          # (..., N, M) -> (..., N)
+    >>> mask = pgot.pareto_mask(scores)          # (..., N, M) -> (..., N); NumPy in, NumPy out
     >>> loss = pgot.ot_loss(source, target, epsilon=0.5, max_iter=1000, tol=1e-4)
+    >>> images = pgot.generate_images(model, ["a red fox"], seeds=[0, 1])   # (2, 3, H, W) in [0, 1]
+
+The maths functions (Pareto, OT, objectives, metrics) take torch tensors or NumPy arrays and return NumPy for
+NumPy inputs (:mod:`pgot.arrays`); a wrong argument type raises a ``TypeError`` naming the argument.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": "pgot.config",
     "ConfigError": "pgot.config",
+    "ModelConfig": "pgot.config",
     "load_config": "pgot.config",
     "save_config": "pgot.config",
     "dominance_matrix": "pgot.pareto",
@@ -45,6 +50,7 @@ _EXPORTS = {
     "build_rewards": ("pgot.rewards", "build"),
     "score": "pgot.rewards",
     "load_model": "pgot.model",
+    "generate_images": "pgot.generate",
     "sample": "pgot.generate",
     "decode": "pgot.generate",
     "load_prompts": "pgot.prompts",

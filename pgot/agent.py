@@ -71,6 +71,7 @@ from PIL import Image
 from pgot.config import AgentConfig, RewardConfig
 from pgot.files import atomic_write_text
 from pgot.images import labelled_grid, png_bytes, save_png
+from pgot.rewards import default_strength
 from pgot.vlm_client import ChatClient, EndpointError, protect, redact, redact_obj, release
 
 log = logging.getLogger(__name__)
@@ -225,11 +226,12 @@ class AgentState:
     def initial(
         cls, reward_configs: Sequence[RewardConfig], active_rewards: Sequence[str] = (), strategy: str = "offline"
     ) -> AgentState:
-        """The state at step 0: every configured reward (or ``active_rewards`` when given) is active."""
+        """The state at step 0: every configured reward (or ``active_rewards`` when given) is active; a reward's
+        strength is ``rewards.<i>.strength``, or its default (:func:`pgot.rewards.default_strength`) when null."""
         names = [r.name for r in reward_configs]
         return cls(
             active_rewards=list(active_rewards) if active_rewards else names,
-            strengths={r.name: r.strength for r in reward_configs},
+            strengths={r.name: default_strength(r.name, r.strength) for r in reward_configs},
             strategy="online" if strategy == "online" else "offline",
         )
 

@@ -210,12 +210,12 @@ class RewardConfig:
     """Checkpoint file or folder; ``tiny`` for a random-init tiny build; empty for analytic rewards."""
     arch: str = ""
     """Architecture override (e.g. ``ViT-L-14`` for clip); empty for the reward's default."""
-    strength: Literal["strong", "weak"] = "strong"
-    """Whether the reward tracks human judgement (strong) or is prone to hacking (weak); the agent may only remove weak ones unless told otherwise."""
+    strength: Literal["strong", "weak"] | None = None
+    """``strong`` (tracks human judgement) or ``weak`` (prone to hacking): the agent may only remove weak rewards (unless agent.allow_remove_strong), and the online strategy is meant for strong ones. null: the reward's default from pgot.rewards.STRENGTHS (ict, hp strong; clip, hps, pickscore, imagereward, aesthetic and the analytic rewards weak; a reward pgot does not know: weak)."""
     weight: float = 1.0
     """Weight w_k in weighted baselines."""
     target: float | None = None
-    """Global target C_k of the weighted-sum baseline (eq. 1); default: the store's maximum of this reward."""
+    """Global target C_k of the weighted_sum baseline (eq. 1); null: the store's maximum of this reward (train.store), which train.target_form hinge or squared then needs."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype: ``auto`` is bfloat16 on CUDA and float32 on CPU."""
     gradient_checkpointing: bool = False
@@ -280,6 +280,8 @@ class TrainConfig:
     """Run folder: config.yaml, metrics.jsonl, checkpoints/, agent/, final/."""
     objective: Literal["pgot", "single_reward", "weighted_sum", "hetero_weighted_sum", "separate_constraints"] = "pgot"
     """The loss: PG-OT or one of the paper's baselines."""
+    target_form: Literal["linear", "hinge", "squared"] = "squared"
+    """How weighted_sum (global targets) and hetero_weighted_sum (per-prompt bounds) compare the weighted gap g = sum_k w_k (C_k - r_k): ``linear`` g (DRaFT; the target never reaches the gradient, so both train the same model), ``hinge`` relu(g) (ReFL), ``squared`` g^2 (the paper's separate constraints); only these two objectives read it."""
     strategy: Literal["offline", "online", "auto"] = "offline"
     """PG-OT strategy: offline (precomputed fronts), online (gathered dominating sets), auto (offline until the agent switches to online; needs an agent, so agent.backend=none is refused)."""
     active_rewards: list[str] = field(default_factory=list)
@@ -331,9 +333,13 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Consecutive steps with a NaN/inf loss or reward after which training stops."""
     log_with: list[str] = field(default_factory=list)
-    """accelerate trackers: tensorboard, wandb."""
+    """accelerate trackers, tensorboard and / or wandb (pip install wandb): the numbers of metrics.jsonl, the probe grids, the agent's grids and decisions, the final table and the resolved config."""
     final_eval: bool = True
-    """At the end, print a JDR / JCR / win-rate table of the tuned model against the base model on the probe prompts."""
+    """At the end, print the tuned model against the base model (JDR / JCR per reward set, win rate and mean per reward, bootstrap intervals over prompts, non-finite pairs) on the held-out prompts (prompts.eval_fraction), else on the training prompts."""
+    final_eval_prompts: int = 64
+    """Prompts in the end-of-training table: the first ones of the held-out split (of the training prompts without one)."""
+    final_eval_samples: int = 2
+    """Seeds per prompt in the end-of-training table (sample indices 0.. with train.seed; pairs = prompts x seeds)."""
 
 
 @dataclass
@@ -445,9 +451,9 @@ class EvalConfig:
     )
     """Named reward sets for JDR and JCR (sets naming unconfigured rewards are an error)."""
     bootstrap: int = 1000
-    """Bootstrap resamples (over prompts) for confidence intervals (0: none)."""
+    """Bootstrap resamples (over prompts) for confidence intervals (0: none); also those of pgot-train's end-of-training table."""
     confidence: float = 0.95
-    """Confidence level of the intervals."""
+    """Confidence level of the intervals (pgot-eval and the end-of-training table)."""
     scatter_rewards: list[str] = field(default_factory=list)
     """Two rewards for the per-prompt Pareto scatter (default: the first two)."""
     figure_prompts: int = 4
@@ -539,6 +545,8 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}.")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}.")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}.")
+    need(t.final_eval_prompts >= 1, f"train.final_eval_prompts must be >= 1, got {t.final_eval_prompts}.")
+    need(t.final_eval_samples >= 1, f"train.final_eval_samples must be >= 1, got {t.final_eval_samples}.")
     for tracker in t.log_with:
         need(tracker in ("tensorboard", "wandb"), f"train.log_with may name tensorboard or wandb, got {tracker!r}.")
     need(cfg.agent.every >= 1, f"agent.every must be >= 1, got {cfg.agent.every}.")
@@ -984,6 +992,21 @@ def _check_train(cfg: Config) -> list[str]:
             f"train.objective=single_reward needs exactly one active reward, got {len(active)} ({', '.join(active)}). "
             f"Set train.active_rewards=[{active[0]}] (the other rewards are still scored and logged)."
         )
+    if t.target_form != "squared" and t.objective not in ("weighted_sum", "hetero_weighted_sum"):
+        p.append(
+            f"train.target_form={t.target_form} has no effect with train.objective={t.objective}: only weighted_sum "
+            "and hetero_weighted_sum have a target. Remove train.target_form or pick one of those objectives."
+        )
+    if t.objective == "weighted_sum" and t.target_form != "linear" and not t.store:
+        missing = [
+            f"rewards.{i}.target ({r.name})" for i, r in enumerate(cfg.rewards) if r.name in active and r.target is None
+        ]
+        if missing:
+            p.append(
+                f"train.objective=weighted_sum with train.target_form={t.target_form} needs a global target per "
+                f"active reward; not set: {', '.join(missing)}, and no train.store to take each reward's maximum "
+                "from. Set the targets, set train.store to a frontier store, or set train.target_form=linear."
+            )
     if cfg.agent.backend != "none" and t.objective == "single_reward":
         p.append(
             "agent.backend with train.objective=single_reward cannot remove the only reward. Set agent.backend=none."

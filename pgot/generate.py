@@ -27,17 +27,19 @@ import contextlib
 import hashlib
 import logging
 import struct
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
+from pgot.arrays import accepts_numpy
 from pgot.config import check_sampler
 from pgot.embeddings import PromptEmbeds, encode_prompts
 from pgot.model import SD3Model
 
-__all__ = ["decode", "generate", "make_noise", "noise_seed", "sample", "sigmas", "timesteps"]
+__all__ = ["decode", "generate", "generate_images", "make_noise", "noise_seed", "sample", "sigmas", "timesteps"]
 
 logger = logging.getLogger(__name__)
 
@@ -351,3 +353,76 @@ def generate(
         generator=generator,
     )
     return decode(model, latents)
+
+
+@accepts_numpy
+def generate_images(
+    model: SD3Model,
+    prompts: str | Sequence[str],
+    *,
+    seeds: int | Sequence[int] = 0,
+    num_steps: int = 4,
+    guidance_scale: float = 0.0,
+    shift: float | None = None,
+    resolution: int | None = None,
+    batch_size: int = 4,
+) -> torch.Tensor:
+    """Images of ``prompts``, one per (prompt, seed), in one call: the library's text-to-image function.
+
+    Encodes the prompts, draws the noise, runs the Euler sampler and decodes, without gradients, ``batch_size``
+    images at a time. Image ``i * S + j`` (``S = len(seeds)``) shows ``prompts[i]`` from ``seeds[j]``. Its initial
+    noise is :func:`make_noise` ``(seeds[j], 0, 0)``: it depends on the seed only, so a seed starts every prompt from
+    the same noise, whatever the batch size or device. (``pgot-precompute``, ``-train`` and ``-eval`` key the noise
+    by ``(seed, prompt_id, sample_index)`` instead; :func:`generate` reproduces their samples.) The model's active
+    LoRA adapters apply (:func:`pgot.model.load_lora`).
+
+    Example (the tiny random model, on the CPU)::
+
+        import pgot
+        model = pgot.load_model(pgot.ModelConfig(tiny=True, resolution=32, device="cpu"))
+        images = pgot.generate_images(model, ["a red fox in the snow", "a bowl of ramen"], seeds=[0, 1])
+        images.shape  # (4, 3, 32, 32): fox seed 0, fox seed 1, ramen seed 0, ramen seed 1; values in [0, 1]
+
+    Args:
+        model: an SD3 / SD3.5 model (:func:`pgot.model.load_model`).
+        prompts: one prompt or a list of P prompts.
+        seeds: one seed or a list of S seeds (ints; a NumPy integer array works too).
+        num_steps: Euler steps (SD3.5-Large-Turbo: 4; SD3 / SD3.5 without Turbo: about 28 with guidance).
+        guidance_scale: classifier-free guidance, on when > 1 (Turbo models: 0).
+        shift: schedule shift (None: the model's scheduler config).
+        resolution: image height and width in pixels (None: ``model.resolution``); a multiple of the VAE scale
+            factor times the patch size (16 for SD3).
+        batch_size: images per forward pass (memory).
+
+    Returns:
+        (P * S, 3, H, W) float32 images in [0, 1], on the CPU (:func:`pgot.images.to_pil` /
+        :func:`pgot.images.save_png` turn one into a PIL image / a PNG file).
+
+    Raises:
+        TypeError: an argument of the wrong type (e.g. prompts not a str or a list of str).
+        ValueError: no prompt or no seed, ``batch_size < 1``, or sampler settings outside
+            :func:`pgot.config.check_sampler`'s rules (e.g. ``num_steps < 1``), or a bad ``resolution``.
+    """
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seed_list = [int(seeds)] if not isinstance(seeds, Sequence) else [int(x) for x in seeds]
+    if not texts or not seed_list:
+        raise ValueError(
+            f"generate_images needs at least one prompt and one seed, got {len(texts)} and {len(seed_list)}."
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    rows = [(t, s) for t in texts for s in seed_list]
+    shape = model.latent_shape(resolution or model.resolution)
+    with torch.no_grad():
+        enc = encode_prompts(model, texts, None, negative=guidance_scale > 1.0)  # (P, ...); each prompt encoded once
+        row_of = {t: i for i, t in enumerate(texts)}
+        out = []
+        for b in range(0, len(rows), batch_size):
+            chunk = rows[b : b + batch_size]
+            noise = torch.cat([make_noise(s, [0], [0], shape, model.device) for _, s in chunk])  # (b, C, h, w)
+            latents = sample(
+                model, enc.select([row_of[t] for t, _ in chunk]), noise,
+                num_steps=num_steps, guidance_scale=guidance_scale, shift=shift,
+            )  # fmt: skip
+            out.append(decode(model, latents).cpu())
+    return torch.cat(out)

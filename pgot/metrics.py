@@ -51,6 +51,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from pgot.arrays import accepts_numpy
+
 __all__ = [
     "Outcomes",
     "bootstrap_ci",
@@ -157,6 +159,7 @@ class Outcomes:
         return _rate(self.collapses, self.pairs)
 
 
+@accepts_numpy
 def count_outcomes(candidate: torch.Tensor, baseline: torch.Tensor) -> Outcomes:
     """Count wins, losses, joint dominations and collapses of paired reward vectors, and the non-finite pairs.
 
@@ -208,6 +211,7 @@ def _warn_nonfinite(name: str, out: Outcomes) -> None:
         )
 
 
+@accepts_numpy
 def win_rate(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     """Per-reward fraction of pairs where the candidate scores strictly higher: ``wins / pairs``.
 
@@ -238,6 +242,7 @@ def win_rate(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     return out.win_rate
 
 
+@accepts_numpy
 def jdr(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     """Joint Domination Rate: fraction of pairs strictly better on every column (paper eq. 2).
 
@@ -265,6 +270,7 @@ def jdr(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     return out.jdr
 
 
+@accepts_numpy
 def jcr(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     """Joint Collapse Rate: fraction of pairs strictly worse on every column (paper eq. 3).
 
@@ -294,6 +300,7 @@ def jcr(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     return out.jcr
 
 
+@accepts_numpy
 def mean_scores(scores: torch.Tensor) -> torch.Tensor:
     """Per-reward mean over the finite entries of each column (Table 5 of the paper), in float64.
 
@@ -312,6 +319,7 @@ def mean_scores(scores: torch.Tensor) -> torch.Tensor:
     return total / finite.sum(dim=0)
 
 
+@accepts_numpy
 def rate_columns(reward_names: Sequence[str], reward_sets: Mapping[str, Sequence[str]]) -> list[str]:
     """Column names of :func:`comparison_indicators`: one win rate per reward, then JDR and JCR per set.
 
@@ -375,6 +383,7 @@ def _outcome_columns(
     return torch.cat(ind, dim=1), torch.cat(bad, dim=1)
 
 
+@accepts_numpy
 def comparison_indicators(
     candidate: torch.Tensor,
     baseline: torch.Tensor,
@@ -404,6 +413,7 @@ def comparison_indicators(
     return _outcome_columns(candidate, baseline, reward_names, reward_sets)[0].to(torch.float64)
 
 
+@accepts_numpy
 def comparison_nonfinite(
     candidate: torch.Tensor,
     baseline: torch.Tensor,
@@ -448,6 +458,7 @@ def _group_sums(values: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tenso
     return sums, counts
 
 
+@accepts_numpy
 def bootstrap_samples(
     values: torch.Tensor,
     groups: torch.Tensor,
@@ -491,6 +502,7 @@ def bootstrap_samples(
     return (weight @ sums) / (weight @ counts)  # (R, K)
 
 
+@accepts_numpy
 def bootstrap_ci(
     values: torch.Tensor,
     groups: torch.Tensor,
@@ -551,6 +563,7 @@ def _interval(
     )
 
 
+@accepts_numpy
 def wilson_interval(successes: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion (Wilson 1927), in float64.
 
@@ -586,6 +599,7 @@ def wilson_interval(successes: float, n: float, confidence: float = 0.95) -> tup
     return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
+@accepts_numpy
 def comparison_table(
     scores: Mapping[str, torch.Tensor],
     groups: torch.Tensor,
@@ -645,6 +659,7 @@ def comparison_table(
     return pd.DataFrame(rows).set_index("model")
 
 
+@accepts_numpy
 def mean_score_table(
     scores: Mapping[str, torch.Tensor],
     groups: Mapping[str, torch.Tensor],
@@ -698,6 +713,7 @@ def mean_score_table(
     return pd.DataFrame(rows).set_index("model")
 
 
+@accepts_numpy
 def gaussian_kl(scores: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """Per-reward KL divergence of Gaussian fits, ``KL(N(m_t, s_t^2) || N(m_0, s_0^2))`` (paper appendix D.4).
 

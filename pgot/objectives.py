@@ -6,6 +6,22 @@ are constants (detached). ``reduction`` is ``"mean"`` or ``"sum"`` everywhere an
 per-prompt (offline) or per-sample costs. Rewards should already be on comparable scales
 (:func:`normalize`), since OT costs and weighted sums mix them.
 
+**Targets** (``train.target_form``, :data:`TARGET_FORMS`). The weighted baselines compare the weighted gap
+between a target and the rewards, :math:`g = \\sum_k w_k (C_k - r_k)`, through one of the forms used in this
+literature (:func:`target_loss`):
+
+- ``linear``: :math:`g` (DRaFT, Clark et al. 2024, maximise the reward): the target is a constant offset and never
+  reaches the gradient, so a global target and per-prompt bounds train the same model;
+- ``hinge``: :math:`\\max(0, g)` (ReFL, Xu et al. 2023: ``relu(C - r)``, ``C = 2`` on ImageReward): the push stops
+  once a sample reaches its target;
+- ``squared``: :math:`g^2` (the squared error of the paper's separate constraints, section 4.2): the pull is
+  proportional to the distance to the target.
+
+:func:`weighted_sum` applies the form to one global target per reward (paper eq. 1), :func:`hetero_weighted_sum`
+to each prompt's weighted bound (paper section 4.2). Under ``hinge`` or ``squared`` they are different methods,
+which is the paper's argument (section 2.1, Proposition C.3): a global target above a prompt's reachable bound
+keeps pushing that prompt's samples past it. :func:`separate_constraints` is squared per reward by definition.
+
 Paper: "Pareto-Guided Optimal Transport for Multi-Reward Alignment", sections 2.1, 3.2, 3.4 and 4.2.
 """
 
@@ -16,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from pgot.arrays import accepts_numpy
 from pgot.ot_loss import ot_loss
 from pgot.pareto import dominated_by, dominating_sets
 
@@ -23,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "OBJECTIVES",
+    "TARGET_FORMS",
     "compute",
     "hetero_weighted_sum",
     "needs_pool",
@@ -32,12 +50,16 @@ __all__ = [
     "pgot_online",
     "separate_constraints",
     "single_reward",
+    "target_loss",
     "weighted_sum",
 ]
 
 OBJECTIVES = ("pgot", "single_reward", "weighted_sum", "hetero_weighted_sum", "separate_constraints")
 """The values of ``train.objective``: PG-OT and the paper's baselines (Table 3)."""
 
+
+TARGET_FORMS = ("linear", "hinge", "squared")
+"""The values of ``train.target_form``: how a target enters :func:`weighted_sum` and :func:`hetero_weighted_sum`."""
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -63,6 +85,44 @@ def _check_front(scores: torch.Tensor, front: torch.Tensor, front_mask: torch.Te
         raise ValueError(f"{name}_mask must have shape {tuple(front.shape[:2])}, got {tuple(front_mask.shape)}.")
 
 
+def _check_target_form(target_form: str) -> None:
+    if target_form not in TARGET_FORMS:
+        raise ValueError(
+            f"target_form must be one of {', '.join(TARGET_FORMS)}, got {target_form!r} (train.target_form)."
+        )
+
+
+@accepts_numpy
+def target_loss(gap: torch.Tensor, target_form: str = "squared") -> torch.Tensor:
+    """The loss of a weighted gap to a target, elementwise: ``linear`` g, ``hinge`` max(0, g), ``squared`` g^2.
+
+    With :math:`g = \\sum_k w_k (C_k - r_k)` (a target minus the rewards, weighted):
+
+    - ``linear`` (DRaFT, Clark et al. 2024): :math:`g`; :math:`\\partial L / \\partial r_k = -w_k` whatever the
+      target;
+    - ``hinge`` (ReFL, Xu et al. 2023, ``relu(C - r)``): :math:`\\max(0, g)`; gradient :math:`-w_k` below the
+      target, 0 at or above it;
+    - ``squared`` (the paper's separate constraints, section 4.2, on the weighted gap): :math:`g^2`; gradient
+      :math:`-2 g w_k`, proportional to the distance to the target (and pulling back a sample above it).
+
+    Args:
+        gap: weighted gaps, any shape (e.g. (P, N)).
+        target_form: ``linear``, ``hinge`` or ``squared`` (``train.target_form``).
+
+    Returns:
+        The per-element loss, the shape of ``gap``.
+
+    Raises:
+        ValueError: an unknown ``target_form``.
+    """
+    _check_target_form(target_form)
+    if target_form == "linear":
+        return gap
+    if target_form == "hinge":
+        return torch.relu(gap)
+    return gap.square()
+
+
 def _reward_vector(
     values: torch.Tensor | list[float] | tuple[float, ...], m: int, like: torch.Tensor, name: str
 ) -> torch.Tensor:
@@ -82,6 +142,7 @@ def _reduce(per_item: torch.Tensor, count: torch.Tensor | int, reduction: str) -
     return total / max(count, 1)
 
 
+@accepts_numpy
 def normalize(scores: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """Divide each reward by its scale, so that OT costs and sums weigh the rewards comparably.
 
@@ -108,6 +169,7 @@ def normalize(scores: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return scores / scale.to(scores.dtype)
 
 
+@accepts_numpy
 def pgot_offline(
     scores: torch.Tensor,
     front: torch.Tensor,
@@ -164,6 +226,7 @@ def pgot_offline(
     return _reduce(costs, source.any(-1).sum(), reduction)
 
 
+@accepts_numpy
 def pgot_online(
     scores: torch.Tensor,
     pool: torch.Tensor,
@@ -219,6 +282,7 @@ def pgot_online(
     return _reduce(costs, targets.any(-1).sum(), reduction)
 
 
+@accepts_numpy
 def single_reward(scores: torch.Tensor, index: int, *, reduction: str = "mean") -> torch.Tensor:
     """Single-reward fine-tuning (paper table 2): maximise reward ``index`` alone.
 
@@ -238,36 +302,55 @@ def single_reward(scores: torch.Tensor, index: int, *, reduction: str = "mean") 
     return _reduce(per_sample, per_sample.numel(), reduction)
 
 
+@accepts_numpy
 def weighted_sum(
     scores: torch.Tensor,
-    weights: torch.Tensor | list[float],
-    targets: torch.Tensor | list[float],
+    weights: torch.Tensor | list[float] | tuple[float, ...],
+    targets: torch.Tensor | list[float] | tuple[float, ...],
     *,
+    target_form: str = "squared",
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Weighted multi-reward loss with one global target (paper eq. 1, DRaFT-style).
+    """Weighted multi-reward loss with one global target per reward (paper eq. 1, section 2.1).
 
-    The equation itself is missing from our copy of the paper; pgot uses the linear form the text
-    describes ("a global constant subtracted from the reward", Clark et al. 2024):
+    The paper's eq. 1 subtracts the rewards from "a global constant ... upper bound on the aggregated reward"
+    (Clark et al. 2024; Xu et al. 2023). With the weighted gap :math:`g_{pn} = \\sum_k w_k (C_k - r_{pn,k})`
+    (equivalently :math:`W (\\bar C - \\bar r_{pn})` with the weighted averages and :math:`W = \\sum_k w_k`)
+    and :math:`f` the target form (:func:`target_loss`):
 
     .. math::
-        L = \\frac{1}{PN} \\sum_{p,n} \\sum_k w_k (C_k - r_{pn,k})
+        L = \\frac{1}{PN} \\sum_{p,n} f(g_{pn})
 
-    with global per-reward targets :math:`C_k` (``"sum"``: no division). :math:`C_k` does not change
-    the gradient; it makes the loss read as a distance to the target.
+    (``"sum"``: no division). ``linear`` is DRaFT's loss (the targets do not change the gradient), ``hinge``
+    ReFL's, ``squared`` a regression to the target. The global target is the same for every prompt: where it is
+    above a prompt's reachable bound, ``hinge`` and ``squared`` keep pushing that prompt's samples past the bound
+    (the paper's Proposition C.3); compare :func:`hetero_weighted_sum`.
+
+    Example (P=1, N=1, M=2, w=(1, 2), C=(5, 5), r=(1, 2)): g = 4 + 6 = 10; linear 10, hinge 10, squared 100;
+    gradient w.r.t. r: linear and hinge (-1, -2), squared -2 * 10 * (1, 2) = (-20, -40).
 
     Args:
         scores: Reward vectors (P, N, M).
-        weights: Per-reward weights (M,), e.g. the paper's ratios 1:1:1:1 or 2:3:2:3.
-        targets: Global per-reward targets (M,).
+        weights: Per-reward weights (M,), e.g. the paper's ratios 1:1:1:1 or 2:3:2:3 (``rewards.<i>.weight``).
+        targets: Global per-reward targets C_k (M,) (``rewards.<i>.target``; pgot-train's default: the store's
+            maximum of each reward).
+        target_form: ``linear``, ``hinge`` or ``squared`` (``train.target_form``).
         reduction: ``"mean"`` or ``"sum"`` over samples.
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ValueError: shapes that do not match, an unknown ``target_form`` or ``reduction``.
     """
     _check_scores(scores)
     _check_reduction(reduction)
+    _check_target_form(target_form)
     m = scores.shape[-1]
     w = _reward_vector(weights, m, scores, "weights")
     c = _reward_vector(targets, m, scores, "targets")
-    per_sample = ((c - scores) * w).sum(-1)  # (P, N)
+    gap = ((c - scores) * w).sum(-1)  # (P, N)
+    per_sample = target_loss(gap, target_form)
     return _reduce(per_sample, per_sample.numel(), reduction)
 
 
@@ -280,43 +363,60 @@ def _front_maxima(front: torch.Tensor, front_mask: torch.Tensor) -> tuple[torch.
     return bound, has_front
 
 
+@accepts_numpy
 def hetero_weighted_sum(
     scores: torch.Tensor,
     front: torch.Tensor,
     front_mask: torch.Tensor,
-    weights: torch.Tensor | list[float],
+    weights: torch.Tensor | list[float] | tuple[float, ...],
     *,
+    target_form: str = "squared",
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Weighted sum towards per-prompt bounds ("weighted-sum bounds", paper section 4.2).
 
-    The precomputed front approximates each prompt's reachable bounds: :math:`b_{pk} = \\max_{f}
-    f_{pk}` over the valid front points. The weighted bounds :math:`\\sum_k w_k b_{pk}` (a weighted
-    average when the weights sum to 1) are a per-prompt target replacing eq. 1's global one:
+    The precomputed front approximates each prompt's reachable bounds: :math:`b_{pk} = \\max_{f} f_{pk}` over
+    the valid front points. Their weighted average :math:`\\bar b_p = \\sum_k w_k b_{pk} / W` is one target per
+    prompt replacing eq. 1's global one; with the weighted gap :math:`g_{pn} = \\sum_k w_k (b_{pk} - r_{pn,k}) =
+    W (\\bar b_p - \\bar r_{pn})` and :math:`f` the target form (:func:`target_loss`, the same form
+    :func:`weighted_sum` applies to its global target):
 
     .. math::
-        L = \\frac{1}{|S|} \\sum_{(p,n) \\in S} \\sum_k w_k (b_{pk} - r_{pn,k})
+        L = \\frac{1}{|S|} \\sum_{(p,n) \\in S} f(g_{pn})
 
-    where :math:`S` are the samples of prompts with a non-empty front (others contribute 0;
-    ``"sum"``: no division).
+    where :math:`S` are the samples of prompts with a non-empty front (others contribute 0; ``"sum"``: no
+    division). Under ``linear`` the bounds do not reach the gradient (it equals :func:`weighted_sum`'s); under
+    ``hinge`` a prompt stops being pushed at its own bound, under ``squared`` it is pulled to it.
+
+    Example (one prompt, front (4, 1), (2, 3): b = (4, 3); w = (1, 2); r = (1, 2)): g = 3 + 2 = 5; linear 5,
+    hinge 5, squared 25; gradient linear and hinge (-1, -2), squared (-10, -20).
 
     Args:
         scores: Reward vectors (P, N, M).
         front: Precomputed Pareto front per prompt (P, F, M), padded.
         front_mask: Bool (P, F), true on real front points.
         weights: Per-reward weights (M,).
+        target_form: ``linear``, ``hinge`` or ``squared`` (``train.target_form``).
         reduction: ``"mean"`` or ``"sum"`` over samples.
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ValueError: shapes that do not match, an unknown ``target_form`` or ``reduction``.
     """
     _check_scores(scores)
     _check_front(scores, front, front_mask)
     _check_reduction(reduction)
+    _check_target_form(target_form)
     w = _reward_vector(weights, scores.shape[-1], scores, "weights")
     bound, has_front = _front_maxima(front.to(device=scores.device, dtype=scores.dtype), front_mask)
-    per_sample = ((bound[:, None, :] - scores) * w).sum(-1)  # (P, N)
-    per_sample = torch.where(has_front[:, None], per_sample, 0.0)
+    gap = ((bound[:, None, :] - scores) * w).sum(-1)  # (P, N)
+    per_sample = torch.where(has_front[:, None], target_loss(gap, target_form), 0.0)
     return _reduce(per_sample, has_front.sum() * scores.shape[1], reduction)
 
 
+@accepts_numpy
 def separate_constraints(
     scores: torch.Tensor,
     front: torch.Tensor,
@@ -357,6 +457,7 @@ def separate_constraints(
 # --------------------------------------------------------------------------------------------
 
 
+@accepts_numpy
 def needs_store(objective: str, strategy: str) -> bool:
     """Whether ``objective`` (with ``strategy`` for PG-OT) reads per-prompt fronts from a frontier store.
 
@@ -369,11 +470,13 @@ def needs_store(objective: str, strategy: str) -> bool:
     )
 
 
+@accepts_numpy
 def needs_pool(objective: str, strategy: str) -> bool:
     """Whether the loss needs the pool of every process's reward vectors (PG-OT online)."""
     return objective == "pgot" and strategy == "online"
 
 
+@accepts_numpy
 def compute(
     objective: str,
     scores: torch.Tensor,
@@ -385,6 +488,7 @@ def compute(
     pool_mask: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
+    target_form: str = "squared",
     scale: torch.Tensor | None = None,
     epsilon: float = 0.5,
     max_iter: int = 1000,
@@ -401,7 +505,10 @@ def compute(
         pool, pool_mask: gathered reward vectors of the same prompts (P, G, M) and mask (P, G), needed when
             :func:`needs_pool` (detached; the caller gathers them across processes).
         weights: per-reward weights (M,) of the weighted baselines (default: all 1).
-        targets: global per-reward targets (M,) of ``weighted_sum`` (default: all 1).
+        targets: global per-reward targets (M,) of ``weighted_sum``; needed unless ``target_form="linear"``
+            (where they do not change the gradient; default there: all 1).
+        target_form: how ``weighted_sum`` and ``hetero_weighted_sum`` compare rewards with their target
+            (``train.target_form``, :func:`target_loss`); the other objectives ignore it.
         scale: per-reward scale (M,) dividing rewards before the OT cost (``ot.normalize``); None: raw rewards.
         epsilon, max_iter, tol: Sinkhorn settings (``ot.*``).
         reduction: ``train.reduction``.
@@ -412,11 +519,13 @@ def compute(
         ``front_size`` (mean valid front points, or pool vectors, per prompt). Global-target baselines have none.
 
     Raises:
-        ValueError: an unknown objective, or a front / pool missing for an objective that needs it.
+        ValueError: an unknown objective or target form, a front / pool missing for an objective that needs it,
+            or ``weighted_sum`` without targets under ``hinge`` / ``squared``.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
     _check_scores(scores)
+    _check_target_form(target_form)
     m = scores.shape[-1]
     weights = scores.new_ones(m) if weights is None else weights.to(scores.device, scores.dtype)
     if needs_pool(objective, strategy):
@@ -432,8 +541,13 @@ def compute(
     if objective == "single_reward":
         return single_reward(scores, 0, reduction=reduction), {}
     if objective == "weighted_sum":
-        c = scores.new_ones(m) if targets is None else targets.to(scores.device, scores.dtype)
-        return weighted_sum(scores, weights, c, reduction=reduction), {}
+        if targets is None and target_form != "linear":
+            raise ValueError(
+                f"train.objective=weighted_sum with train.target_form={target_form} needs a global target per reward "
+                "(targets): set rewards.<i>.target, or train.store to use the store's maximum of each reward."
+            )
+        c = scores.new_ones(m) if targets is None else torch.as_tensor(targets).to(scores.device, scores.dtype)
+        return weighted_sum(scores, weights, c, target_form=target_form, reduction=reduction), {}
     if front is None or front_mask is None:
         raise ValueError(f"train.objective={objective} needs the per-prompt fronts of a frontier store (front, mask).")
     with torch.no_grad():
@@ -447,7 +561,7 @@ def compute(
             epsilon=epsilon, max_iter=max_iter, tol=tol, reduction=reduction,
         )  # fmt: skip
     elif objective == "hetero_weighted_sum":
-        loss = hetero_weighted_sum(scores, front, front_mask, weights, reduction=reduction)
+        loss = hetero_weighted_sum(scores, front, front_mask, weights, target_form=target_form, reduction=reduction)
     else:
         loss = separate_constraints(scores, front, front_mask, weights, reduction=reduction)
     return loss, diagnostics

@@ -24,6 +24,8 @@ import warnings
 import torch
 from ot.batch import solve_batch
 
+from pgot.arrays import accepts_numpy
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ot_loss", "OTConvergenceWarning"]
@@ -41,6 +43,7 @@ def _weights(weights: torch.Tensor | None, batch: torch.Size, n: int, like: torc
     return weights.detach().to(dtype=like.dtype, device=like.device).expand(batch + (n,))
 
 
+@accepts_numpy
 def ot_loss(
     source: torch.Tensor,
     target: torch.Tensor,

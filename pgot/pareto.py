@@ -42,6 +42,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from pgot.arrays import accepts_numpy
+
 try:  # optional: the sub-quadratic CPU path of pareto_mask for large sets
     import moocore
 except ImportError:  # pragma: no cover
@@ -115,6 +117,7 @@ def _chunk_rows(x: torch.Tensor, batch_numel: int, rows: int, cols: int, max_byt
     return max(1, min(rows, max_bytes // per_row))
 
 
+@accepts_numpy
 def dominance_matrix(
     scores: torch.Tensor, valid: torch.Tensor | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> torch.Tensor:
@@ -212,6 +215,7 @@ def _pareto_mask_batch_inner(s: torch.Tensor) -> torch.Tensor:
     return front.reshape(s.shape[:-1])
 
 
+@accepts_numpy
 def pareto_mask(
     scores: torch.Tensor,
     valid: torch.Tensor | None = None,
@@ -280,6 +284,7 @@ def _order_sum(x: torch.Tensor) -> torch.Tensor:
     return phi.sum(-1, dtype=torch.int64)
 
 
+@accepts_numpy
 def dominating_sets(
     queries: torch.Tensor,
     pool: torch.Tensor,
@@ -327,6 +332,7 @@ def dominating_sets(
     return out
 
 
+@accepts_numpy
 def dominated_by(
     points: torch.Tensor,
     front: torch.Tensor,

@@ -14,18 +14,29 @@ truncates ``metrics.jsonl`` to the lines of its checkpoint (``TrainerState.metri
 counters from there; TensorBoard is told to drop the points the interrupted attempt logged after the checkpoint
 (``purge_step``). Log records of the ``pgot`` loggers are written through the bar (``tqdm.write``) while it is
 open, so they do not break it.
+
+Besides the numbers, the trackers get what a run saves as files, as diffusers' training examples log their
+validation images, at the same x (``steps_run``): images (:meth:`RunLog.log_images`: the probe grids
+``probes/grid``, the agent's diagnostic grids ``agent/grid-NN``) through TensorBoard's ``SummaryWriter.add_image``
+and W&B's ``wandb.Image``; text (:meth:`RunLog.log_text`: the agent's decisions ``agent/decision``, the
+end-of-training table ``final/table``) through ``add_text`` and ``wandb.Html``; and
+the resolved config (its flat keys as TensorBoard hyperparameters and the W&B run config, through
+``accelerator.init_trackers``; :meth:`RunLog.log_config` adds the YAML as TensorBoard text ``config``).
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from pgot.files import atomic_write_text
@@ -155,6 +166,55 @@ class RunLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
 
+    def log_images(self, images: Mapping[str, Image.Image], step: int) -> None:
+        """Send images to the trackers: TensorBoard ``add_image`` (HWC uint8), W&B ``wandb.Image``.
+
+        Args:
+            images: tag (e.g. ``probes/grid``) -> RGB PIL image (e.g. :func:`pgot.images.labelled_grid`).
+            step: the trackers' x value (pgot-train passes ``steps_run``, the x axis of :meth:`write`).
+        """
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                for tag, image in images.items():
+                    tracker.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+                tracker.writer.flush()
+            elif tracker.name == "wandb":
+                import wandb  # optional dependency, present when the wandb tracker runs
+
+                tracker.run.log(
+                    {tag: wandb.Image(image, caption=f"step {step}") for tag, image in images.items()}, step=step
+                )
+
+    def log_text(self, texts: Mapping[str, str], step: int) -> None:
+        """Send text to the trackers: TensorBoard ``add_text`` (as a code block), W&B ``wandb.Html`` (``<pre>``).
+
+        Args:
+            texts: tag (e.g. ``agent/decision``) -> text.
+            step: the trackers' x value (pgot-train passes ``steps_run``, the x axis of :meth:`write`).
+        """
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                for tag, text in texts.items():
+                    tracker.writer.add_text(tag, _markdown_code(text), step)
+                tracker.writer.flush()
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.run.log(
+                    {tag: wandb.Html(f"<pre>{html.escape(t)}</pre>") for tag, t in texts.items()}, step=step
+                )
+
+    def log_config(self, text: str) -> None:
+        """Send the resolved config as YAML ``text`` to TensorBoard (text tag ``config``, step 0).
+
+        W&B already has it: ``accelerator.init_trackers(config=...)`` writes every key into the run config
+        (``wandb.config``, flat keys such as ``train.learning_rate``), as TensorBoard's hyperparameters.
+        """
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_text("config", _markdown_code(text), 0)
+                tracker.writer.flush()
+
     def rewind(self, step: int) -> None:
         """Move the bar back to ``step`` (after a revert)."""
         self.bar.n = step
@@ -163,3 +223,8 @@ class RunLog:
     def close(self) -> None:
         self.bar.close()
         self._routing.__exit__(None, None, None)
+
+
+def _markdown_code(text: str) -> str:
+    """``text`` as a markdown code block (TensorBoard renders its text as markdown)."""
+    return "\n".join("    " + line for line in text.splitlines())

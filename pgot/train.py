@@ -21,7 +21,8 @@ Decisions documented here (the paper leaves them open):
   resume is exact). A store is loaded when the objective needs one (:func:`pgot.objectives.needs_store`) or
   when ``train.store`` is set.
 * **weighted_sum targets**: ``rewards.<i>.target`` when set; else the store's maximum of that reward when a
-  store is loaded; else 1.0.
+  store is loaded (the global upper bound of paper eq. 1); else 1.0 under ``train.target_form=linear`` (where a
+  target does not change the gradient) and an error under ``hinge`` / ``squared``.
 * **Gradient sync**: the transformer is not wrapped in DDP (DRaFT-K calls it K times per backward, with
   gradient checkpointing); the LoRA gradients and the bad-step flag travel in one flat all-reduce per step.
   Gathers otherwise carry reward vectors only. DeepSpeed is refused: ZeRO-2 shards only optimizer state and
@@ -89,9 +90,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pgot import checkpoints, metrics, objectives, precompute, probes, rewards
+from pgot import checkpoints, metrics, objectives, precompute, probes, rewards, tables
 from pgot.agent import Agent, AgentState, Decision, build_agent, prune_records
 from pgot.checkpoints import Interrupted, TrainerState
 from pgot.config import Config, ConfigError, config_to_dict, load_config, save_config
@@ -416,7 +418,8 @@ def _objective(r: Run, scores: torch.Tensor, ids: torch.Tensor, texts: list[str]
         inputs["targets"] = _targets(r, active).to(dev)
     loss, diagnostics = objectives.compute(
         cfg.train.objective, s, strategy=state.strategy, scale=_scale(r, cols), reduction=cfg.train.reduction,
-        epsilon=cfg.ot.epsilon, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol, **inputs,
+        target_form=cfg.train.target_form, epsilon=cfg.ot.epsilon, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol,
+        **inputs,
     )  # fmt: skip
     bad = (~torch.isfinite(loss)).float() + (~torch.isfinite(scores)).any().float()
     _accumulate(r, loss=loss.detach(), rewards=_finite_mean(scores.detach()), _bad=bad, **diagnostics)
@@ -450,16 +453,25 @@ def _scale(r: Run, cols: torch.Tensor) -> torch.Tensor | None:
 
 
 def _targets(r: Run, active: list) -> torch.Tensor:
-    """weighted_sum targets C_k: ``rewards.<i>.target``, else the store's max of the reward, else 1.0."""
-    out = []
+    """weighted_sum targets C_k: ``rewards.<i>.target``, else the store's max of the reward; 1.0 only under
+    ``train.target_form=linear``, where the target does not change the gradient."""
+    out, linear = [], r.cfg.train.target_form == "linear"
     for rc in active:
         if rc.target is not None:
             out.append(float(rc.target))
-        elif r.store is not None:
-            mx = float(r.store.stats.max[r.store.reward_names.index(rc.name)])
-            out.append(mx if math.isfinite(mx) else 1.0)
-        else:
+            continue
+        mx = float(r.store.stats.max[r.store.reward_names.index(rc.name)]) if r.store is not None else math.nan
+        if math.isfinite(mx):
+            out.append(mx)
+        elif linear:
             out.append(1.0)
+        else:
+            i = r.cfg.reward_names.index(rc.name)
+            raise ValueError(
+                f"train.objective=weighted_sum with train.target_form={r.cfg.train.target_form} needs a target for "
+                f"{rc.name}, and the store {r.cfg.train.store or '(none)'} has no finite maximum of it. Set "
+                f"rewards.{i}.target, or train.target_form=linear."
+            )
     return torch.tensor(out)
 
 
@@ -577,6 +589,7 @@ def _save_probe_grid(r: Run, images: torch.Tensor, texts: list[str], step: int) 
         images, s, row_labels=texts[::s], column_labels=[f"sample {j}" for j in range(s)], title=f"step {step}"
     )
     save_png(grid, r.run_dir / "probes" / f"step-{step:06d}.png")
+    r.log.log_images({"probes/grid": grid}, r.state.steps_run)  # trackers (train.log_with), x axis as write()
 
 
 def _step0_probe(r: Run) -> torch.Tensor | None:
@@ -632,10 +645,30 @@ def _consult_agent(r: Run) -> None:
         reverted_to = _revert(r, decision)
     r.state.agent.apply(decision, checkpoint=here, act=cfg.agent.act, reverted_to=reverted_to)
     r.state.decided_at, r.decision_due = r.state.steps_run, False
+    if acc.is_main_process:
+        _track_decision(r, decision, step, reverted_to)
     if reverted_to is not None:
         r.front = r.store.select(r.state.agent.active_rewards) if r.store is not None else None
         log.info("agent: removed %s at step %d, reverted to %s", decision.reward, step, reverted_to[0])
     _rewrite_state(r, reverted_to[0] if reverted_to is not None else here)
+
+
+def _track_decision(r: Run, decision: Decision, step: int, reverted_to: tuple[str, int] | None) -> None:
+    """The agent's diagnostic grids (``agent/grid-NN``) and its decision at optimizer step ``step``
+    (``agent/decision``) to the trackers, at x = ``steps_run`` like the metrics."""
+    images = {}
+    for path in sorted(Path(decision.log_dir).glob("grid-*.png")) if decision.log_dir else []:
+        with Image.open(path) as im:
+            images[f"agent/{path.stem}"] = im.convert("RGB")
+    if images:
+        r.log.log_images(images, r.state.steps_run)
+    what = decision.action + (f" {decision.reward}" if decision.reward else "")
+    if reverted_to is not None:
+        what += f", reverted to {reverted_to[0]}"
+    lines = [f"step {step}: {what}" + ("" if r.cfg.agent.act else " (not applied: agent.act=false)")]
+    lines += [f"{k}: {v}" for k, v in (("reason", decision.reason), ("error", decision.error)) if v]
+    lines += [f"analysis: {decision.analysis}"] if decision.analysis else []
+    r.log.log_text({"agent/decision": "\n".join(lines)}, r.state.steps_run)
 
 
 def _revert(r: Run, decision: Decision) -> tuple[str, int]:
@@ -1024,6 +1057,8 @@ def setup(cfg: Config, acc: Accelerator) -> Run:
         # TensorBoard drops what an interrupted attempt logged after the checkpoint (x axis: steps_run)
         resumed = {"tensorboard": {"purge_step": r.state.steps_run + 1}} if start.resume else {}
         acc.init_trackers("pgot", config=flatten(dataclasses.asdict(cfg)), init_kwargs=resumed)  # main process
+        if acc.is_main_process:
+            r.log.log_config((run_dir / "config.yaml").read_text())
     acc.wait_for_everyone()
     if r.agent_on and not checkpoints.list_checkpoints(r.checkpoint_dir):
         _save_checkpoint(r)  # step 0: what a removal reverts to before the agent approved anything
@@ -1034,7 +1069,8 @@ def setup(cfg: Config, acc: Accelerator) -> Run:
 
 def cleanup(r: Run) -> None:
     """Final LoRA in the diffusers format (written atomically: ``final/`` is complete or absent) and, when asked,
-    the tuned-vs-base table on the probe prompts. A finished run's rerun only prints the table."""
+    the tuned-vs-base table (:func:`_final_table`, also sent to the trackers). A finished run's rerun only prints
+    the table."""
     acc = r.accelerator
     if acc.is_main_process:
         if r.log is not None:
@@ -1046,29 +1082,52 @@ def cleanup(r: Run) -> None:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         if r.cfg.train.final_eval:
-            print(_final_table(r), flush=True)
+            table = _final_table(r)
+            print(table, flush=True)
+            if r.log is not None:
+                r.log.log_text({"final/table": table}, r.state.steps_run)
         log.info("run folder: %s", r.run_dir)
     acc.wait_for_everyone()
 
 
+def _final_prompts(r: Run) -> tuple[list[int], list[str], str]:
+    """(ids, texts, which) of the end-of-training table: the held-out split of ``prompts.eval_fraction`` when there is
+    one (``which="held-out"``), else the training prompts (``which="training"``)."""
+    cfg = r.cfg
+    if cfg.prompts.eval_fraction > 0:
+        _, held = split(load_prompts(cfg.prompts), cfg.prompts.eval_fraction, cfg.prompts.split_seed)
+        if held.prompts:
+            return [int(i) for i in held.ids], list(held.prompts), "held-out"
+    return r.train_ids, r.train_texts, "training"
+
+
 def _final_table(r: Run) -> str:
-    """JDR / JCR per reward set and win rate per reward of the tuned model against the base model (markdown)."""
-    cfg, names = r.cfg, r.cfg.reward_names
-    texts, ids, idx = probes.probe_set(r.train_ids, r.train_texts, cfg.train.probe_prompts, cfg.train.probe_samples)
-    _, tuned = probes.sample_and_score(cfg, r.model, r.reward_models, texts, ids, idx, cfg.train.seed)
+    """The tuned model against the base model (LoRA off), markdown: :func:`pgot.tables.comparison_markdown`.
+
+    The first ``train.final_eval_prompts`` prompts of the held-out split (``prompts.eval_fraction``; else of the
+    training prompts), ``train.final_eval_samples`` seeds each (sample indices 0.., noise from ``train.seed``), the
+    same noise for both models. Rates and means come from :func:`pgot.metrics.comparison_table` and
+    :func:`pgot.metrics.mean_score_table` on float64 scores, with ``eval.bootstrap`` percentile bootstrap intervals
+    over prompts at ``eval.confidence``; pairs with a non-finite reward are counted (JDR / JCR definitions under it).
+    """
+    cfg, names, t = r.cfg, r.cfg.reward_names, r.cfg.train
+    ids, texts, which = _final_prompts(r)
+    texts, ids, idx = probes.probe_set(ids, texts, t.final_eval_prompts, t.final_eval_samples)
+    _, tuned = probes.sample_and_score(cfg, r.model, r.reward_models, texts, ids, idx, t.seed)
     with probes.base_model(r.model):
-        _, base = probes.sample_and_score(cfg, r.model, r.reward_models, texts, ids, idx, cfg.train.seed)
-    rows = [("pairs", f"{tuned.shape[0]}")]
-    for set_name, members in probes.reward_sets(cfg).items():
-        cols = torch.tensor(rewards.columns(names, members, key=f"train.reward_sets.{set_name}"))
-        rows.append((f"JDR {set_name}", f"{100 * float(metrics.jdr(tuned[:, cols], base[:, cols])):.1f}%"))
-        rows.append((f"JCR {set_name}", f"{100 * float(metrics.jcr(tuned[:, cols], base[:, cols])):.1f}%"))
-    for n, w in zip(names, metrics.win_rate(tuned, base).tolist(), strict=True):
-        rows.append((f"win rate {n}", f"{100 * w:.1f}%"))
-    for j, n in enumerate(names):
-        rows.append((f"mean {n}", f"{float(base[:, j].mean()):.4g} -> {float(tuned[:, j].mean()):.4g}"))
-    width = max(len(a) for a, _ in rows)
-    lines = [f"tuned vs base, {len(set(ids))} probe prompts x {cfg.train.probe_samples} seeds", "",
-             f"| {'metric'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]  # fmt: skip
-    lines += [f"| {a.ljust(width)} | {b} |" for a, b in rows]
-    return "\n".join(lines)
+        _, base = probes.sample_and_score(cfg, r.model, r.reward_models, texts, ids, idx, t.seed)
+    scores, groups, sets = {"base": base.double(), "tuned": tuned.double()}, torch.tensor(ids), probes.reward_sets(cfg)
+    boot = {"num_resamples": cfg.eval.bootstrap, "confidence": cfg.eval.confidence, "seed": t.seed}
+    rates = metrics.comparison_table(scores, groups, "base", names, sets, **boot)
+    means = metrics.mean_score_table(scores, {"base": groups, "tuned": groups}, names, **boot)
+    n_prompts = len(dict.fromkeys(ids))
+    title = (
+        f"tuned vs base: {len(ids)} pairs, {n_prompts} {which} prompts x {t.final_eval_samples} seeds "
+        f"(train.final_eval_prompts={t.final_eval_prompts}, train.final_eval_samples={t.final_eval_samples}"
+        + (", no held-out split: prompts.eval_fraction=0" if which == "training" else "")
+        + ")"
+    )
+    return tables.comparison_markdown(
+        rates, means, names, sets, baseline="base", candidate="tuned", ci=cfg.eval.bootstrap > 0,
+        confidence=cfg.eval.confidence, title=title,
+    )  # fmt: skip

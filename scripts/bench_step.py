@@ -71,16 +71,18 @@ def _fronts(base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return front, fmask, base.reshape(-1, m).std(0)
 
 
-def make_objectives(base: torch.Tensor, world: int) -> dict:
+def make_objectives(base: torch.Tensor, world: int, target_form: str = "squared") -> dict:
     """name -> loss(scores (P, N, M)): :func:`pgot.objectives.compute`, the dispatch pgot-train runs, with the inputs
     train.py gives it (fronts from ``base`` (P, n, M) copied to the device per step as ``Frontier.lookup`` does,
-    the store's per-reward std as the OT scale, the pool of ``world`` processes for the online strategy)."""
+    the store's per-reward std as the OT scale, the store's per-reward max as the weighted-sum targets under
+    ``target_form`` (``train.target_form``), the pool of ``world`` processes for the online strategy)."""
     front_cpu, fmask_cpu, std = _fronts(base)
     m = base.shape[-1]
+    targets_cpu = base.reshape(-1, m).amax(0)
 
     def weighted_sum(scores: torch.Tensor) -> torch.Tensor:
-        targets = torch.ones(m, device=scores.device)
-        return objectives.compute("weighted_sum", scores, targets=targets, **OT)[0]
+        targets = targets_cpu.to(scores.device)
+        return objectives.compute("weighted_sum", scores, targets=targets, target_form=target_form, **OT)[0]
 
     def pgot_offline(scores: torch.Tensor) -> torch.Tensor:
         dev = scores.device
@@ -137,7 +139,7 @@ def bench(model, embeds, prompts, reward_models, p, n, args, names) -> list[dict
             img = decode(model, sample(model, emb, noise, num_steps=args.steps, k=0))
             base.append(rewards.score(reward_models, img, prompts[::n]).float().cpu())
         base = torch.stack(base, dim=1)  # (P, n_base, M)
-    fns = make_objectives(base, args.world)
+    fns = make_objectives(base, args.world, args.target_form)
     fns = {k: v for k, v in fns.items() if k in names}
     runs: dict[str, list[dict]] = {k: [] for k in fns}
     peaks: dict[str, float] = {}
@@ -239,6 +241,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--objectives", nargs="*", default=["weighted_sum", "pgot_offline", "pgot_online"])
+    ap.add_argument(
+        "--target-form", default="squared", choices=["linear", "hinge", "squared"], help="train.target_form"
+    )
     ap.add_argument("--time-limit", type=float, default=120.0, help="stop repeating after this many seconds")
     ap.add_argument("--dry-run", action="store_true", help="CPU: the CUDA code path on a scaled-down architecture")
     ap.add_argument("--json", type=Path)

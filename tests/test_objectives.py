@@ -18,6 +18,7 @@ from pgot.objectives import (  # noqa: E402
     pgot_online,
     separate_constraints,
     single_reward,
+    target_loss,
     weighted_sum,
 )
 
@@ -127,8 +128,8 @@ def test_baselines_by_hand():
     empty front and is left out of the heterogeneous losses.
 
     - single_reward(index=1): -(2 + 4) / 2 = -3 over prompt 0; with prompt 1's (0,0),(0,0): -6/4.
-    - weighted_sum(w=(1,2), C=(5,5)): 1*4 + 2*3 = 10 and 2 + 2 = 4; prompt 1: 5 + 10 = 15 twice -> 44/4.
-    - hetero_weighted_sum(w=(1,2)): (4-1) + 2(3-2) = 5 and (4-3) + 2(3-4) = -1 -> mean 2 over prompt 0.
+    - weighted_sum(w=(1,2), C=(5,5)), linear: 1*4 + 2*3 = 10 and 2 + 2 = 4; prompt 1: 5 + 10 = 15 twice -> 44/4.
+    - hetero_weighted_sum(w=(1,2)), linear: (4-1) + 2(3-2) = 5 and (4-3) + 2(3-4) = -1 -> mean 2 over prompt 0.
     - separate_constraints: (1-4)^2 + (2-3)^2 = 10 and 1 + 1 = 2 -> 6; with w=(1,2): 11 and 3 -> 7.
     """
     scores = _d([[[1, 2], [3, 4]], [[0, 0], [0, 0]]]).requires_grad_(True)
@@ -136,10 +137,14 @@ def test_baselines_by_hand():
     mask = torch.tensor([[True, True, False], [False, False, False]])
     torch.testing.assert_close(single_reward(scores, 1), _d(-6 / 4))
     torch.testing.assert_close(single_reward(scores, 1, reduction="sum"), _d(-6.0))
-    torch.testing.assert_close(weighted_sum(scores, [1.0, 2.0], [5.0, 5.0]), _d(44 / 4))
-    torch.testing.assert_close(weighted_sum(scores, [1.0, 2.0], [5.0, 5.0], reduction="sum"), _d(44.0))
-    torch.testing.assert_close(hetero_weighted_sum(scores, front, mask, [1.0, 2.0]), _d(2.0))
-    torch.testing.assert_close(hetero_weighted_sum(scores, front, mask, [1.0, 2.0], reduction="sum"), _d(4.0))
+    lin = {"target_form": "linear"}
+    torch.testing.assert_close(weighted_sum(scores, [1.0, 2.0], [5.0, 5.0], **lin), _d(44 / 4))
+    torch.testing.assert_close(weighted_sum(scores, [1.0, 2.0], [5.0, 5.0], **lin, reduction="sum"), _d(44.0))
+    torch.testing.assert_close(hetero_weighted_sum(scores, front, mask, [1.0, 2.0], **lin), _d(2.0))
+    torch.testing.assert_close(hetero_weighted_sum(scores, front, mask, [1.0, 2.0], **lin, reduction="sum"), _d(4.0))
+    # squared (the default): the same gaps squared: (100 + 16 + 225 + 225) / 4 and (25 + 1) / 2
+    torch.testing.assert_close(weighted_sum(scores, [1.0, 2.0], [5.0, 5.0]), _d(566 / 4))
+    torch.testing.assert_close(hetero_weighted_sum(scores, front, mask, [1.0, 2.0]), _d(13.0))
     torch.testing.assert_close(separate_constraints(scores, front, mask), _d(6.0))
     torch.testing.assert_close(separate_constraints(scores, front, mask, [1.0, 2.0]), _d(7.0))
     separate_constraints(scores, front, mask).backward()  # d/dr 2 (r - b) / 2 samples: (-3,-1), (-1,1)
@@ -172,6 +177,14 @@ def test_dispatch_equals_each_loss():
     torch.testing.assert_close(
         compute("hetero_weighted_sum", scores, **kw)[0], hetero_weighted_sum(scores, front, mask, w)
     )
+    for form in ("linear", "hinge"):
+        torch.testing.assert_close(
+            compute("weighted_sum", scores, **kw, target_form=form)[0], weighted_sum(scores, w, c, target_form=form)
+        )
+        torch.testing.assert_close(
+            compute("hetero_weighted_sum", scores, **kw, target_form=form)[0],
+            hetero_weighted_sum(scores, front, mask, w, target_form=form),
+        )
     torch.testing.assert_close(
         compute("separate_constraints", scores, **kw)[0], separate_constraints(scores, front, mask, w)
     )
@@ -196,3 +209,85 @@ def test_user_errors():
         normalize(scores, torch.ones(3))
     with pytest.raises(ValueError, match="positive"):
         normalize(scores, torch.tensor([1.0, 0.0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Targets: linear, hinge, squared (issue 11)
+# --------------------------------------------------------------------------------------------
+
+
+def _grad(loss_fn, r: list[float]) -> torch.Tensor:
+    x = _d([[r]]).requires_grad_(True)  # (P=1, N=1, M=2)
+    loss_fn(x).backward()
+    return x.grad.reshape(-1)
+
+
+def test_target_changes_the_gradient_under_hinge_and_squared_not_linear():
+    """One sample r = (1, 2), weights w = (1, 2), so dL/dr = f'(g) * (-w) with g = sum_k w_k (C_k - r_k):
+
+    ===============  =============================  ==========  ===========  =================
+    target C         g                              linear      hinge        squared (-2 g w)
+    ===============  =============================  ==========  ===========  =================
+    (5, 5)           1*4 + 2*3 = 10                 (-1, -2)    (-1, -2)     (-20, -40)
+    (2, 3)           1*1 + 2*1 = 3                  (-1, -2)    (-1, -2)     (-6, -12)
+    (1, 1)           1*0 + 2*(-1) = -2 (above it)   (-1, -2)    (0, 0)       (4, 8)
+    ===============  =============================  ==========  ===========  =================
+    """
+    w, r = [1.0, 2.0], [1.0, 2.0]
+    expected = {
+        "linear": {(5, 5): [-1, -2], (2, 3): [-1, -2], (1, 1): [-1, -2]},
+        "hinge": {(5, 5): [-1, -2], (2, 3): [-1, -2], (1, 1): [0, 0]},
+        "squared": {(5, 5): [-20, -40], (2, 3): [-6, -12], (1, 1): [4, 8]},
+    }
+    values = {"linear": [10, 3, -2], "hinge": [10, 3, 0], "squared": [100, 9, 4]}
+    for form, by_target in expected.items():
+        for (c, grad), value in zip(by_target.items(), values[form], strict=True):
+            got = _grad(lambda x, c=c, form=form: weighted_sum(x, w, list(map(float, c)), target_form=form), r)
+            torch.testing.assert_close(got, _d(grad), msg=f"{form}, C={c}")
+            torch.testing.assert_close(weighted_sum(_d([[r]]), w, list(map(float, c)), target_form=form), _d(value))
+        grads = [
+            _grad(lambda x, c=c, form=form: weighted_sum(x, w, list(map(float, c)), target_form=form), r)
+            for c in by_target
+        ]
+        differs = any(not torch.equal(grads[0], g) for g in grads[1:])
+        assert differs == (form != "linear"), form
+
+
+def test_global_target_and_per_prompt_bound_differ_unless_linear():
+    """Paper section 2.1: one prompt whose front (4, 1), (2, 3) bounds it at b = (4, 3), and a global target
+    C = (5, 5) above that bound. Sample r = (4, 3.5) is already past its prompt's weighted bound (w = (1, 2)):
+
+    - hetero_weighted_sum: g = 0 + 2 * (3 - 3.5) = -1; weighted_sum: g = 1 + 2 * 1.5 = 4;
+    - linear: both gradients -w = (-1, -2): the target never matters, the two baselines are one method;
+    - hinge: hetero stops pushing (0, 0), the global target keeps pushing (-1, -2) past the bound;
+    - squared: hetero pulls back -2 * (-1) * w = (2, 4), the global one pushes on -2 * 4 * w = (-8, -16).
+    """
+    front = _d([[[4, 1], [2, 3]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    w, r = [1.0, 2.0], [4.0, 3.5]
+    expected = {
+        "linear": ([-1, -2], [-1, -2]),
+        "hinge": ([0, 0], [-1, -2]),
+        "squared": ([2, 4], [-8, -16]),
+    }
+    for form, (hetero, glob) in expected.items():
+        got_h = _grad(lambda x, form=form: hetero_weighted_sum(x, front, mask, w, target_form=form), r)
+        got_g = _grad(lambda x, form=form: weighted_sum(x, w, [5.0, 5.0], target_form=form), r)
+        torch.testing.assert_close(got_h, _d(hetero), msg=form)
+        torch.testing.assert_close(got_g, _d(glob), msg=form)
+        assert torch.equal(got_h, got_g) == (form == "linear"), form
+
+
+def test_target_loss_and_its_errors():
+    gap = _d([-2.0, 0.0, 3.0])
+    torch.testing.assert_close(target_loss(gap, "linear"), gap)
+    torch.testing.assert_close(target_loss(gap, "hinge"), _d([0.0, 0.0, 3.0]))
+    torch.testing.assert_close(target_loss(gap, "squared"), _d([4.0, 0.0, 9.0]))
+    scores = torch.zeros(1, 2, 2)
+    with pytest.raises(ValueError, match=r"target_form must be one of linear, hinge, squared.*train.target_form"):
+        weighted_sum(scores, [1.0, 1.0], [1.0, 1.0], target_form="cubic")
+    with pytest.raises(ValueError, match="train.target_form"):
+        compute("hetero_weighted_sum", scores, target_form="relu")
+    with pytest.raises(ValueError, match=r"weighted_sum with train.target_form=squared needs a global target"):
+        compute("weighted_sum", scores)  # no targets: only linear may default them
+    assert compute("weighted_sum", scores, target_form="linear")[0].item() == 2.0  # C = 1: sum_k (1 - 0)

@@ -10,6 +10,7 @@ finished rerun).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,11 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
+from PIL import Image
 from safetensors.torch import load_file
 
-from pgot import cli, probes, train
+from pgot import cli, metrics, probes, tables, train
 from pgot.config import load_config, save_config
 from pgot.files import LOCK_RECORD
 from pgot.tracking import metric_lines
@@ -170,7 +174,7 @@ def test_debug_config_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
             "train.probe_prompts=2", "prompts.limit=2", "model.resolution=16", "precompute.samples_per_prompt=4"]  # fmt: skip
     assert cli.train_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "precomputing" in printed and "JDR all" in printed and "win rate sharpness" in printed
+    assert "precomputing" in printed and "JDR_all (%)" in printed and "win rate sharpness" in printed
     for rel in ["config.yaml", "sigmas.json", "metrics.jsonl", "probes/step0_scores.safetensors", "probes/step-000002.png",
                 "checkpoints/step-000002/trainer_state.json", "checkpoints/step-000003/optimizer.bin",
                 "checkpoints/step-000003/pytorch_lora_weights.safetensors", "final/pytorch_lora_weights.safetensors"]:  # fmt: skip
@@ -199,7 +203,7 @@ def test_debug_config_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # and changes nothing in the folder
     before = _hashes(out)
     assert cli.train_main(argv) == 0
-    assert "JDR all" in capsys.readouterr().out
+    assert "JDR_all (%)" in capsys.readouterr().out
     assert _hashes(out) == before
 
 
@@ -670,3 +674,234 @@ def test_a_run_folder_held_by_another_process_is_refused_before_loading(
     with FolderLock(tmp_path / "run", key="train.output_dir", what="a pgot-train run"):
         with pytest.raises(ValueError, match="train.output_dir=.* is in use by another process"):  # preflight
             train.fit(_cfg(tmp_path / "run", None))
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines that are distinct methods (issue 11)
+# --------------------------------------------------------------------------------------------
+
+
+def _final_lora(tmp_path: Path, store: Path, name: str, **extra: object) -> dict[str, torch.Tensor]:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run, _ = train.fit(_cfg(tmp_path / name, store, **{"train.max_steps": 2, **extra}))
+    return load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+
+
+def test_weighted_sum_and_weighted_sum_bounds_train_different_loras(tmp_path: Path, store: Path) -> None:
+    """Same seed, same weights: the global-target and the per-prompt-bound baselines train different LoRAs under the
+    default train.target_form=squared, and bit-identical ones under linear (where no target reaches the gradient)."""
+    lora = {
+        (objective, form): _final_lora(
+            tmp_path, store, f"{objective}-{form}", **{"train.objective": objective, "train.target_form": form}
+        )
+        for form in ("squared", "linear")
+        for objective in ("weighted_sum", "hetero_weighted_sum")
+    }
+    ws, hws = lora["weighted_sum", "squared"], lora["hetero_weighted_sum", "squared"]
+    assert ws.keys() == hws.keys()
+    assert any(not torch.equal(ws[k], hws[k]) for k in ws), "the two baselines trained the same LoRA"
+    lin_ws, lin_hws = lora["weighted_sum", "linear"], lora["hetero_weighted_sum", "linear"]
+    assert all(torch.equal(lin_ws[k], lin_hws[k]) for k in lin_ws)  # the defect the default avoids
+
+
+def test_target_form_mistakes_are_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--config", str(DEBUG), f"train.output_dir={tmp_path / 'run'}"]
+    assert cli.train_main([*base, "train.target_form=hinge"]) == 2  # objective pgot has no target
+    assert "train.target_form=hinge has no effect with train.objective=pgot" in capsys.readouterr().err
+    no_store = [*base, "train.objective=weighted_sum", "train.store=", "rewards.1.target=0.5"]
+    assert cli.train_main(no_store) == 2
+    err = capsys.readouterr().err
+    assert "not set: rewards.0.target (colorfulness), rewards.2.target (sharpness)" in err
+    assert "rewards.1.target" not in err.split("not set:")[1] and "train.target_form=linear" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_baselines_set_their_target_form_where_it_matters() -> None:
+    for path in sorted((ROOT / "configs" / "baselines").glob("*.yaml")):
+        cfg = load_config(path)
+        header = path.read_text().split("\nmodel:")[0]
+        assert "train.target_form" in header, path.name  # each header says why it is a distinct method
+        if cfg.train.objective in ("weighted_sum", "hetero_weighted_sum"):
+            assert cfg.train.target_form != "linear", path.name
+
+
+# --------------------------------------------------------------------------------------------
+# Reward strengths: the defaults of pgot.rewards.STRENGTHS
+# --------------------------------------------------------------------------------------------
+
+
+def test_agent_removes_an_analytic_reward_without_it_being_marked_weak(tmp_path: Path, store: Path) -> None:
+    """strength: null is the reward's default (analytic rewards are weak), so the agent's removal is applied."""
+    script = tmp_path / "script.yaml"
+    script.write_text("2: {action: remove, reward: contrast}\n")
+    extra = {"train.max_steps": 2, "agent.backend": "scripted", "agent.script": str(script), "agent.every": 2,
+             "agent.diagnostic_prompts": 1, "train.strategy": "auto"}  # fmt: skip
+    cfg = _cfg(tmp_path / "run", store, **extra)
+    assert all(r.strength is None for r in cfg.rewards)
+    run, _ = train.fit(cfg)
+    agent = json.loads((run / "checkpoints" / "step-000000" / "trainer_state.json").read_text())["agent"]
+    assert agent["strengths"] == {"colorfulness": "weak", "contrast": "weak", "sharpness": "weak"}
+    assert agent["active_rewards"] == ["colorfulness", "sharpness"]
+    assert agent["removed"] == [{"step": 2, "reward": "contrast", "reverted_to": 0}]
+
+
+# --------------------------------------------------------------------------------------------
+# Trackers: images, text and config next to the numbers
+# --------------------------------------------------------------------------------------------
+
+
+def _tracked_run(tmp_path: Path, store: Path, tracker: str) -> Path:
+    script = tmp_path / "script.yaml"
+    script.write_text("2: {action: continue}\n")
+    extra = {"train.max_steps": 3, "train.probe_every": 1, "train.probe_prompts": 2, "train.log_with": [tracker],
+             "agent.backend": "scripted", "agent.script": str(script), "agent.every": 2,
+             "agent.diagnostic_prompts": 2}  # fmt: skip
+    run, _ = train.fit(_cfg(tmp_path / "run", store, **extra))
+    return run
+
+
+def _pixels(image: Image.Image | Path | bytes) -> np.ndarray:
+    if isinstance(image, bytes):
+        image = io.BytesIO(image)
+    with Image.open(image) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_tensorboard_gets_images_text_and_config(tmp_path: Path, store: Path) -> None:
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = _tracked_run(tmp_path, store, "tensorboard")
+    (events,) = [p for p in (run / "logs").rglob("events.out.tfevents.*") if "loss" in _tags(event_accumulator, p)]
+    acc = event_accumulator.EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    lines = _metrics(run)  # x axis: steps_run (no revert here, so it equals the optimizer step)
+    assert {e.step: e.value for e in acc.Scalars("loss")} == pytest.approx({m["steps_run"]: m["loss"] for m in lines})
+    grids = {e.step: e.encoded_image_string for e in acc.Images("probes/grid")}
+    assert grids.keys() == {m["steps_run"] for m in lines} == {1, 2, 3}
+    for m in lines:
+        png = run / "probes" / f"step-{m['step']:06d}.png"
+        assert np.array_equal(_pixels(grids[m["steps_run"]]), _pixels(png)), m["step"]
+    (agent_grid,) = acc.Images("agent/grid-00")
+    assert agent_grid.step == 2
+    assert np.array_equal(
+        _pixels(agent_grid.encoded_image_string), _pixels(run / "agent" / "step-000002" / "grid-00.png")
+    )
+    text = {t: [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(t)] for t in acc.Tags()["tensors"]}
+    (decision,) = text["agent/decision/text_summary"]
+    assert decision.strip().startswith("step 2: continue") and "reason:" in decision
+    (config,) = text["config/text_summary"]
+    assert "    objective: pgot" in config and "    max_steps: 3" in config
+
+
+def _wandb_records(path: Path):
+    """The records of a W&B run file (``run-<id>.wandb``): a LevelDB-style log of ``wandb_internal_pb2.Record``
+    (7-byte file header ``:W&B`` + magic + version; 32 KiB blocks; records of a 7-byte header (CRC, length, type
+    1 full / 2 first / 3 middle / 4 last) and their bytes; a block tail shorter than a header is padding)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, chunks = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if left < 7 or kind == 0:
+            pos += left
+            continue
+        chunks += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
+
+
+def test_wandb_offline_gets_the_metrics_images_text_and_config(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wandb = pytest.importorskip("wandb")
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_SILENT": "true",
+                       "WANDB_CONSOLE": "off"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    (tmp_path / "wb").mkdir()
+    run = _tracked_run(tmp_path, store, "wandb")
+    wandb.teardown()  # run.finish() returns before W&B's service process has written every record
+    (folder,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    (log,) = folder.glob("run-*.wandb")
+    rows, config = {}, {}
+    for record in _wandb_records(log):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            rows[row["_step"]] = row
+        elif kind == "config":
+            config.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in record.config.update})
+    lines = _metrics(run)  # x axis (W&B's _step): steps_run; no revert here, so it equals the optimizer step
+    assert sorted(rows) == [m["steps_run"] for m in lines] == [1, 2, 3]
+    for line in lines:  # every number of metrics.jsonl, at its steps_run
+        row = rows[line["steps_run"]]
+        for key, value in line.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert row[key] == pytest.approx(value, rel=1e-6), key
+        grid = folder / "files" / row["probes/grid/path"]
+        assert np.array_equal(_pixels(grid), _pixels(run / "probes" / f"step-{line['step']:06d}.png")), line["step"]
+    agent_grid = folder / "files" / rows[2]["agent/grid-00/path"]
+    assert np.array_equal(_pixels(agent_grid), _pixels(run / "agent" / "step-000002" / "grid-00.png"))
+    assert "step 2: continue" in (folder / "files" / rows[2]["agent/decision/path"]).read_text()
+    assert config["train.objective"] == "pgot" and config["train.max_steps"] == 3
+    assert config["model.resolution"] == RES and json.loads(config["train.log_with"]) == ["wandb"]
+
+
+# --------------------------------------------------------------------------------------------
+# The end-of-training table
+# --------------------------------------------------------------------------------------------
+
+
+def test_final_table_on_held_out_prompts_with_intervals_and_nonfinite_pairs(
+    tmp_path: Path, store: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The debug run with half of its prompts held out: the table is computed on the held-out prompts (never the
+    training ones), its rates equal pgot.metrics on the scores it was given (float64), and a NaN reward of the
+    tuned model counts as a collapse and a non-finite pair."""
+    from pgot.prompts import load_prompts, split
+
+    final: list[tuple[list[int], torch.Tensor]] = []  # (prompt ids, scores) of the table's two sampling calls
+    in_table = {"now": False}
+    sample_and_score, final_table = probes.sample_and_score, train._final_table
+
+    def recording(cfg, model, reward_models, texts, ids, idx, seed):
+        images, scores = sample_and_score(cfg, model, reward_models, texts, ids, idx, seed)
+        if in_table["now"]:
+            if not final:  # the tuned model is sampled first
+                scores[0, 1] = float("nan")
+            final.append((list(ids), scores))
+        return images, scores
+
+    def table(r):
+        in_table["now"] = True
+        return final_table(r)
+
+    monkeypatch.setattr(train.probes, "sample_and_score", recording)
+    monkeypatch.setattr(train, "_final_table", table)
+    extra = {"prompts.eval_fraction": 0.5, "train.final_eval": True, "train.final_eval_prompts": 2,
+             "train.final_eval_samples": 2, "eval.bootstrap": 200}  # fmt: skip
+    cfg = _cfg(tmp_path / "run", store, **extra)
+    train_set, held = split(load_prompts(cfg.prompts), 0.5, cfg.prompts.split_seed)
+    train.fit(cfg)
+    printed = capsys.readouterr().out
+    (tuned_ids, tuned), (base_ids, base) = final  # the table samples the tuned model, then the base model
+    assert tuned_ids == base_ids == [i for i in held.ids[:2] for _ in range(2)]
+    assert not set(tuned_ids) & set(train_set.ids)
+    assert "tuned vs base: 4 pairs, 2 held-out prompts x 2 seeds" in printed
+    names = cfg.reward_names
+    cells = [line.strip("|").split("|") for line in printed.splitlines() if line.startswith("| ")]
+    rows = {k.strip(): v.strip() for k, v in cells}
+    t, b = tuned.double(), base.double()
+    set_label = "all: " + ", ".join(names)
+    assert rows[f"JDR_all (%), {set_label}"].startswith(tables.format_percent(float(metrics.jdr(t, b))) + " [")
+    assert rows[f"JCR_all (%), {set_label}"].startswith(tables.format_percent(float(metrics.jcr(t, b))) + " [")
+    assert float(metrics.jcr(t, b)) >= 0.25  # the NaN pair is a collapse
+    for j, n in enumerate(names):
+        assert rows[f"win rate {n} (%)"].startswith(tables.format_percent(float(metrics.win_rate(t, b)[j])))
+    assert rows["pairs"] == "4" and rows["non-finite pairs"] == "1"
+    assert "JCR (joint collapse rate)" in printed and "95% percentile bootstrap intervals over prompts" in printed

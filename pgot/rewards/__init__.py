@@ -20,38 +20,98 @@ brightness, colorfulness, contrast, saturation, sharpness: :mod:`pgot.rewards.an
 
 Every learned reward also builds from ``path: tiny`` (small random weights, seeded by ``tiny_seed``,
 same code path) and ``path: random`` (full-size architecture, random weights; benchmarks).
+
+``import pgot.rewards`` loads torch and the analytic rewards only: the learned families (transformers, open_clip)
+are imported when one of their rewards is first built, so :data:`STRENGTHS` is cheap to read (the agent does).
+
+**Strengths** (:data:`STRENGTHS`, ``rewards.<i>.strength``; paper section 2.2 and appendix C.4). A *strong* reward
+tracks human judgement; a *weak* one is prone to reward hacking. The agent may remove only weak rewards (unless
+``agent.allow_remove_strong``), and the online strategy is meant for strong rewards only. ``strength: null`` (the
+default) takes the reward's default below:
+
+============ ====== ============================================================================================
+name         default why
+============ ====== ============================================================================================
+ict          strong the paper's strong text-image reward (highest human-preference accuracy, its Table 1)
+hp           strong the paper's strong human-preference reward (its Table 1)
+clip         weak   the paper's weak text-image reward
+hps          weak   the paper's weak human-preference reward
+pickscore    weak   not classed by the paper; trained like HPS (CLIP ViT-H-14 on pairwise choices), which it
+                    classes as weak
+imagereward  weak   not classed by the paper; a pairwise-preference model like HPS
+aesthetic    weak   not classed by the paper; it scores the image without the prompt, so a model can raise it
+                    while ignoring the text
+brightness,  weak   hand-made image statistics: hackable proxies (a saturated, high-contrast image maximises
+colorfulness,       them whatever the prompt)
+contrast,
+saturation,
+sharpness
+(other)      weak   :data:`UNKNOWN_STRENGTH`: a reward pgot does not know is treated as hackable until marked
+                    strong (``rewards.<i>.strength=strong``, e.g. after measuring its preference accuracy with
+                    ``pgot-eval eval.preference_data``)
+============ ====== ============================================================================================
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
 from pgot.config import REWARD_NAMES, RewardConfig, unknown_reward
-from pgot.rewards import hps, imagereward
 from pgot.rewards.analytic import CONSTRUCTORS as _ANALYTIC
 from pgot.rewards.base import Reward, check_inputs
-from pgot.rewards.clip import LOCATORS as _CLIP_LOCATORS
-from pgot.rewards.clip import build_aesthetic, build_clip, build_hp, build_ict, build_pickscore
-from pgot.rewards.hps import build_hps
-from pgot.rewards.imagereward import build_imagereward
 from pgot.rewards.preprocessing import preprocess
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REWARDS", "Reward", "build", "check", "columns", "preprocess", "score", "score_images"]
+__all__ = [
+    "REWARDS",
+    "STRENGTHS",
+    "UNKNOWN_STRENGTH",
+    "Reward",
+    "build",
+    "check",
+    "columns",
+    "default_strength",
+    "preprocess",
+    "score",
+    "score_images",
+]
 
-REWARDS: dict[str, Callable[[RewardConfig, torch.device | str, torch.dtype | None], Reward]] = {
-    "clip": build_clip,
-    "ict": build_ict,
-    "hp": build_hp,
-    "hps": build_hps,
-    "pickscore": build_pickscore,
-    "imagereward": build_imagereward,
-    "aesthetic": build_aesthetic,
+Constructor = Callable[[RewardConfig, "torch.device | str", "torch.dtype | None"], Reward]
+
+
+def _lazy(module: str, attr: str, key: str | None = None) -> Callable:
+    """``module.attr`` (or ``module.attr[key]``), imported on its first call: the family's libraries (transformers,
+    open_clip) load only when one of its rewards is checked or built."""
+
+    def call(*args: object, **kwargs: object) -> object:
+        target = getattr(importlib.import_module(module), attr)
+        return (target if key is None else target[key])(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = attr if key is None else f"{attr}[{key!r}]"
+    call.__doc__ = f"``{module}.{call.__name__}``, imported on first call."
+    return call
+
+
+_FAMILIES = {
+    "clip": "pgot.rewards.clip",
+    "ict": "pgot.rewards.clip",
+    "hp": "pgot.rewards.clip",
+    "hps": "pgot.rewards.hps",
+    "pickscore": "pgot.rewards.clip",
+    "imagereward": "pgot.rewards.imagereward",
+    "aesthetic": "pgot.rewards.clip",
+}
+"""Learned reward name -> the module that builds it (the registry's order)."""
+
+REWARDS: dict[str, Constructor] = {
+    **{name: _lazy(module, f"build_{name}") for name, module in _FAMILIES.items()},
     **_ANALYTIC,
 }
 """Reward name -> constructor ``(cfg, device, dtype) -> Reward``."""
@@ -59,11 +119,43 @@ REWARDS: dict[str, Callable[[RewardConfig, torch.device | str, torch.dtype | Non
 assert set(REWARDS) == set(REWARD_NAMES), "pgot.config.REWARD_NAMES must list the names of REWARDS"
 
 _LOCATORS: dict[str, Callable[[RewardConfig], object]] = {
-    **_CLIP_LOCATORS,
-    "hps": hps.locate,
-    "imagereward": imagereward.locate,
+    name: _lazy(module, "LOCATORS", name) if module == "pgot.rewards.clip" else _lazy(module, "locate")
+    for name, module in _FAMILIES.items()
 }
 """Reward name -> the part of its builder that runs before any weight is read (analytic rewards have none)."""
+
+STRENGTHS: dict[str, Literal["strong", "weak"]] = {
+    "ict": "strong",
+    "hp": "strong",
+    "clip": "weak",
+    "hps": "weak",
+    "pickscore": "weak",
+    "imagereward": "weak",
+    "aesthetic": "weak",
+    **dict.fromkeys(_ANALYTIC, "weak"),
+}
+"""Reward name -> default strength (``rewards.<i>.strength: null``); the table of the module docstring says why."""
+
+UNKNOWN_STRENGTH: Literal["strong", "weak"] = "weak"
+"""The default strength of a reward that is not in :data:`STRENGTHS` (one added to :data:`REWARDS` by a user)."""
+
+
+def default_strength(name: str, strength: str | None = None) -> Literal["strong", "weak"]:
+    """The strength of reward ``name``: ``strength`` when given (``rewards.<i>.strength``), else its default.
+
+    Args:
+        name: the reward's registry name.
+        strength: ``strong``, ``weak`` or None (the default of :data:`STRENGTHS`, :data:`UNKNOWN_STRENGTH` for a
+            name not in it).
+
+    Raises:
+        ValueError: ``strength`` is neither ``strong``, ``weak`` nor None.
+    """
+    if strength is None:
+        return STRENGTHS.get(name, UNKNOWN_STRENGTH)
+    if strength not in ("strong", "weak"):
+        raise ValueError(f"the strength of reward {name!r} must be strong, weak or null, got {strength!r}.")
+    return strength
 
 
 def _keyed(message: str, index: int) -> str:
