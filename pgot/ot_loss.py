@@ -146,11 +146,11 @@ def ot_loss(
         worst = err.max()
     if not worst <= tol:  # one host sync per call; also true when the error is NaN
         warnings.warn(
-            f"Sinkhorn did not converge: marginal error {worst.item():.3g} > ot.tol={tol:g} after "
-            f"ot.max_iter={max_iter} iterations (ot.epsilon={epsilon:g}). Raise ot.max_iter, raise ot.epsilon, "
-            f"or normalise the rewards (ot.normalize=frontier). A nan error means a NaN reward among the points.",
+            f"Sinkhorn did not reach its marginal tolerance ot.tol={tol:g} within ot.max_iter={max_iter} iterations "
+            f"(ot.epsilon={epsilon:g}). Raise ot.max_iter or ot.epsilon, or bring the rewards to comparable scales "
+            "(ot.normalize=frontier in pgot-train). A NaN reward among the points also prevents convergence.",
             OTConvergenceWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of the public (accepts_numpy-wrapped) ot_loss
         )
     value = (plan * cost).sum((-2, -1))  # (B,) <T, C>; gradient wrt x through the cost only
     return torch.where(solved, value, 0.0).reshape(batch)

@@ -30,6 +30,7 @@ import html
 import json
 import logging
 import math
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,7 +111,8 @@ def _route_logging_through_bar() -> Iterator[None]:
     root = logging.getLogger()
     swapped = []
     for h in root.handlers:
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+        # console handlers only (a handler writing to a file or a buffer, e.g. pytest's caplog, stays as it is)
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.stdout):
             bar = _BarHandler(h.level)
             bar.setFormatter(h.formatter)
             swapped.append((h, bar))

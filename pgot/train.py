@@ -103,6 +103,7 @@ from pgot.frontier import Frontier, compare_settings, load_store
 from pgot.generate import generate, sigmas
 from pgot.images import labelled_grid, save_png
 from pgot.model import LORA_WEIGHT_NAME, SD3Model, add_lora, load_model, save_lora
+from pgot.ot_loss import OTConvergenceWarning
 from pgot.preflight import preflight
 from pgot.prompts import load_prompts, split
 from pgot.tracking import RunLog, finite_or_none, flatten
@@ -205,6 +206,7 @@ class Run:
     probe0: torch.Tensor | None = None  # (B_probe, M) step-0 probe scores
     base_diag: torch.Tensor | None = None  # the base model's diagnostic images for the agent
     agent: Agent | None = None
+    ot_warned: bool = False  # the Sinkhorn warning is said once per run
     log: RunLog | None = None  # main process only
     pending: dict[str, torch.Tensor] = field(default_factory=dict)  # summed over micro-steps until the next line
     finished: bool = False  # a rerun of a complete run: nothing to train, nothing to write
@@ -416,11 +418,31 @@ def _objective(r: Run, scores: torch.Tensor, ids: torch.Tensor, texts: list[str]
         inputs["front"], inputs["front_mask"] = r.front.lookup(ids, dev, prompts=texts)  # (P, F, M_a), (P, F)
     if cfg.train.objective == "weighted_sum":
         inputs["targets"] = _targets(r, active).to(dev)
-    loss, diagnostics = objectives.compute(
-        cfg.train.objective, s, strategy=state.strategy, scale=_scale(r, cols), reduction=cfg.train.reduction,
-        target_form=cfg.train.target_form, epsilon=cfg.ot.epsilon, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol,
-        **inputs,
-    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:  # Sinkhorn's warning: counted, and said once per run
+        warnings.simplefilter("always", OTConvergenceWarning)
+        loss, diagnostics = objectives.compute(
+            cfg.train.objective, s, strategy=state.strategy, scale=_scale(r, cols), reduction=cfg.train.reduction,
+            target_form=cfg.train.target_form, epsilon=cfg.ot.epsilon, max_iter=cfg.ot.max_iter, tol=cfg.ot.tol,
+            **inputs,
+        )  # fmt: skip
+    unconverged = 0
+    for w in caught:
+        if issubclass(w.category, OTConvergenceWarning):
+            unconverged += 1
+        else:  # anything else goes on as it came
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if unconverged and not r.ot_warned:
+        r.ot_warned = True
+        scale = "" if cfg.ot.normalize == "frontier" else " or set ot.normalize=frontier (comparable reward scales)"
+        log.warning(
+            "Sinkhorn did not reach ot.tol=%g within ot.max_iter=%d iterations (ot.epsilon=%g) at step %d; "
+            "metrics.jsonl counts such steps in ot_unconverged. Raise ot.max_iter or ot.epsilon%s.",
+            cfg.ot.tol, cfg.ot.max_iter, cfg.ot.epsilon, r.state.step + 1, scale,
+        )  # fmt: skip
+    if objectives.needs_store(cfg.train.objective, state.strategy) or objectives.needs_pool(
+        cfg.train.objective, state.strategy
+    ):
+        diagnostics["ot_unconverged"] = torch.tensor(float(unconverged > 0))
     bad = (~torch.isfinite(loss)).float() + (~torch.isfinite(scores)).any().float()
     _accumulate(r, loss=loss.detach(), rewards=_finite_mean(scores.detach()), _bad=bad, **diagnostics)
     return loss
@@ -558,7 +580,7 @@ def _log(r: Run, step: int, grad_norm: torch.Tensor, step_time: float) -> None:
     if acc.device.type == "cuda":  # this process's peak since the last logged step (OOM hunting)
         line["peak_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         torch.cuda.reset_peak_memory_stats(acc.device)
-    for k in ("n_dominated", "front_size"):
+    for k in ("n_dominated", "front_size", "ot_unconverged"):
         if k in values:
             line[k] = finite_or_none(values[k][0])
     line.update(bad_steps=r.state.bad_steps, skipped_steps=r.state.skipped_steps)

@@ -905,3 +905,25 @@ def test_final_table_on_held_out_prompts_with_intervals_and_nonfinite_pairs(
         assert rows[f"win rate {n} (%)"].startswith(tables.format_percent(float(metrics.win_rate(t, b)[j])))
     assert rows["pairs"] == "4" and rows["non-finite pairs"] == "1"
     assert "JCR (joint collapse rate)" in printed and "95% percentile bootstrap intervals over prompts" in printed
+
+
+@pytest.mark.parametrize("normalize", ["frontier", "none"])
+def test_sinkhorn_warning_is_said_once_and_counted(
+    tmp_path: Path, store: Path, caplog: pytest.LogCaptureFixture, normalize: str
+) -> None:
+    """ot.max_iter=1 never converges: one warning for the whole run (advice that fits the config, never suggesting
+    ot.normalize=frontier when it is set), and every logged step says so in metrics.jsonl's ot_unconverged."""
+    import warnings
+
+    from pgot.ot_loss import OTConvergenceWarning
+
+    out = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as leaked, caplog.at_level("WARNING", logger="pgot"):
+        warnings.simplefilter("always")
+        train.fit(_cfg(out, store, **{"ot.max_iter": 1, "ot.tol": 1e-12, "ot.normalize": normalize,
+                                      "train.max_steps": 3}))  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if "Sinkhorn did not reach" in r.getMessage()]
+    assert len(said) == 1 and "ot.max_iter=1" in said[0]
+    assert ("ot.normalize=frontier" in said[0]) == (normalize == "none")
+    assert not [w for w in leaked if issubclass(w.category, OTConvergenceWarning)], "no per-step warning"
+    assert [m["ot_unconverged"] for m in _metrics(out)] == [1.0, 1.0, 1.0]
