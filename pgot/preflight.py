@@ -34,7 +34,7 @@ import pandas as pd
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 from PIL import Image
 
-from pgot import evaluate, human_eval, objectives
+from pgot import evaluate, human_eval, objectives, run_folder
 from pgot import frontier as store_io
 from pgot import rewards as reward_models
 from pgot.agent import load_script
@@ -280,13 +280,11 @@ class _Checks:
         t = self.cfg.train
         run_dir = Path(t.output_dir)
         if not self.named("train.output_dir") and self.add(output_folder(t.output_dir, "train.output_dir")):
-            from pgot.train import folder_problems  # pgot.train imports this module
-
             in_use = folder_in_use(run_dir, key="train.output_dir", what="a pgot-train run")
             if in_use:
                 self.add([in_use])
             elif not self.named("train.resume"):
-                self.add(folder_problems(self.cfg))  # the run-folder rules training applies (resume, config)
+                self.add(run_folder.folder_problems(self.cfg))  # the run-folder rules training applies (resume, config)
         self.train_store()
         for tracker in t.log_with:
             available = _TRACKERS.get(tracker)

@@ -326,7 +326,7 @@ def test_run_folder_and_resume(tmp_path, capsys, no_weights):
     (run / "metrics.jsonl").write_text("{}\n")
     assert _train(tmp_path) == 0, "train.resume=latest (debug.yaml): an attempt without a checkpoint starts afresh"
     capsys.readouterr()
-    assert _train(tmp_path, "train.resume=") == 2  # the rule training applies (pgot.train.folder_problems)
+    assert _train(tmp_path, "train.resume=") == 2  # the rule training applies (pgot.run_folder.folder_problems)
     assert _errors(capsys) == [
         f"train.output_dir={run} already holds an attempt at a run that stopped before its first checkpoint. "
         "Continue it with train.resume=latest (an attempt without a checkpoint starts afresh), or choose a new "

@@ -540,25 +540,6 @@ def test_resume_with_other_settings_is_refused_naming_each_key(
     assert load_config(out / "config.yaml").train.max_steps == 3  # config.yaml follows the resumable changes
 
 
-def test_config_changes_names_keys_as_typed(tmp_path: Path) -> None:
-    saved = tmp_path / "config.yaml"
-    base = _cfg(tmp_path, None)
-    save_config(base, saved)
-    assert train.config_changes(_cfg(tmp_path, None), saved) == []
-    same = _cfg(tmp_path / "elsewhere", None, **{"train.max_steps": 50, "agent.base_url": "http://vllm:8000/v1",
-                                                 "rewards.2.gradient_checkpointing": True, "eval.models": [{"lora": "x"}]})  # fmt: skip
-    assert train.config_changes(same, saved) == []  # train.output_dir, max_steps, endpoint, memory, eval: resumable
-    other = _cfg(tmp_path, None, **{"rewards.2.name": "brightness", "draft.shift": 3.0, "model.lora_path": ""})
-    lines = train.config_changes(other, saved)
-    assert sorted(lines[1:-1]) == [
-        "draft.shift: 3.0 here, null in the run",
-        "rewards.2.name: brightness here, sharpness in the run",
-    ]
-    more = load_config(DEBUG, [*_overrides(tmp_path, None), "rewards=[{name: contrast}]"])
-    assert "rewards.1.name: (not set) here, contrast in the run" in train.config_changes(more, saved)
-    assert "no config.yaml" in train.config_changes(base, tmp_path / "nope" / "config.yaml")[0]
-
-
 def test_resume_cannot_shorten_and_an_earlier_checkpoint_drops_the_later_ones(
     tmp_path: Path, store: Path, reference: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
