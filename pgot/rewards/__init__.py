@@ -16,6 +16,7 @@ aesthetic    LAION improved aesthetic predictor   :mod:`pgot.rewards.clip`
 hps          HPSv2 / HPSv2.1 (open_clip), cosine  :mod:`pgot.rewards.hps`
 imagereward  ImageReward (BLIP + MLP)             :mod:`pgot.rewards.imagereward`
 brightness, colorfulness, contrast, saturation, sharpness: :mod:`pgot.rewards.analytic`
+tb_align, tb_pref: testbed preference models (32 px, testbed prompts only), :mod:`pgot.testbed.proxies`
 ============ ==================================== =========================================
 
 Every learned reward also builds from ``path: tiny`` (small random weights, seeded by ``tiny_seed``,
@@ -37,6 +38,7 @@ from pgot.rewards.clip import build_aesthetic, build_clip, build_hp, build_ict, 
 from pgot.rewards.hps import build_hps
 from pgot.rewards.imagereward import build_imagereward
 from pgot.rewards.preprocessing import preprocess
+from pgot.testbed.proxies import CONSTRUCTORS as _TESTBED
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ REWARDS: dict[str, Callable[[RewardConfig, torch.device | str, torch.dtype | Non
     "imagereward": build_imagereward,
     "aesthetic": build_aesthetic,
     **_ANALYTIC,
+    **_TESTBED,
 }
 """Reward name -> constructor ``(cfg, device, dtype) -> Reward``."""
 
