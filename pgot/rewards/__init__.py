@@ -38,9 +38,19 @@ from pgot.rewards.clip import build_aesthetic, build_clip, build_hp, build_ict, 
 from pgot.rewards.hps import build_hps
 from pgot.rewards.imagereward import build_imagereward
 from pgot.rewards.preprocessing import preprocess
-from pgot.testbed.proxies import CONSTRUCTORS as _TESTBED
 
 logger = logging.getLogger(__name__)
+
+
+def _testbed_preference(
+    cfg: RewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> Reward:
+    """A testbed preference model (:func:`pgot.testbed.proxies.build_preference`), imported on first use:
+    ``pgot.testbed.proxies`` itself imports this package."""
+    from pgot.testbed.proxies import build_preference
+
+    return build_preference(cfg, device, dtype)
+
 
 __all__ = ["REWARDS", "Reward", "build", "preprocess", "score"]
 
@@ -53,7 +63,8 @@ REWARDS: dict[str, Callable[[RewardConfig, torch.device | str, torch.dtype | Non
     "imagereward": build_imagereward,
     "aesthetic": build_aesthetic,
     **_ANALYTIC,
-    **_TESTBED,
+    "tb_align": _testbed_preference,
+    "tb_pref": _testbed_preference,
 }
 """Reward name -> constructor ``(cfg, device, dtype) -> Reward``."""
 

@@ -31,6 +31,7 @@ _EXPORTS = {
     "NUM_STEPS": "pgot.testbed.basemodel",
     "GUIDANCE_SCALE": "pgot.testbed.basemodel",
     "SHIFT": "pgot.testbed.basemodel",
+    "MAX_SEQUENCE_LENGTH": "pgot.testbed.basemodel",
     "STRENGTHS": "pgot.testbed.proxies",
     "SIGNATURES": "pgot.testbed.proxies",
     "diagnose": "pgot.testbed.agent",

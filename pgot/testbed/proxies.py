@@ -4,11 +4,11 @@ The two mechanisms of reward hacking in the paper (section 2, appendix C) exist 
 
 - **Weak rewards** are pgot's analytic rewards (:mod:`pgot.rewards.analytic`), used unchanged: ``saturation``,
   ``colorfulness``, ``contrast`` and ``sharpness``. They ignore the prompt, so their honest bound (their value on
-  an exact rendering of the prompt) depends on the prompt: a grey circle on a white background has saturation 0, a
-  red one on black about 0.14; a black square on white has the largest contrast. A single global target (eq. 1)
-  above a prompt's honest bound can only be met by changing the image away from the prompt (over-saturating,
-  tinting the background, growing the object, adding noise): reward up, ground-truth quality down
-  (``tests/test_testbed_proxies.py`` shows both facts on renderings).
+  an exact rendering of the prompt) depends on the prompt: every achromatic scene has saturation and colourfulness 0,
+  a large yellow square on black has saturation 0.19; contrast ranges from 0.004 (a small green square on grey) to
+  0.35 (a large white square on black). A single global target (eq. 1) above a prompt's honest bound can only be
+  met by changing the image away from the prompt (over-saturating, tinting the background, growing the object,
+  adding noise): reward up, ground-truth quality down (``tests/test_testbed_proxies.py`` shows both facts).
 - **Strong rewards** are small learned preference models, trained like real ones (HPS, PickScore, HP) on pairs of
   base-model images of one prompt ranked by a "human", here the ground-truth judge (:mod:`pgot.testbed.judge`),
   with the Bradley-Terry loss ``-log sigmoid(r(winner) - r(loser))`` (``scripts/train_testbed.py``). They track
@@ -230,7 +230,3 @@ def build_preference(cfg: RewardConfig, device: torch.device | str = "cpu", dtyp
         load_strict(cfg.name, net, {k: v.float() for k, v in load_file(str(f)).items()}, f)
     net = net.to(device=device, dtype=resolve_dtype(cfg.dtype, device, dtype))
     return PreferenceReward(cfg.name, net).freeze()
-
-
-CONSTRUCTORS = dict.fromkeys(PREFERENCE_MODELS, build_preference)
-"""Registry entries for :data:`pgot.rewards.REWARDS`."""
