@@ -57,13 +57,13 @@ from pgot.testbed import basemodel, judge, proxies, scenes  # noqa: E402
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pgot" / "testbed"
 
-FULL = {"vae_steps": 1000, "vae_batch": 32, "tr_steps": 2600, "tr_batch": 32, "data_per_prompt": 64}
-QUICK = {"vae_steps": 20, "vae_batch": 32, "tr_steps": 30, "tr_batch": 16, "data_per_prompt": 4}
+FULL = {"vae_steps": 1000, "vae_batch": 32, "tr_steps": 2600, "tr_batch": 32, "data_per_prompt": 64, "pm_steps": 500}
+QUICK = {"vae_steps": 20, "vae_batch": 32, "tr_steps": 30, "tr_batch": 16, "data_per_prompt": 4, "pm_steps": 20}
 VAE_LR, TR_LR, PM_LR = 2e-3, 1e-3, 1e-3
 VAE_KL = (
     1e-4  # KL weight per latent element: a little smoothness for the diffusion model, little cost in reconstruction
 )
-PM_STEPS, PM_PROMPTS_PER_STEP = 500, 16
+PM_PROMPTS_PER_STEP = 16
 TRAIN_SAMPLES, EVAL_SAMPLES = 32, 16  # base samples per prompt: preference-model training (seed 1), held out (seed 2)
 TIE = 0.01  # judge differences below this are ties (no preference)
 CHECK_EVERY = 7  # the report keeps the quality of sample 0 of every 7th prompt (16 images) for the model test
@@ -336,7 +336,9 @@ def sweep(model: SD3Model, prompts: list[str]) -> list[dict]:
     return rows
 
 
-def train_preference(name: str, images: torch.Tensor, texts: list[str], target: torch.Tensor, n: int, seed: int):
+def train_preference(
+    name: str, images: torch.Tensor, texts: list[str], target: torch.Tensor, n: int, seed: int, steps: int
+):
     """Bradley-Terry on every within-prompt pair of the base samples that the target separates by >= TIE."""
     from pgot.testbed.proxies import PreferenceNet, scene_planes
 
@@ -348,9 +350,9 @@ def train_preference(name: str, images: torch.Tensor, texts: list[str], target: 
     rng = np.random.default_rng(seed)
     tgt = target.view(n_prompts, n)
     diff = tgt[:, :, None] - tgt[:, None, :]  # (P, n, n): target(i) - target(j)
-    for step in range(PM_STEPS):
+    for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, PM_STEPS, PM_LR, 20)
+            group["lr"] = cosine_lr(step, steps, PM_LR, 20)
         pick = torch.from_numpy(rng.choice(n_prompts, size=min(PM_PROMPTS_PER_STEP, n_prompts), replace=False))
         rows = (pick[:, None] * n + torch.arange(n)).reshape(-1)
         x = images[rows]
@@ -364,16 +366,14 @@ def train_preference(name: str, images: torch.Tensor, texts: list[str], target: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 100 == 0 or step == PM_STEPS - 1:
+        if step % 100 == 0 or step == steps - 1:
             print(f"  {name} step {step:4d} BT loss {loss.item():.4f}", flush=True)
     net.eval()
     return net
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k / n (Wilson 1927)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
+    """Wilson score interval of a binomial proportion k / n, n > 0 (Wilson 1927)."""
     p = k / n
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
@@ -392,8 +392,8 @@ def table1(scores: dict[str, torch.Tensor], quality: torch.Tensor, n: int) -> di
         sa, sb = s[:, 0::2].reshape(-1), s[:, 1::2].reshape(-1)
         agree = ((sa - sb) * (a - b) > 0)[keep]
         k, m = int(agree.sum()), int(keep.sum())
-        lo, hi = wilson(k, m)
-        out[name] = {"accuracy": round(k / m, 4) if m else None, "pairs": m, "ci95": [round(lo, 4), round(hi, 4)]}
+        ci = [round(v, 4) for v in wilson(k, m)] if m else None
+        out[name] = {"accuracy": round(k / m, 4) if m else None, "pairs": m, "ci95": ci}
     return out
 
 
@@ -505,7 +505,9 @@ def main() -> None:
 
     with eval_clock("preference models"):
         for i, (name, target) in enumerate(proxies.PREFERENCE_MODELS.items()):
-            net = train_preference(name, train_images, train_texts, train[target], TRAIN_SAMPLES, seed=20 + i)
+            net = train_preference(
+                name, train_images, train_texts, train[target], TRAIN_SAMPLES, seed=20 + i, steps=budget["pm_steps"]
+            )
             save_file(
                 {k: v.half().contiguous() for k, v in net.state_dict().items()}, str(pref_dir / f"{name}.safetensors")
             )

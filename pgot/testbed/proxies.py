@@ -11,8 +11,8 @@ The two mechanisms of reward hacking in the paper (section 2, appendix C) exist 
   adding noise): reward up, ground-truth quality down (``tests/test_testbed_proxies.py`` shows both facts).
 - **Strong rewards** are small learned preference models, trained like real ones (HPS, PickScore, HP) on pairs of
   base-model images of one prompt ranked by a "human", here the ground-truth judge (:mod:`pgot.testbed.judge`),
-  with the Bradley-Terry loss ``-log sigmoid(r(winner) - r(loser))`` (``scripts/train_testbed.py``). They track
-  the truth on the base model's distribution and less off it, as real ones do.
+  with the Bradley-Terry loss ``-log sigmoid(r(winner) - r(loser))`` (``scripts/train_testbed.py``). Like real
+  ones, they are fitted to the base model's distribution only; nothing makes them right off it.
 
   ============ ======================================================================================
   name         trained on pairs ranked by
@@ -28,9 +28,17 @@ The two mechanisms of reward hacking in the paper (section 2, appendix C) exist 
   ``path: tiny`` a random init (seeded by ``tiny_seed``) for tests, any other path a safetensors file (or a folder
   holding ``<name>.safetensors``).
 
+**Table 1 in this world** (``report.json``): preference accuracy against the judge's quality on 637 held-out pairs of
+base-model samples (disjoint pairs of one prompt, fresh seeds, ties within 0.01 left out), Wilson 95% intervals:
+tb_align 0.733 [0.698, 0.766], tb_pref 0.706 [0.670, 0.741], saturation 0.443 [0.405, 0.482], colorfulness 0.473
+[0.434, 0.511], contrast 0.468 [0.429, 0.507], sharpness 0.466 [0.428, 0.505]. The weak rewards are at or below
+chance (saturation significantly below) on the base distribution.
+
 :data:`STRENGTHS` says which is which, :data:`SIGNATURES` what each one's hacking looks like (the knowledge base of
 the agent, paper D.1), and :data:`SIGNATURE_COMPONENTS` which ground-truth components it damages (for
-:func:`pgot.testbed.agent.diagnose`).
+:func:`pgot.testbed.agent.diagnose`). The weak rewards' component signatures were read off mild pixel-space hacks of
+exact renderings (a few Adam steps on the global-target hinge; ``tests/test_testbed_agent.py`` replays them); the
+strong rewards' are expectations, not yet observed.
 """
 
 from __future__ import annotations
