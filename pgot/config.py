@@ -38,6 +38,7 @@ __all__ = [
     "ANALYTIC_REWARDS",
     "LEARNED_REWARDS",
     "REWARD_NAMES",
+    "TESTBED_REWARDS",
     "AgentConfig",
     "Config",
     "ConfigError",
@@ -71,7 +72,9 @@ LEARNED_REWARDS = ("clip", "ict", "hp", "hps", "pickscore", "imagereward", "aest
 """Rewards with weights (:mod:`pgot.rewards.clip`, :mod:`pgot.rewards.hps`, :mod:`pgot.rewards.imagereward`)."""
 ANALYTIC_REWARDS = ("brightness", "colorfulness", "contrast", "saturation", "sharpness")
 """Rewards computed from the pixels alone (:mod:`pgot.rewards.analytic`)."""
-REWARD_NAMES = LEARNED_REWARDS + ANALYTIC_REWARDS
+TESTBED_REWARDS = ("tb_align", "tb_pref")
+"""The reward-hacking testbed's learned preference models (:mod:`pgot.testbed.proxies`)."""
+REWARD_NAMES = LEARNED_REWARDS + ANALYTIC_REWARDS + TESTBED_REWARDS
 """The names of ``pgot.rewards.REWARDS``, known without importing the reward models (checked there at import)."""
 
 
@@ -99,7 +102,7 @@ class ModelConfig:
     """The SD3 / SD3.5 base model and its LoRA."""
 
     path: str = ""
-    """Local diffusers folder of SD3 / SD3.5 (or a hub id where the hub is reachable). Ignored when ``tiny``."""
+    """Local diffusers folder of SD3 / SD3.5, a hub id already in the local hub cache (``pgot-fetch`` puts it there), or ``builtin:testbed`` (the reward-hacking testbed's tiny SD3 shipped with pgot). Ignored when ``tiny``."""
     tiny: bool = False
     """Build a small random SD3 (no weights needed) for tests and the CPU demo."""
     tiny_seed: int = 0

@@ -45,6 +45,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from pgot.devices import resolve_device, resolve_dtype
 from pgot.files import atomic_write
+from pgot.testbed import MODEL_DIR as TESTBED_MODEL_DIR
 
 if TYPE_CHECKING:
     from pgot.config import ModelConfig
@@ -68,6 +69,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {"builtin:testbed": TESTBED_MODEL_DIR}
+"""``model.path`` names of models shipped with pgot -> their folder (the reward-hacking testbed's tiny SD3)."""
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 """File name of a diffusers LoRA (what ``load_lora_weights`` looks for in a folder)."""
@@ -185,6 +189,8 @@ def _not_sd3(path: str, why: str) -> ValueError:
 
 
 def check_model_folder(path: str) -> Path:
+    if path in BUILTIN_MODELS:
+        path = str(BUILTIN_MODELS[path])
     if not path:
         raise ValueError(f"model.path is empty and model.tiny is false. {_GET_WEIGHTS}")
     folder = Path(path).expanduser()

@@ -67,7 +67,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILTIN = {"builtin:demo": "demo_prompts.txt"}
+BUILTIN = {"builtin:demo": "demo_prompts.txt", "builtin:testbed": "testbed_prompts.txt"}
 """Names usable as ``prompts.path`` -> file in ``pgot/data``."""
 
 _FORMATS = (".txt", ".csv", ".jsonl", ".parquet")

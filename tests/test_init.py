@@ -98,7 +98,8 @@ def test_readme_library_example_runs(tmp_path):
 
 def test_reward_strength_defaults_load_without_the_model_libraries():
     """pgot.rewards.STRENGTHS (read by the agent) imports neither transformers nor open_clip; the paper's strong
-    rewards are ICT and HP, every other known reward (and an unknown one) is weak."""
+    rewards are ICT and HP (the testbed's learned preference models are its strong ones), every other known reward
+    (and an unknown one) is weak."""
     code = (
         "import sys, json; from pgot.rewards import STRENGTHS, default_strength; import pgot.agent; "
         "print(json.dumps([sorted(m for m in ('transformers', 'open_clip', 'diffusers') if m in sys.modules), "
@@ -108,7 +109,7 @@ def test_reward_strength_defaults_load_without_the_model_libraries():
     assert proc.returncode == 0, proc.stderr[-2000:]
     heavy, table, unknown, explicit = json.loads(proc.stdout.strip().splitlines()[-1])
     assert heavy == []
-    assert {n for n, s in table.items() if s == "strong"} == {"ict", "hp"}
+    assert {n for n, s in table.items() if s == "strong"} == {"ict", "hp", "tb_align", "tb_pref"}  # + testbed
     from pgot.rewards import REWARDS
 
     assert set(table) == set(REWARDS) and unknown == "weak" and explicit == "weak"

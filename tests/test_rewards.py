@@ -35,7 +35,7 @@ def _images(b: int = 2, h: int = 40, w: int = 56, seed: int = 0) -> torch.Tensor
 
 
 def test_registry_names():
-    assert set(REWARDS) == set(LEARNED + ANALYTIC_NAMES)
+    assert set(REWARDS) == set(LEARNED + ANALYTIC_NAMES + ["tb_align", "tb_pref"])  # + the testbed's preference models
 
 
 def test_unknown_name_lists_known_ones():

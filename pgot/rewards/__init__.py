@@ -16,6 +16,7 @@ aesthetic    LAION improved aesthetic predictor   :mod:`pgot.rewards.clip`
 hps          HPSv2 / HPSv2.1 (open_clip), cosine  :mod:`pgot.rewards.hps`
 imagereward  ImageReward (BLIP + MLP)             :mod:`pgot.rewards.imagereward`
 brightness, colorfulness, contrast, saturation, sharpness: :mod:`pgot.rewards.analytic`
+tb_align, tb_pref: testbed preference models (32 px, testbed prompts only), :mod:`pgot.testbed.proxies`
 ============ ==================================== =========================================
 
 Every learned reward also builds from ``path: tiny`` (small random weights, seeded by ``tiny_seed``,
@@ -41,6 +42,8 @@ pickscore    weak   not classed by the paper; trained like HPS (CLIP ViT-H-14 on
 imagereward  weak   not classed by the paper; a pairwise-preference model like HPS
 aesthetic    weak   not classed by the paper; it scores the image without the prompt, so a model can raise it
                     while ignoring the text
+tb_align,    strong the testbed's learned preference models (:mod:`pgot.testbed.proxies`), trained on pairs ranked
+tb_pref             by the testbed's ground-truth judge; they agree with it most (the testbed's Table 1)
 brightness,  weak   hand-made image statistics: hackable proxies (a saturated, high-contrast image maximises
 colorfulness,       them whatever the prompt)
 contrast,
@@ -83,6 +86,17 @@ __all__ = [
     "score_images",
 ]
 
+
+def _testbed_preference(
+    cfg: RewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> Reward:
+    """A testbed preference model (:func:`pgot.testbed.proxies.build_preference`), imported on first use:
+    ``pgot.testbed.proxies`` itself imports this package."""
+    from pgot.testbed.proxies import build_preference
+
+    return build_preference(cfg, device, dtype)
+
+
 Constructor = Callable[[RewardConfig, "torch.device | str", "torch.dtype | None"], Reward]
 
 
@@ -113,6 +127,8 @@ _FAMILIES = {
 REWARDS: dict[str, Constructor] = {
     **{name: _lazy(module, f"build_{name}") for name, module in _FAMILIES.items()},
     **_ANALYTIC,
+    "tb_align": _testbed_preference,
+    "tb_pref": _testbed_preference,
 }
 """Reward name -> constructor ``(cfg, device, dtype) -> Reward``."""
 
@@ -133,6 +149,8 @@ STRENGTHS: dict[str, Literal["strong", "weak"]] = {
     "imagereward": "weak",
     "aesthetic": "weak",
     **dict.fromkeys(_ANALYTIC, "weak"),
+    "tb_align": "strong",
+    "tb_pref": "strong",
 }
 """Reward name -> default strength (``rewards.<i>.strength: null``); the table of the module docstring says why."""
 

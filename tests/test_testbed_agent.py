@@ -1,0 +1,93 @@
+"""Tests of pgot.testbed.agent.diagnose: Continue on clean images, Remove the right weak reward, Switch when only
+strong rewards remain and nothing changes, in the reply format pgot.agent.parse_reply reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgot.agent import parse_reply
+from pgot.config import RewardConfig
+from pgot.rewards import build
+from pgot.testbed import proxies
+from pgot.testbed.agent import diagnose
+from pgot.testbed.scenes import all_prompts, render
+
+PROMPTS = all_prompts()[::7]  # 16 prompts: every shape, size, colour and background
+ALL = list(proxies.STRENGTHS)
+STRONG = list(proxies.PREFERENCE_MODELS)
+
+
+def _base() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return (render(PROMPTS, seed=0) + 0.002 * torch.randn(len(PROMPTS), 3, 32, 32, generator=gen)).clamp(1e-3, 1 - 1e-3)
+
+
+def _hack(name: str, steps: int) -> torch.Tensor:
+    """Mild collapse: a few pixel-space steps on the global-target hinge relu(C - r(x)) of weak reward ``name``."""
+    reward = build([RewardConfig(name=name)])[0]
+    with torch.no_grad():
+        target = float(reward(render(all_prompts()), all_prompts()).max())
+    theta = torch.logit(_base()).requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=0.05)
+    for _ in range(steps):
+        loss = torch.relu(target - reward(torch.sigmoid(theta), PROMPTS)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.sigmoid(theta).detach()
+
+
+def _read(text: str):
+    return parse_reply(text, ALL)
+
+
+def test_clean_images_continue():
+    base = _base()
+    reply = _read(diagnose(base, base.clone(), PROMPTS, ALL, proxies.STRENGTHS))
+    assert reply.action == "continue" and reply.strategy == "offline"
+    assert "No breakdown" in reply.analysis
+
+
+@pytest.mark.parametrize("name", proxies.WEAK_REWARDS)
+def test_mild_collapse_of_a_weak_reward_removes_it(name):
+    current = _hack(name, steps=6)
+    text = diagnose(_base(), current, PROMPTS, ALL, proxies.STRENGTHS)
+    reply = _read(text)
+    assert reply.action == "remove" and reply.reward == name, text
+    assert proxies.SIGNATURES[name] in text
+
+
+def test_only_inactive_or_strong_rewards_are_never_removed():
+    current = _hack("sharpness", steps=6)
+    # sharpness is not active: the next best matching active weak reward goes, never a strong one
+    text = diagnose(_base(), current, PROMPTS, ["saturation", "contrast", *STRONG], proxies.STRENGTHS)
+    reply = _read(text)
+    assert reply.action == "remove" and reply.reward in ("saturation", "contrast")
+    text = diagnose(_base(), current, PROMPTS, STRONG, proxies.STRENGTHS)
+    reply = _read(text)
+    assert reply.action == "continue" and "Breakdown" in reply.analysis
+
+
+def test_switch_when_only_strong_rewards_remain_and_images_change_little():
+    base = _base()
+    still = (base + 0.004).clamp(0, 1)
+    reply = _read(diagnose(base, still, PROMPTS, STRONG, proxies.STRENGTHS))
+    assert reply.action == "switch" and reply.strategy == "online"
+    # a weak reward still active: no switch
+    assert _read(diagnose(base, still, PROMPTS, ["saturation", *STRONG], proxies.STRENGTHS)).action == "continue"
+    # already online: stay
+    reply = _read(diagnose(base, still, PROMPTS, STRONG, proxies.STRENGTHS, strategy="online"))
+    assert reply.action == "continue" and reply.strategy == "online"
+    # images still changing since the previous check: no switch
+    moved = render(PROMPTS, seed=9)  # same scenes, other positions: a change, not a breakdown
+    reply = _read(diagnose(base, moved, PROMPTS, STRONG, proxies.STRENGTHS, previous_images=base))
+    assert reply.action == "continue"
+
+
+def test_input_errors():
+    base = _base()
+    with pytest.raises(ValueError, match="current_images"):
+        diagnose(base, base[:3], PROMPTS, ALL, proxies.STRENGTHS)
+    with pytest.raises(ValueError, match="strategy"):
+        diagnose(base, base, PROMPTS, ALL, proxies.STRENGTHS, strategy="sometimes")
