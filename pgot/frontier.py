@@ -12,7 +12,7 @@ A store is a folder::
 ``samples.parquet`` has the columns ``prompt_id`` (int64), ``prompt`` (str), ``seed`` (int64),
 ``sample_index`` (int64), one float32 column per reward (named after the reward, in config order)
 and ``on_frontier`` (bool), sorted by ``(prompt_id, sample_index)``. Each prompt has exactly N rows,
-and ``on_frontier`` marks the non-dominated rows among its N (maximisation, DESIGN.md conventions).
+and ``on_frontier`` marks the non-dominated rows among its N (maximisation: :mod:`pgot.pareto`).
 It is readable with ``pandas.read_parquet``.
 
 Every file is written atomically (a temporary file, then ``os.replace``), so a killed precompute

@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from pgot.config import Config, config_to_dict
+from pgot.files import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -577,17 +578,17 @@ def _place(src: Path, dst: Path) -> str:
     blob = src.resolve()
     if dst.is_file() and (os.path.samefile(blob, dst) or dst.stat().st_size == blob.stat().st_size):
         return "present"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".pgot-fetch-tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(blob, tmp)
-        how = "linked"
-    except OSError:  # another file system, or one without hard links
-        shutil.copyfile(blob, tmp)
-        how = "copied"
-    os.replace(tmp, dst)
-    return how
+    how = ["linked"]
+
+    def place(tmp: Path) -> None:
+        try:
+            os.link(blob, tmp)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(blob, tmp)
+            how[0] = "copied"
+
+    atomic_write(dst, place, fsync=False)
+    return how[0]
 
 
 def _offline() -> bool:
@@ -766,15 +767,11 @@ def write_local_config(cfg: Config, items: Sequence[Item], out: str | Path, *, o
         else:
             data["rewards"][int(item.key.split(".")[1])]["path"] = str(item.target)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     header = (
         f"# Written by pgot-fetch{f' from {origin}' if origin else ''}: the same config with local checkpoint paths.\n"
         f"# Use it as any pgot config, e.g. pgot-train --config {out}\n"
     )
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, header + yaml.safe_dump(data, sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------------

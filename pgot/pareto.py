@@ -10,7 +10,7 @@ Conventions shared by every function here:
 - **Duplicates** do not dominate each other, so all copies of a non-dominated vector are on the front
   (``moocore.is_nondominated(..., keep_weakly=True)``).
 - **NaN:** a row with any NaN is incomparable: it never dominates, is never dominated and is never on a
-  front (DESIGN.md: "never on a frontier and never dominates anything"; it is not dominated either, since
+  front (pgot's rule for every backend; it is not dominated either, since
   dominance needs every reward compared). A NaN reward is the caller's to report; here it only cannot
   poison the other rows (moocore, pymoo and paretoset silently drop valid front points when a NaN is present).
 - **Infinities:** ``+inf`` and ``-inf`` are ordinary ordered values, ``-inf < x < +inf`` for every finite

@@ -1,7 +1,7 @@
 """Benchmark pgot's numeric kernels (Pareto masks, dominating sets, batched OT loss) against peers.
 
 Every case times pgot and its peers side by side in one process, round-robin in shuffled order, and
-reports medians and the speedup ``peer time / pgot time`` against the goal of research/perf.md E.
+reports medians and the speedup ``peer time / pgot time`` against the goal column of each case.
 Peers that are not importable (moocore, POT, botorch) are skipped with a note.
 
     OMP_NUM_THREADS=1 python scripts/bench_kernels.py                    # CPU, 1 thread

@@ -4,64 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sd3_helpers import PROMPTS, tiny_cfg
 
-from pgot.config import ModelConfig
 from pgot.embeddings import encode_prompts, offload_text_encoders
-from pgot.generate import make_noise, sample
 from pgot.model import (
     load_model,
     pipeline,
 )
-from pgot.tiny import save_tiny
-
-RES = 32
-T = 4
-PROMPTS = ["a red fox in the snow", "a bowl of ramen"]
-TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def _cfg(**kw) -> ModelConfig:
-    base = {
-        "tiny": True,
-        "resolution": RES,
-        "max_sequence_length": 8,
-        "device": "cpu",
-        "lora_rank": 4,
-        "lora_alpha": 8.0,
-    }
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-def _noise(model, n=2):
-    return make_noise(3, list(range(n)), [0] * n, model.latent_shape(RES))
-
-
-def _sample(model, embeds):
-    with torch.no_grad():
-        return sample(model, embeds, _noise(model, len(embeds)), num_steps=T, k=0)
-
-
-def _randomize_lora_b(model, scale=0.2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.transformer.named_parameters():
-            if "lora_B" in n and ".default." in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_sd3")
-    save_tiny(load_model(_cfg()), folder)
-    return folder
-
 
 # ------------------------------------------------------------------ prompt embeddings
 
 
 def test_encode_prompts_matches_pipeline_and_caches(tmp_path):
-    model = load_model(_cfg())
+    model = load_model(tiny_cfg())
     calls = []
     for te in (model.text_encoder, model.text_encoder_2):
         te.register_forward_pre_hook(lambda m, a: calls.append(1))
@@ -82,7 +37,7 @@ def test_encode_prompts_matches_pipeline_and_caches(tmp_path):
     torch.testing.assert_close(again.prompt_embeds, e.prompt_embeds.flip(0))
     assert len(list(tmp_path.glob("*.safetensors"))) == 3
     # a fresh model (same fingerprint) reads the disk cache, even without text encoders
-    fresh = load_model(_cfg())
+    fresh = load_model(tiny_cfg())
     offload_text_encoders(fresh)
     assert fresh.text_encoder is None and fresh.text_encoder_2 is None
     from_disk = encode_prompts(fresh, PROMPTS, cache_dir=tmp_path)
@@ -90,14 +45,14 @@ def test_encode_prompts_matches_pipeline_and_caches(tmp_path):
     with pytest.raises(ValueError, match="offload"):
         encode_prompts(fresh, ["a prompt never encoded"], cache_dir=tmp_path)
     # another tiny seed is another model: its cache keys differ
-    other = load_model(_cfg(tiny_seed=2))
+    other = load_model(tiny_cfg(tiny_seed=2))
     offload_text_encoders(other)
     with pytest.raises(ValueError, match="no cached embedding"):
         encode_prompts(other, PROMPTS, cache_dir=tmp_path)
 
 
 def test_prompt_embeds_helpers():
-    model = load_model(_cfg())
+    model = load_model(tiny_cfg())
     e = encode_prompts(model, PROMPTS)
     r = e.repeat_interleave(3)
     assert len(r) == 6 and torch.equal(r.prompt_embeds[2], e.prompt_embeds[0]) and torch.equal(r.pooled[3], e.pooled[1])
@@ -112,8 +67,8 @@ def test_embedding_does_not_depend_on_the_other_prompts_or_the_stage():
     """One encoding rule: a prompt's embedding is the same whatever prompts it is encoded with, and in
     whichever order stages (precompute: many prompts; train: a few) fill the cache."""
     many = [f"prompt number {i} with some words" for i in range(12)]
-    a = encode_prompts(load_model(_cfg()), many, negative=False)
-    fresh = load_model(_cfg())
+    a = encode_prompts(load_model(tiny_cfg()), many, negative=False)
+    fresh = load_model(tiny_cfg())
     b = encode_prompts(fresh, [many[5]], negative=False)
     c = encode_prompts(fresh, many[::-1], negative=False)
     torch.testing.assert_close(b.prompt_embeds[0], a.prompt_embeds[5], rtol=0, atol=0)

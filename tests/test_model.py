@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
+from sd3_helpers import PROMPTS, RES, TOL, T, noise, randomize_lora_b, sample_latents, tiny_cfg
 
 from pgot.config import ModelConfig
 from pgot.embeddings import encode_prompts
-from pgot.generate import make_noise, sample
 from pgot.model import (
     FINGERPRINT_KEY,
     LORA_WEIGHT_NAME,
@@ -27,46 +27,11 @@ from pgot.model import (
 )
 from pgot.tiny import save_tiny
 
-RES = 32
-T = 4
-PROMPTS = ["a red fox in the snow", "a bowl of ramen"]
-TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def _cfg(**kw) -> ModelConfig:
-    base = {
-        "tiny": True,
-        "resolution": RES,
-        "max_sequence_length": 8,
-        "device": "cpu",
-        "lora_rank": 4,
-        "lora_alpha": 8.0,
-    }
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-def _noise(model, n=2):
-    return make_noise(3, list(range(n)), [0] * n, model.latent_shape(RES))
-
-
-def _sample(model, embeds):
-    with torch.no_grad():
-        return sample(model, embeds, _noise(model, len(embeds)), num_steps=T, k=0)
-
-
-def _randomize_lora_b(model, scale=0.2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.transformer.named_parameters():
-            if "lora_B" in n and ".default." in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_sd3")
-    save_tiny(load_model(_cfg()), folder)
+    save_tiny(load_model(tiny_cfg()), folder)
     return folder
 
 
@@ -111,7 +76,7 @@ def test_bad_model_path_errors(tmp_path, kind):
 
 
 def test_add_lora_trains_only_fp32_lora_params():
-    cfg = _cfg()
+    cfg = tiny_cfg()
     model = load_model(cfg)
     params = add_lora(model, cfg)
     trainable = [p for p in model.transformer.parameters() if p.requires_grad]
@@ -123,13 +88,13 @@ def test_add_lora_trains_only_fp32_lora_params():
     # B starts at zero: the tuned model starts as the base model
     base = load_model(cfg)
     e = encode_prompts(model, PROMPTS)
-    torch.testing.assert_close(_sample(model, e), _sample(base, e), rtol=0, atol=0)
+    torch.testing.assert_close(sample_latents(model, e), sample_latents(base, e), rtol=0, atol=0)
     with pytest.raises(ValueError, match="add_lora once"):
         add_lora(model, cfg)
 
 
 def test_add_lora_bad_targets():
-    cfg = _cfg(lora_target_modules=["attn.nonexistent"])
+    cfg = tiny_cfg(lora_target_modules=["attn.nonexistent"])
     with pytest.raises(ValueError, match="model.lora_target_modules"):
         add_lora(load_model(cfg), cfg)
 
@@ -137,16 +102,16 @@ def test_add_lora_bad_targets():
 def _trained(cfg, seed=1):
     model = load_model(cfg)
     add_lora(model, cfg)
-    _randomize_lora_b(model, seed=seed)
+    randomize_lora_b(model, seed=seed)
     return model
 
 
 def test_save_lora_loads_in_diffusers_and_reproduces_samples(tmp_path, tiny_folder):
-    cfg = _cfg()  # r=4, alpha=8: scale 2 must survive the round trip
+    cfg = tiny_cfg()  # r=4, alpha=8: scale 2 must survive the round trip
     model = _trained(cfg)
     e = encode_prompts(model, PROMPTS)
-    ours = _sample(model, e)
-    assert not torch.allclose(ours, _sample(load_model(cfg), e), atol=1e-3), "the LoRA matters"
+    ours = sample_latents(model, e)
+    assert not torch.allclose(ours, sample_latents(load_model(cfg), e), atol=1e-3), "the LoRA matters"
     f = save_lora(model, tmp_path / "lora")
     assert f.name == LORA_WEIGHT_NAME and f.is_file()
     keys = list(load_file(str(f)))
@@ -158,7 +123,7 @@ def test_save_lora_loads_in_diffusers_and_reproduces_samples(tmp_path, tiny_fold
     ref = pipe(
         prompt_embeds=e.prompt_embeds,
         pooled_prompt_embeds=e.pooled,
-        latents=_noise(model),
+        latents=noise(model),
         num_inference_steps=T,
         guidance_scale=0.0,
         height=RES,
@@ -170,18 +135,18 @@ def test_save_lora_loads_in_diffusers_and_reproduces_samples(tmp_path, tiny_fold
     loaded = load_model(cfg)
     load_lora(loaded, tmp_path / "lora")
     assert not any(p.requires_grad for p in loaded.transformer.parameters())
-    torch.testing.assert_close(_sample(loaded, e), ours, **TOL)
+    torch.testing.assert_close(sample_latents(loaded, e), ours, **TOL)
     # resume: the trainable adapter initialised from the file
     resumed = load_model(cfg)
     add_lora(resumed, cfg, init_from=f)
     for k, v in lora_state_dict(model).items():
         torch.testing.assert_close(lora_state_dict(resumed)[k], v, rtol=0, atol=0)
     # model.lora_path loads it at load time
-    torch.testing.assert_close(_sample(load_model(_cfg(lora_path=str(tmp_path / "lora"))), e), ours, **TOL)
+    torch.testing.assert_close(sample_latents(load_model(tiny_cfg(lora_path=str(tmp_path / "lora"))), e), ours, **TOL)
 
 
 def test_lora_scale_and_soup_are_weighted_sums_of_deltas(tmp_path):
-    cfg = _cfg()
+    cfg = tiny_cfg()
     m1 = _trained(cfg, seed=1)
     m2 = load_model(cfg)
     add_lora(m2, cfg)
@@ -191,7 +156,7 @@ def test_lora_scale_and_soup_are_weighted_sums_of_deltas(tmp_path):
             key = n.replace(".default", "")
             if "lora_A" in n:
                 p.copy_(sd1[key])
-    _randomize_lora_b(m2, seed=2)
+    randomize_lora_b(m2, seed=2)
     sd2 = lora_state_dict(m2)
     save_lora(m1, tmp_path / "a")
     save_lora(m2, tmp_path / "b")
@@ -205,22 +170,22 @@ def test_lora_scale_and_soup_are_weighted_sums_of_deltas(tmp_path):
                 key = n.replace(".default", "")
                 if "lora_" in n:
                     p.copy_(fn(key))
-        return _sample(m, e)
+        return sample_latents(m, e)
 
     half = load_model(cfg)
     load_lora(half, tmp_path / "a", scale=0.5)
     ref = with_b(lambda k: sd1[k] * 0.5 if "lora_B" in k else sd1[k])
-    torch.testing.assert_close(_sample(half, e), ref, **TOL)
+    torch.testing.assert_close(sample_latents(half, e), ref, **TOL)
 
     soup = load_model(cfg)
     names = load_lora_soup(soup, {str(tmp_path / "a"): 0.3, str(tmp_path / "b"): 0.7})
     assert names == ["soup_0", "soup_1"] and soup.adapter_weights == {"soup_0": 0.3, "soup_1": 0.7}
     ref = with_b(lambda k: 0.3 * sd1[k] + 0.7 * sd2[k] if "lora_B" in k else sd1[k])
-    torch.testing.assert_close(_sample(soup, e), ref, **TOL)
+    torch.testing.assert_close(sample_latents(soup, e), ref, **TOL)
 
 
 def test_lora_path_errors(tmp_path):
-    model = load_model(_cfg())
+    model = load_model(tiny_cfg())
     with pytest.raises(ValueError, match="does not exist"):
         load_lora(model, tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match=f"LoRA folder that has no {LORA_WEIGHT_NAME}"):
@@ -254,7 +219,7 @@ def pgot_lora(tmp_path_factory):
     """A trained adapter saved by save_lora: (file, its tensors, its metadata, the reference deltas)."""
     from safetensors import safe_open
 
-    cfg = _cfg()  # r=4, alpha=8: scale 2
+    cfg = tiny_cfg()  # r=4, alpha=8: scale 2
     model = _trained(cfg)
     f = save_lora(model, tmp_path_factory.mktemp("pgot_lora"))
     with safe_open(str(f), framework="pt") as fh:
@@ -309,7 +274,7 @@ def _naming(kind: str, sd: dict, meta: dict, folder):
 def test_every_lora_naming_loads_completely(pgot_lora, tmp_path, kind):
     f, sd, meta, want = pgot_lora
     path = f if kind == "diffusers" else _naming(kind, sd, meta, tmp_path)
-    model = load_model(_cfg())
+    model = load_model(tiny_cfg())
     load_lora(model, path, key=LORA_KEY)
     got = _deltas(model, "pgot_lora")
     assert set(got) == set(want) and len(got) == 15
@@ -321,19 +286,19 @@ def test_every_lora_naming_loads_completely(pgot_lora, tmp_path, kind):
 
 def test_peft_named_lora_samples_like_the_original(pgot_lora, tmp_path):
     f, sd, meta, _ = pgot_lora
-    e = encode_prompts(load_model(_cfg()), PROMPTS)
-    a, b = load_model(_cfg()), load_model(_cfg())
+    e = encode_prompts(load_model(tiny_cfg()), PROMPTS)
+    a, b = load_model(tiny_cfg()), load_model(tiny_cfg())
     load_lora(a, f)
     load_lora(b, _naming("peft_no_prefix", sd, meta, tmp_path))
-    base = _sample(load_model(_cfg()), e)
-    assert not torch.allclose(_sample(b, e), base, atol=1e-3), "the LoRA reached the transformer"
-    torch.testing.assert_close(_sample(b, e), _sample(a, e), rtol=0, atol=0)
+    base = sample_latents(load_model(tiny_cfg()), e)
+    assert not torch.allclose(sample_latents(b, e), base, atol=1e-3), "the LoRA reached the transformer"
+    torch.testing.assert_close(sample_latents(b, e), sample_latents(a, e), rtol=0, atol=0)
 
 
 def test_lora_without_alpha_assumes_rank_and_says_so(pgot_lora, tmp_path, caplog):
     _, sd, _, want = pgot_lora
     path = _save(tmp_path / "bare.safetensors", {k.removeprefix("transformer."): v for k, v in sd.items()})
-    model = load_model(_cfg())
+    model = load_model(tiny_cfg())
     with caplog.at_level("WARNING", logger="pgot.model"):
         load_lora(model, path)
     assert "records no lora_alpha" in caplog.text and "records no base-model fingerprint" in caplog.text
@@ -415,14 +380,14 @@ def _sai_file(folder, r=2, seed=0, underscored=False):
 @pytest.mark.parametrize("underscored", [False, True])
 def test_stability_ai_layer_names_split_qkv_and_swap_adaln(tmp_path, underscored):
     path, want = _sai_file(tmp_path, underscored=underscored)
-    model = load_model(_cfg())
+    model = load_model(tiny_cfg())
     load_lora(model, path)
     got = _deltas(model, "pgot_lora")
     assert set(got) == set(want) and len(got) == 19
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
     e = encode_prompts(model, PROMPTS)
-    assert torch.isfinite(_sample(model, e)).all()
+    assert torch.isfinite(sample_latents(model, e)).all()
 
 
 def _broken(kind: str, sd: dict, meta: dict, folder):
@@ -501,27 +466,27 @@ BROKEN = [
 def test_lora_that_would_load_in_part_is_refused_everywhere(pgot_lora, tmp_path, kind):
     f, sd, meta, want = pgot_lora
     path, words, in_header = _broken(kind, sd, meta, tmp_path)
-    model = load_model(_cfg())
+    model = load_model(tiny_cfg())
     e = encode_prompts(model, PROMPTS)
-    base = _sample(model, e)
+    base = sample_latents(model, e)
     # load_lora: the error names the key and the file; the model is left as it was
     with pytest.raises(ValueError, match=words) as info:
         load_lora(model, path, key=LORA_KEY)
     assert str(info.value).startswith(LORA_KEY) and path.name in str(info.value)
     assert _peft_config(model) == {}
-    torch.testing.assert_close(_sample(model, e), base, rtol=0, atol=0)
+    torch.testing.assert_close(sample_latents(model, e), base, rtol=0, atol=0)
     # a soup: the good LoRA loaded before the bad one is removed again
     with pytest.raises(ValueError, match=words) as info:
         load_lora_soup(model, {str(f): 0.5, str(path): 0.5}, key="eval.models.2.soup")
     assert str(info.value).startswith("eval.models.2.soup") and _peft_config(model) == {}
     # the trainable adapter initialised from it
-    cfg = _cfg()
+    cfg = tiny_cfg()
     with pytest.raises(ValueError, match=words):
         add_lora(model, cfg, init_from=path, key="train.init")
     assert _peft_config(model) == {}
     # model.lora_path
     with pytest.raises(ValueError, match=words) as info:
-        load_model(_cfg(lora_path=str(path)))
+        load_model(tiny_cfg(lora_path=str(path)))
     assert str(info.value).startswith("model.lora_path")
     # the preflight check finds what the header shows, without a model
     problems = check_lora_file(path, key=LORA_KEY)
@@ -536,17 +501,20 @@ def test_lora_that_would_load_in_part_is_refused_everywhere(pgot_lora, tmp_path,
 
 def test_init_from_must_fill_the_adapter_exactly(pgot_lora):
     f, _, _, want = pgot_lora
-    model = load_model(_cfg())
-    add_lora(model, _cfg(), init_from=f)
+    model = load_model(tiny_cfg())
+    add_lora(model, tiny_cfg(), init_from=f)
     for name, delta in _deltas(model, "default").items():
         torch.testing.assert_close(delta, want[name], rtol=0, atol=0)
     for kw, words in [
         ({"lora_rank": 8}, "other ranks than model.lora_rank"),
         ({"lora_alpha": 4.0}, "other alpha than model.lora_alpha=4"),
         ({"lora_target_modules": ["attn.to_q", "attn.to_k"]}, "weights for 11 layers the adapter lacks"),
-        ({"lora_target_modules": [*_cfg().lora_target_modules, "ff.net.2"]}, "no weights for 2 layers of the adapter"),
+        (
+            {"lora_target_modules": [*tiny_cfg().lora_target_modules, "ff.net.2"]},
+            "no weights for 2 layers of the adapter",
+        ),
     ]:
-        cfg = _cfg(**kw)
+        cfg = tiny_cfg(**kw)
         fresh = load_model(cfg)
         with pytest.raises(ValueError, match=words):
             add_lora(fresh, cfg, init_from=f)
@@ -557,11 +525,11 @@ def test_lora_records_its_base_and_refuses_another(pgot_lora, tmp_path, caplog):
     f, sd, _, want = pgot_lora
     from safetensors import safe_open
 
-    trained_on = load_model(_cfg()).fingerprint
+    trained_on = load_model(tiny_cfg()).fingerprint
     with safe_open(str(f), framework="pt") as fh:
         assert fh.metadata()[FINGERPRINT_KEY] == trained_on
     assert lora_base_fingerprint(f) == lora_base_fingerprint(f.parent) == trained_on
-    other = load_model(_cfg(tiny_seed=1))
+    other = load_model(tiny_cfg(tiny_seed=1))
     assert other.fingerprint != trained_on
     with pytest.raises(ValueError) as info:
         load_lora(other, f, key=LORA_KEY)
@@ -570,9 +538,9 @@ def test_lora_records_its_base_and_refuses_another(pgot_lora, tmp_path, caplog):
     assert "eval.models.1.allow_lora_transfer=true" in msg and "\n" not in msg
     assert _peft_config(other) == {}
     with pytest.raises(ValueError, match="model.allow_lora_transfer=true"):
-        load_model(_cfg(tiny_seed=1, lora_path=str(f)))
+        load_model(tiny_cfg(tiny_seed=1, lora_path=str(f)))
     with pytest.raises(ValueError, match="allow_other_base=True"):
-        add_lora(load_model(_cfg(tiny_seed=1)), _cfg(), init_from=f)
+        add_lora(load_model(tiny_cfg(tiny_seed=1)), tiny_cfg(), init_from=f)
     (problem,) = check_lora_file(f, key=LORA_KEY, fingerprint=other.fingerprint)  # the same words, without a model
     assert problem.startswith(LORA_KEY) and trained_on in problem and other.fingerprint in problem
     assert "eval.models.1.allow_lora_transfer=true" in problem
@@ -582,22 +550,22 @@ def test_lora_records_its_base_and_refuses_another(pgot_lora, tmp_path, caplog):
         load_lora(other, f, key=LORA_KEY, allow_other_base=True)
     assert "as allowed by eval.models.1.allow_lora_transfer=true" in caplog.text
     assert set(_deltas(other, "pgot_lora")) == set(want)
-    loaded = load_model(_cfg(tiny_seed=1, lora_path=str(f), allow_lora_transfer=True))
+    loaded = load_model(tiny_cfg(tiny_seed=1, lora_path=str(f), allow_lora_transfer=True))
     assert set(_deltas(loaded, "pgot_lora")) == set(want)
     # a LoRA from another tool records no base: one warning per file, then it loads
     bare = _save(tmp_path / "other_tool.safetensors", sd)
     assert lora_base_fingerprint(bare) is None
     caplog.clear()
     with caplog.at_level("WARNING", logger="pgot.model"):
-        load_lora(load_model(_cfg(tiny_seed=1)), bare)
-        load_lora(load_model(_cfg(tiny_seed=1)), bare)
+        load_lora(load_model(tiny_cfg(tiny_seed=1)), bare)
+        load_lora(load_model(tiny_cfg(tiny_seed=1)), bare)
     assert caplog.text.count("records no base-model fingerprint") == 1
 
 
 def test_init_from_arrives_exactly_in_a_bfloat16_model(pgot_lora):
     f, _, _, _ = pgot_lora
     want = {k.removeprefix("transformer."): v for k, v in load_file(str(f)).items()}
-    cfg = _cfg(dtype="bfloat16")
+    cfg = tiny_cfg(dtype="bfloat16")
     model = load_model(cfg)
     assert model.dtype == torch.bfloat16
     params = add_lora(model, cfg, init_from=f)

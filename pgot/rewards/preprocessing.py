@@ -7,8 +7,8 @@ pipeline on tensors, differentiable w.r.t. the pixels, so one call feeds every t
 
 Antialiased bicubic interpolation (``F.interpolate(..., antialias=True)``, the op behind
 ``torchvision.transforms.v2.functional.resize`` on tensors) is about 20 times closer to PIL's bicubic
-resize than the plain one (max 0.09, mean 0.004 in normalised units on a textured image, see
-``research/rewards.md`` section 3).
+resize than the plain one (max 0.09, mean 0.004 in normalised units on a textured image, measured when this
+module was written; ``tests/test_rewards_clip.py`` checks the agreement with the PIL pipelines).
 """
 
 from __future__ import annotations
