@@ -120,7 +120,7 @@ def ground_truth_line(
     names: Sequence[str],
     sets: Mapping[str, Sequence[str]],
     *,
-    tol: float = metrics.QUALITY_TOL,
+    tol: float | None = None,
 ) -> dict[str, float | None]:
     """The probe's ground-truth entries, next to :func:`probe_line`'s: ``probe/quality`` (mean true quality of the
     probe images), ``probe/quality_change`` (mean over pairs of the change against the step-0 model),
@@ -135,11 +135,13 @@ def ground_truth_line(
         base_quality: (B,) of the step-0 images.
         names: the M reward names.
         sets: named reward sets (as for :func:`probe_line`).
-        tol: a pair's quality improved (fell) when it rose (dropped) by more than this (``eval.quality_tol``).
+        tol: a pair's quality improved (fell) when it rose (dropped) by more than this (``eval.quality_tol``; None:
+            :data:`pgot.metrics.QUALITY_TOL`).
 
     Raises:
         ValueError: shapes that do not match, a set naming an unknown reward, or a negative ``tol``.
     """
+    tol = metrics.QUALITY_TOL if tol is None else tol
     counts = metrics.count_ground_truth(scores, base, quality, base_quality, names, sets, tol=tol)
     q, q0 = quality.detach().double().cpu(), base_quality.detach().double().cpu()
     both = torch.isfinite(q) & torch.isfinite(q0)

@@ -204,6 +204,10 @@ def paper_methods() -> list[Method]:
     ]
 
 
+AGENT_URL = "{agent_url}"
+"""Placeholder of the agent server's address in the commands, filled in once the server runs."""
+AGENT_URL_KEY = f"agent.base_url={AGENT_URL}"
+
 SOUP_LABEL = "Reward soup"
 """The row of the reward soup: the seed's single-reward LoRAs merged at inference with equal weights."""
 
@@ -252,7 +256,6 @@ class Plan:
     ground_truth: bool
     bootstrap: int
     confidence: float
-    agent_port_placeholder: str = "{agent_port}"
 
 
 def _yaml_flow(value: object) -> str:
@@ -353,7 +356,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         )  # fmt: skip
 
     def train_job(m: Method, seed: int) -> Job:
-        agent = ["agent.base_url=http://127.0.0.1:{agent_port}/v1"] if m.agent and not paper else []
+        agent = []
+        if m.agent and not paper:  # one agent.model per run: the server keeps each run's last images apart
+            agent = [AGENT_URL_KEY, f"agent.model=pgot-testbed-agent/{m.key}/seed{seed}"]
         args_ = [
             "--config", m.config, *m.overrides, *train_prompts, f"train.seed={seed}",
             f"train.output_dir={_path(_run_dir(out, m, seed))}", f"precompute.store={_path(store)}",
@@ -383,10 +388,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
     )  # fmt: skip
 
 
-def format_command(job: Job, agent_port: int | None = None) -> str:
+def _fill(arg: str, agent_url: str | None) -> str:
+    return arg.replace(AGENT_URL, "<agent-url>" if agent_url is None else agent_url)
+
+
+def format_command(job: Job, agent_url: str | None = None) -> str:
     """The job's command line as a shell would take it (the agent port filled in when known)."""
-    port = "<agent-port>" if agent_port is None else str(agent_port)
-    return shlex.join([a.replace("{agent_port}", port) for a in job.command()])
+    return shlex.join([_fill(a, agent_url) for a in job.command()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,43 +456,41 @@ def _worker_init(threads: int | None) -> None:
 
 
 def run_plan(
-    plan: Plan, jobs: int, threads: int | None, agent_port: int | None, on_done: Callable[[Result], None]
+    plan: Plan, jobs: int, threads: int | None, agent_url: str | None, on_done: Callable[[Result], None]
 ) -> dict[str, Result]:
-    """Run the jobs, ``jobs`` at a time, each once every job it waits for succeeded; a job whose prerequisite failed
-    is skipped. Returns every job's :class:`Result` (also passed to ``on_done`` as each finishes)."""
-    in_process = [Path(a).name for a in plan.jobs[0].launcher] == ["python"] if plan.jobs else True
+    """Run the jobs, ``jobs`` at a time, each once every job it waits for has succeeded; a job whose prerequisite
+    failed is skipped. Returns every job's :class:`Result` (also passed to ``on_done`` as each finishes).
+
+    With the ``python`` launcher, jobs run in a pool of ``jobs`` worker processes (:func:`_in_process`); otherwise
+    each is a subprocess. A worker that dies (killed, out of memory) fails its job and the pool is replaced.
+    """
+    in_process = bool(plan.jobs) and all(j.launcher == ["python"] for j in plan.jobs)
+    if threads:  # spawned workers and subprocesses inherit it; torch reads it at import
+        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    names = {j.name for j in plan.jobs}
     results: dict[str, Result] = {}
     pending = list(plan.jobs)
     running: dict[cf.Future, Job] = {}
-    pool: cf.Executor | None = None
 
     def new_pool() -> cf.Executor:
         if in_process:
-            return cf.ProcessPoolExecutor(
-                jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(threads,)
-            )
+            spawn = multiprocessing.get_context("spawn")
+            return cf.ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_worker_init, initargs=(threads,))
         return cf.ThreadPoolExecutor(jobs)
 
     def submit(job: Job) -> cf.Future:
         log_path = str(plan.out / "logs" / f"{job.name}.log")
-        args = [a.replace("{agent_port}", str(agent_port)) for a in job.args]
-        if in_process and job.launcher == ["python"]:
+        if in_process:
+            args = [_fill(a, agent_url) for a in job.args]
             return pool.submit(_in_process, job.stage, args, log_path)
-        command = [sys.executable if a == "python" else a for a in job.command()]
-        command = [a.replace("{agent_port}", str(agent_port)) for a in command]
-        if in_process:  # an eval job ("python") of a plan whose other jobs use another launcher is still a subprocess
-            return pool.submit(_subprocess, command, log_path, env)
+        command = [sys.executable if a == "python" else _fill(a, agent_url) for a in job.command()]
         return pool.submit(_subprocess, command, log_path, env)
 
     def finish(job: Job, result: Result) -> None:
         results[job.name] = result
         on_done(result)
 
-    if threads:
-        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # spawned workers inherit it
     pool = new_pool()
     try:
         while pending or running:
@@ -493,31 +499,29 @@ def run_plan(
                 if failed:
                     pending.remove(job)
                     finish(job, Result(job.name, None, status=f"skipped: {', '.join(failed)} did not succeed"))
-                elif len(running) < jobs and all(
-                    a in results or a not in {j.name for j in plan.jobs} for a in job.after
-                ):
+                elif len(running) < jobs and all(a in results or a not in names for a in job.after):
                     pending.remove(job)
                     log.info("start %s", job.name)
                     running[submit(job)] = job
             if not running:
-                continue
+                assert not pending, f"jobs wait for jobs that never run: {[j.name for j in pending]}"
+                break
             done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for fut in done:
                 job = running.pop(fut)
                 try:
                     rc, wall, cpu = fut.result()
-                    status = "ok" if rc == 0 else f"exit code {rc}"
-                    finish(job, Result(job.name, rc, wall, cpu, status))
-                except Exception as exc:  # a worker that died (killed, out of memory): this job fails, others go on
-                    finish(job, Result(job.name, 1, status=f"worker failed: {type(exc).__name__}: {exc}"))
-                    if isinstance(exc, cf.process.BrokenProcessPool):
-                        for other_fut, other in list(running.items()):
-                            running.pop(other_fut)
-                            finish(other, Result(other.name, 1, status="worker pool broke"))
-                        pool.shutdown(cancel_futures=True)
-                        pool = new_pool()
-    except KeyboardInterrupt:
-        pool.shutdown(wait=True, cancel_futures=True)  # trainings checkpoint on SIGINT; wait for them
+                    finish(job, Result(job.name, rc, wall, cpu, "ok" if rc == 0 else f"exit code {rc}"))
+                except cf.process.BrokenProcessPool as exc:  # a worker died: its job and the others in flight fail
+                    finish(job, Result(job.name, 1, status=f"worker failed: {exc}"))
+                    for other in running.values():
+                        finish(other, Result(other.name, 1, status=f"worker failed: {exc}"))
+                    running.clear()
+                    pool.shutdown(cancel_futures=True)
+                    pool = new_pool()
+                    break
+    except KeyboardInterrupt:  # trainings checkpoint on SIGINT (it reaches the workers too): wait for them
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
     return results
@@ -530,15 +534,15 @@ def run_plan(
 
 @contextlib.contextmanager
 def agent_endpoint(needed: bool):
-    """The testbed's agent server (:mod:`pgot.testbed.agent_server`) on a free local port while the block runs;
-    yields the port (None when not ``needed``)."""
+    """The testbed's agent server (:func:`pgot.testbed.agent_server.start_server`, its default thresholds) on a free
+    local port while the block runs; yields its ``agent.base_url`` (None when not ``needed``)."""
     if not needed:
         yield None
         return
-    from pgot.testbed import agent_server
+    from pgot.testbed.agent_server import start_server
 
-    with agent_server.serve() as server:
-        yield server.port
+    with start_server() as server:
+        yield server.base_url
 
 
 # --------------------------------------------------------------------------------------------
@@ -892,7 +896,7 @@ def probe_curves(plan: Plan) -> pd.DataFrame:
                     )  # fmt: skip
                     gt.append({"step": int(step), **line})
                 truth = pd.DataFrame(gt)
-                frame = pd.concat([frame.iloc[:0], frame]).merge(truth, on="step", how="outer", suffixes=("", "_gt"))
+                frame = frame.merge(truth, on="step", how="outer")
             zero = {c: 0.0 for c in frame.columns if c.startswith(("probe/jdr", "probe/jcr"))}
             frame = frame.set_index("step")
             for c, v in zero.items():
@@ -919,16 +923,15 @@ def write_figures(plan: Plan, per_seed: pd.DataFrame, curves: pd.DataFrame) -> l
 
     order = [m.label for m in plan.methods] + ([SOUP_LABEL] if plan.soup else [])
     sets = plan.reward_sets
-    jdr4, jdr2 = (metrics.rate_columns([], {k: v})[0] for k, v in sets.items())
-    words = {c: f"{c} ({', '.join(v)})" for c, v in zip((jdr2, jdr4), (sets["JDR2"], sets["JDR4"]), strict=True)}
+    words = {name: f"{name} on {', '.join(members)}" for name, members in sets.items()}  # JDR2, JDR4
     if plan.ground_truth and not curves.empty and "probe/quality" in curves:
         frame = curves.rename(columns={"probe/quality": "quality"})
         save(
-            plots.ground_truth_curves(frame, "probe/jdr_JDR4", methods=order, jdr_label=words[jdr4]),
+            plots.ground_truth_curves(frame, "probe/jdr_JDR4", methods=order, jdr_label=words["JDR4"]),
             "fig4_ground_truth.png",
         )
-        for jdr in (jdr4, jdr2):
-            points = per_seed.rename(columns={})[["method", "seed", jdr, "quality_change"]]
+        for jdr in ("JDR4", "JDR2"):
+            points = per_seed[["method", "seed", jdr, "quality_change"]]
             save(
                 plots.quality_vs_jdr(points, jdr, methods=order, jdr_label=words[jdr]), f"quality_vs_{jdr.lower()}.png"
             )
@@ -1005,7 +1008,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(f"# Table 3, {plan.setting} setting: {len(plan.jobs)} commands, {jobs} at a time, into {plan.out}")
         if agent:
-            print("# <agent-port>: pgot.testbed.agent_server, started by this script on a free local port")
+            print("# <agent-url>: pgot.testbed.agent_server, started by this script on a free local port")
         for job in plan.jobs:
             after = f"   # after: {', '.join(job.after)}" if job.after and len(job.after) <= 2 else (
                 f"   # after: the {len(job.after)} trainings of its seed" if job.after else ""
@@ -1035,7 +1038,7 @@ def _run(plan: Plan, jobs: int, threads: int | None, agent: bool) -> int:
     """Run the plan, record timings; 0 when every command succeeded, 1 otherwise."""
     from pgot.files import atomic_write_json
 
-    start, cpu0 = time.perf_counter(), _children_cpu()
+    start = time.perf_counter()
     load0 = os.getloadavg()
     done: list[Result] = []
 
@@ -1043,10 +1046,10 @@ def _run(plan: Plan, jobs: int, threads: int | None, agent: bool) -> int:
         done.append(r)
         log.info("%s: %s (%.0f s wall, %.0f s CPU)", r.name, r.status, r.wall_s, r.cpu_s)
 
-    with agent_endpoint(agent) as port:
-        if port is not None:
-            log.info("agent server (pgot.testbed.agent_server) on port %d", port)
-        results = run_plan(plan, jobs, threads, port, on_done)
+    with agent_endpoint(agent) as url:
+        if url is not None:
+            log.info("agent server (pgot.testbed.agent_server) at %s", url)
+        results = run_plan(plan, jobs, threads, url, on_done)
     wall = time.perf_counter() - start
     record = {
         "setting": plan.setting, "jobs_at_a_time": jobs, "threads_per_job": threads, "cpus": os.cpu_count(),
@@ -1059,15 +1062,7 @@ def _run(plan: Plan, jobs: int, threads: int | None, agent: bool) -> int:
     failed = [r for r in results.values() if r.rc != 0]
     for r in failed:
         log.error("%s: %s (log: %s)", r.name, r.status, plan.out / "logs" / f"{r.name}.log")
-    del cpu0
     return 1 if failed else 0
-
-
-def _children_cpu() -> float:
-    import resource
-
-    u = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return u.ru_utime + u.ru_stime
 
 
 if __name__ == "__main__":

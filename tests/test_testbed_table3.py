@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch.testing import assert_close
 
+from pgot import metrics
 from pgot.images import labelled_grid, save_png, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +114,7 @@ def test_testbed_dry_run_methods_settings_and_agent_endpoint():
     assert by_run["pgot_online"]["train.strategy"] == "online"
     auto = by_run["pgot_auto"]
     assert auto["train.strategy"] == "auto" and auto["agent.backend"] == "openai"
-    assert auto["agent.base_url"] == "http://127.0.0.1:<agent-port>/v1"
+    assert auto["agent.base_url"] == "<agent-url>" and auto["agent.model"] == "pgot-testbed-agent/pgot_auto/seed0"
     assert sum("agent.base_url" in t for t in trains) == 3  # only the agent's runs talk to it
     evals = [_keys(c) for c in cmds if c[3] == "eval"]
     assert [e["prompts.path"] for e in evals] == ["runs/t3t/prompts/heldout.txt"] * 3
@@ -139,3 +141,84 @@ def test_read_grid_returns_the_probe_images_as_saved(t3, tmp_path):
     save_png(images[0], tmp_path / "plain.png")
     with pytest.raises(ValueError, match="no 'tiles' text chunk"):
         t3.read_grid(tmp_path / "plain.png")
+
+
+def _frame(model: str, rewards: torch.Tensor, quality: torch.Tensor, prompts: int) -> pd.DataFrame:
+    n = rewards.shape[0]
+    d = {
+        "model": model,
+        "prompt_id": [i % prompts for i in range(n)],
+        "seed": 0,
+        "sample_index": [i // prompts for i in range(n)],
+    }
+    d.update({f"r{j}": rewards[:, j].numpy() for j in range(rewards.shape[1])})
+    d[metrics.QUALITY] = quality.numpy()
+    return pd.DataFrame(d)
+
+
+def test_pooled_comparison_is_every_seeds_pairs_together_and_per_seed(t3):
+    g = torch.Generator().manual_seed(0)
+    prompts, n, names, sets = 5, 15, ["r0", "r1", "r2"], {"JDR2": ["r0", "r1"], "JDR3": ["r0", "r1", "r2"]}
+    base = _frame("base", torch.rand(n, 3, generator=g), torch.rand(n, generator=g), prompts)
+    runs = {s: _frame("m", torch.rand(n, 3, generator=g), torch.rand(n, generator=g), prompts) for s in (0, 1, 2)}
+    runs[1] = runs[1].sample(frac=1.0, random_state=0)  # row order does not matter: pairs match on their keys
+    pooled = t3.pooled_comparison(base, runs, names, sets, ground_truth=True, bootstrap=200, confidence=0.95)
+    key = ["prompt_id", "seed", "sample_index"]
+    b = base.sort_values(key)
+    per_seed = []
+    for s in (0, 1, 2):
+        r = runs[s].sort_values(key)
+        cand, ref = torch.tensor(r[names].to_numpy()), torch.tensor(b[names].to_numpy())
+        direct = {
+            "win_r2": float((cand[:, 2] > ref[:, 2]).double().mean()),
+            "JDR2": float(metrics.jdr(cand[:, :2], ref[:, :2])),
+            "JCR3": float(metrics.jcr(cand, ref)),
+            "quality_change": float((r[metrics.QUALITY].to_numpy() - b[metrics.QUALITY].to_numpy()).mean()),
+        }
+        row = pooled.per_seed[pooled.per_seed["seed"] == s].iloc[0]
+        for c, v in direct.items():
+            assert row[c] == pytest.approx(v, abs=1e-12), (s, c)
+        per_seed.append(direct)
+    for c in ("win_r2", "JDR2", "JCR3"):  # equal pair counts: the pooled rate is the mean over seeds
+        assert pooled.rates[c] == pytest.approx(sum(d[c] for d in per_seed) / 3, abs=1e-12)
+        assert pooled.rates[f"{c}_low"] <= pooled.rates[c] <= pooled.rates[f"{c}_high"]
+    assert int(pooled.rates["pairs"]) == 3 * n
+    assert pooled.truth["quality_change"] == pytest.approx(sum(d["quality_change"] for d in per_seed) / 3, abs=1e-12)
+    assert pooled.truth["quality_change_low"] < pooled.truth["quality_change"] < pooled.truth["quality_change_high"]
+    hacked = metrics.count_ground_truth(
+        torch.tensor(runs[0].sort_values(key)[names].to_numpy()), torch.tensor(b[names].to_numpy()),
+        torch.tensor(runs[0].sort_values(key)[metrics.QUALITY].to_numpy()), torch.tensor(b[metrics.QUALITY].to_numpy()),
+        names, sets,
+    )  # fmt: skip
+    row0 = pooled.per_seed[pooled.per_seed["seed"] == 0].iloc[0]
+    assert row0["hacked3"] == hacked.rate(hacked.hacked["JDR3"])
+    with pytest.raises(ValueError, match="training seed 2: 1 of the 15 evaluation pairs have no row"):
+        t3.pooled_comparison(
+            base, runs | {2: runs[2].iloc[1:]}, names, sets, ground_truth=True, bootstrap=0, confidence=0.95
+        )
+
+
+def test_quick_run_end_to_end(tmp_path):
+    """--quick: precompute, PG-OT offline for 2 steps, the held-out evaluation with the judge, the table, Figure 4 with
+    ground truth and the scatters; then --table-only rebuilds the same table from the folders."""
+    out = tmp_path / "q"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    timings = json.loads((out / "timings.json").read_text())
+    assert [(c["name"], c["status"]) for c in timings["commands"]] == [
+        ("precompute", "ok"), ("train-pgot_offline-seed0", "ok"), ("eval-seed0", "ok"),
+    ]  # fmt: skip
+    table = pd.read_csv(out / "table3.csv")
+    row = table.set_index(["method", "metric"])
+    for metric in ("win_tb_align", "JDR2", "JCR4", "quality_change", "quality_improved", "hacked4"):
+        assert ("PG-OT offline", metric) in row.index, metric
+        v = row.loc[("PG-OT offline", metric)]
+        assert v["low"] <= v["value"] <= v["high"] and v["seeds"] == 1
+    md = (out / "table3.md").read_text()
+    assert "| PG-OT offline | 1 |" in md and "## Ground truth (the testbed judge)" in md
+    for name in ("fig4_ground_truth.png", "quality_vs_jdr4.png", "quality_vs_jdr2.png"):
+        assert (out / "figures" / name).read_bytes().startswith(b"\x89PNG")
+    rebuilt = subprocess.run([*cmd, "--table-only"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert (out / "table3.md").read_text() == md
