@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -383,7 +384,7 @@ def ground_truth_curves(
         The figure; each method's mean line has the method as its label on both axes.
     """
     methods = _methods(curves, methods)
-    fig = Figure(figsize=(12.0, 4.8), layout="constrained")
+    fig = Figure(figsize=(12.0, 5.6 + 0.2 * math.ceil((len(methods) + 1) / 4)), layout="constrained")
     ax_q, ax_j = fig.subplots(1, 2)
     colors = dict(zip(methods, _colors(len(methods)), strict=True))
     panels = ((ax_q, "quality", 1.0), (ax_j, jdr, 100.0))
@@ -403,7 +404,7 @@ def ground_truth_curves(
                 ax.fill_between(steps, low, high, color=colors[method], alpha=0.15, linewidth=0)
     ax_q.set_title("True quality of the probe images (ground-truth judge)", fontsize=9)
     ax_q.set_ylabel("mean judge quality (0 = wrong or broken, 1 = exact rendering)", fontsize=8)
-    ax_j.set_title(f"{jdr_label} of the probe images against the step-0 model", fontsize=9)
+    ax_j.set_title(textwrap.fill(f"{jdr_label} of the probe images against the step-0 model", 60), fontsize=9)
     ax_j.set_ylabel("% of probe pairs better on every reward of the set", fontsize=8)
     for ax in (ax_q, ax_j):
         ax.set_xlabel("optimizer step")
@@ -413,7 +414,7 @@ def ground_truth_curves(
         for m in methods
     ]
     handles.append(Patch(facecolor="grey", alpha=0.15, label="band: min to max over training seeds"))
-    fig.legend(handles=handles, title="method", loc="outside right upper", fontsize=8)
+    fig.legend(handles=handles, title="method", loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
     fig.suptitle(
         "Figure 4 with ground truth: true quality and JDR during training (line: mean over training seeds)",
         fontsize=10,
@@ -447,7 +448,7 @@ def quality_vs_jdr(
         one labelled ``<method>``.
     """
     methods = _methods(points, methods)
-    fig = Figure(figsize=(9.0, 5.6), layout="constrained")
+    fig = Figure(figsize=(10.0, 6.4 + 0.2 * math.ceil((len(methods) + 3) / 4)), layout="constrained")
     ax = fig.subplots()
     colors = dict(zip(methods, _colors(len(methods)), strict=True))
     ax.axhline(0.0, color="black", linestyle="--", linewidth=1.0)
@@ -458,7 +459,11 @@ def quality_vs_jdr(
         x, y = d[jdr].to_numpy(dtype="float64") * 100.0, d["quality_change"].to_numpy(dtype="float64")
         ax.scatter(x, y, s=22, alpha=0.45, color=colors[method], label=f"{method} seeds")
         ax.scatter([x.mean()], [y.mean()], s=90, color=colors[method], edgecolors="black", linewidths=0.8, label=method)
-    ax.set_xlabel(f"{jdr_label} against the base model (% of held-out pairs better on every reward of the set)")
+    ax.set_xlabel(
+        textwrap.fill(
+            f"{jdr_label} against the base model (% of held-out pairs better on every reward of the set)", 100
+        )
+    )
     ax.set_ylabel("change in mean true quality vs the base model (judge quality units)")
     ax.grid(alpha=0.3)
     handles = [
@@ -473,10 +478,13 @@ def quality_vs_jdr(
         ),
         Line2D([], [], color="black", linestyle="--", label="no change in true quality"),
     ]  # fmt: skip
-    fig.legend(handles=handles, title="method", loc="outside right upper", fontsize=8)
+    fig.legend(handles=handles, title="method", loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
     fig.suptitle(
-        f"True quality change against {jdr_label} on held-out prompts: above the dashed line the images really "
-        "improved",
+        textwrap.fill(
+            f"True quality change against {jdr_label} on held-out prompts: above the dashed line the images really "
+            "improved",
+            110,
+        ),
         fontsize=10,
     )
     return fig

@@ -173,7 +173,9 @@ def test_pooled_comparison_is_every_seeds_pairs_together_and_per_seed(t3):
             "win_r2": float((cand[:, 2] > ref[:, 2]).double().mean()),
             "JDR2": float(metrics.jdr(cand[:, :2], ref[:, :2])),
             "JCR3": float(metrics.jcr(cand, ref)),
-            "quality_change": float((r[metrics.QUALITY].to_numpy() - b[metrics.QUALITY].to_numpy()).mean()),
+            "quality_change": float(
+                (r[metrics.QUALITY].to_numpy("float64") - b[metrics.QUALITY].to_numpy("float64")).mean()
+            ),
         }
         row = pooled.per_seed[pooled.per_seed["seed"] == s].iloc[0]
         for c, v in direct.items():
