@@ -2,7 +2,7 @@
 
     python scripts/testbed_table3.py --setting testbed                  # the whole testbed table, 2 jobs at a time
     python scripts/testbed_table3.py --setting testbed --dry-run        # every command it would run, nothing run
-    python scripts/testbed_table3.py --quick --out /tmp/table3_quick    # smoke run: PG-OT offline, one seed, 2 steps
+    python scripts/testbed_table3.py --quick --out /tmp/table3_quick    # smoke run: PG-OT auto, one seed, 2 steps
     python scripts/testbed_table3.py --setting testbed --table-only     # rebuild table and figures from the folders
     python scripts/testbed_table3.py --setting paper --dry-run \\
         --launcher "accelerate launch --config_file configs/accelerate/8gpu.yaml"
@@ -308,8 +308,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     out = Path(args.out).resolve()
     paper = args.setting == "paper"
     methods = paper_methods() if paper else testbed_methods()
-    if args.quick:
-        methods = [m for m in methods if m.key == "pgot_offline"]
+    if args.quick and not args.methods:  # the method with the most parts: store, OT, agent server, openai backend
+        methods = [m for m in methods if m.key == "pgot_auto"]
     if args.methods:
         known = {m.key for m in methods}
         unknown = [k for k in args.methods if k not in known]
@@ -971,7 +971,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="commands at a time (default: testbed 2, paper 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per command (default: testbed 1)")
     p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
-    p.add_argument("--quick", action="store_true", help="smoke run: PG-OT offline, one seed, 2 steps, 4 prompts")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: PG-OT auto (or --methods), one seed, 2 steps, 4 prompts"
+    )
     p.add_argument("--table-only", action="store_true", help="run nothing; rebuild the table and figures")
     return p
 

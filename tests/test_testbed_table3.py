@@ -201,24 +201,25 @@ def test_pooled_comparison_is_every_seeds_pairs_together_and_per_seed(t3):
 
 
 def test_quick_run_end_to_end(tmp_path):
-    """--quick: precompute, PG-OT offline for 2 steps, the held-out evaluation with the judge, the table, Figure 4 with
-    ground truth and the scatters; then --table-only rebuilds the same table from the folders."""
+    """--quick: precompute, PG-OT auto for 2 steps with the agent server deciding at both (the real openai backend),
+    the held-out evaluation with the judge, the table, Figure 4 with ground truth and the scatters; then --table-only
+    rebuilds the same table from the folders."""
     out = tmp_path / "q"
     cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     timings = json.loads((out / "timings.json").read_text())
     assert [(c["name"], c["status"]) for c in timings["commands"]] == [
-        ("precompute", "ok"), ("train-pgot_offline-seed0", "ok"), ("eval-seed0", "ok"),
+        ("precompute", "ok"), ("train-pgot_auto-seed0", "ok"), ("eval-seed0", "ok"),
     ]  # fmt: skip
     table = pd.read_csv(out / "table3.csv")
     row = table.set_index(["method", "metric"])
     for metric in ("win_tb_align", "JDR2", "JCR4", "quality_change", "quality_improved", "hacked4"):
-        assert ("PG-OT offline", metric) in row.index, metric
-        v = row.loc[("PG-OT offline", metric)]
+        assert ("PG-OT auto (agent)", metric) in row.index, metric
+        v = row.loc[("PG-OT auto (agent)", metric)]
         assert v["low"] <= v["value"] <= v["high"] and v["seeds"] == 1
     md = (out / "table3.md").read_text()
-    assert "| PG-OT offline | 1 |" in md and "## Ground truth (the testbed judge)" in md
+    assert "| PG-OT auto (agent) | 1 |" in md and "## Ground truth (the testbed judge)" in md
     for name in ("fig4_ground_truth.png", "quality_vs_jdr4.png", "quality_vs_jdr2.png"):
         assert (out / "figures" / name).read_bytes().startswith(b"\x89PNG")
     rebuilt = subprocess.run([*cmd, "--table-only"], capture_output=True, text=True, cwd=ROOT, timeout=600)
