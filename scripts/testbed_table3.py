@@ -1024,6 +1024,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if plan.setting == "testbed":
             _write_prompts(plan.out, args.quick)
         code = _run(plan, jobs, threads, agent)
+    _quiet()  # the table stage loads the base model for the step-0 probes: no progress bars, no info lines
     try:
         _, per_seed = write_table(plan)
         curves = probe_curves(plan)
@@ -1034,6 +1035,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print((plan.out / "table3.md").read_text())
     print("written:", plan.out / "table3.md", plan.out / "table3.csv", *files, sep="\n  ")
     return code
+
+
+def _quiet() -> None:
+    import diffusers
+    import transformers
+
+    logging.getLogger("pgot").setLevel(logging.WARNING)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _run(plan: Plan, jobs: int, threads: int | None, agent: bool) -> int:
