@@ -360,23 +360,27 @@ def _seed_count(frame: pd.DataFrame, method: str) -> int:
 def ground_truth_curves(
     curves: pd.DataFrame,
     jdr: str = "jdr",
+    quality: str = "quality",
     *,
+    change: bool = False,
     methods: Sequence[str] | None = None,
     jdr_label: str = "JDR",
 ) -> Figure:
     """Figure 4 with ground truth: true quality and JDR of the probe images against the optimizer step.
 
-    Two panels share the x axis (optimizer step). Left: the mean ground-truth quality (the testbed judge,
-    :func:`pgot.testbed.judge.quality`, in [0, 1]) of each run's probe images; right: their JDR against the step-0
-    model (same probe prompts and seeds), in percent. One colour per method: the line is the mean over the method's
-    training seeds at each step, the shaded band spans their minimum to maximum (absent with one seed). Reward hacking
-    shows as JDR rising while the true quality falls.
+    Two panels share the x axis (optimizer step). Left: the ground-truth quality (the testbed judge,
+    :func:`pgot.testbed.judge.quality`, in [0, 1]) of each run's probe images, as their mean or (``change``) as the
+    mean change against the step-0 model's images of the same prompts and seeds, which removes the differences
+    between the probe sets of different seeds; right: their JDR against the step-0 model, in percent. One colour per
+    method: the line is the mean over the method's training seeds at each step, the shaded band spans their minimum to
+    maximum (absent with one seed). Reward hacking shows as JDR rising while the true quality falls.
 
     Args:
-        curves: one row per (method, training seed, step) with columns ``method``, ``seed``, ``step``, ``quality``
-            (mean judge quality of the probe images) and the column ``jdr`` (fraction of probe pairs in [0, 1]).
-            NaN values are skipped.
+        curves: one row per (method, training seed, step) with columns ``method``, ``seed``, ``step``, the column
+            ``quality`` and the column ``jdr`` (fraction of probe pairs in [0, 1]). NaN values are skipped.
         jdr: the JDR column of ``curves``.
+        quality: the quality column: mean judge quality of the probe images, or its change against step 0.
+        change: ``quality`` is a change against the step-0 model (titles, axis, a dashed line at 0).
         methods: methods to draw, in legend order (default: order of appearance).
         jdr_label: what the JDR counts, for the right panel's title and axis (e.g. ``"JDR on tb_align, tb_pref"``).
 
@@ -387,7 +391,7 @@ def ground_truth_curves(
     fig = Figure(figsize=(12.0, 5.6 + 0.2 * math.ceil((len(methods) + 1) / 4)), layout="constrained")
     ax_q, ax_j = fig.subplots(1, 2)
     colors = dict(zip(methods, _colors(len(methods)), strict=True))
-    panels = ((ax_q, "quality", 1.0), (ax_j, jdr, 100.0))
+    panels = ((ax_q, quality, 1.0), (ax_j, jdr, 100.0))
     for method in methods:
         rows = curves[curves["method"] == method]
         for ax, column, unit in panels:
@@ -401,9 +405,14 @@ def ground_truth_curves(
             high = by_step.max().to_numpy(dtype="float64") * unit
             ax.plot(steps, mean, marker="o", markersize=3, color=colors[method], label=method)
             if d.groupby("step").size().max() > 1:
-                ax.fill_between(steps, low, high, color=colors[method], alpha=0.15, linewidth=0)
-    ax_q.set_title("True quality of the probe images (ground-truth judge)", fontsize=9)
-    ax_q.set_ylabel("mean judge quality (0 = wrong or broken, 1 = exact rendering)", fontsize=8)
+                ax.fill_between(steps, low, high, color=colors[method], alpha=0.1, linewidth=0)
+    if change:
+        ax_q.axhline(0.0, color="black", linestyle="--", linewidth=1.0)
+        ax_q.set_title("Change in true quality of the probe images against the step-0 model (judge)", fontsize=9)
+        ax_q.set_ylabel("mean change in judge quality (quality units; 0 = as the base model)", fontsize=8)
+    else:
+        ax_q.set_title("True quality of the probe images (ground-truth judge)", fontsize=9)
+        ax_q.set_ylabel("mean judge quality (0 = wrong or broken, 1 = exact rendering)", fontsize=8)
     ax_j.set_title(textwrap.fill(f"{jdr_label} of the probe images against the step-0 model", 60), fontsize=9)
     ax_j.set_ylabel("% of probe pairs better on every reward of the set", fontsize=8)
     for ax in (ax_q, ax_j):

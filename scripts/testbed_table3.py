@@ -925,11 +925,10 @@ def write_figures(plan: Plan, per_seed: pd.DataFrame, curves: pd.DataFrame) -> l
     sets = plan.reward_sets
     words = {name: f"{name} on {', '.join(members)}" for name, members in sets.items()}  # JDR2, JDR4
     if plan.ground_truth and not curves.empty and "probe/quality" in curves:
-        frame = curves.rename(columns={"probe/quality": "quality"})
-        save(
-            plots.ground_truth_curves(frame, "probe/jdr_JDR4", methods=order, jdr_label=words["JDR4"]),
-            "fig4_ground_truth.png",
+        fig = plots.ground_truth_curves(
+            curves, "probe/jdr_JDR4", "probe/quality_change", change=True, methods=order, jdr_label=words["JDR4"]
         )
+        save(fig, "fig4_ground_truth.png")
         for jdr in ("JDR4", "JDR2"):
             points = per_seed[["method", "seed", jdr, "quality_change"]]
             save(

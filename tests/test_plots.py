@@ -215,6 +215,16 @@ def test_ground_truth_curves_draw_the_seed_mean_and_min_max_band():
     assert buf.getvalue().startswith(PNG)
 
 
+def test_ground_truth_curves_of_the_change_against_step_0():
+    curves = _gt_curves().assign(change=lambda d: d["quality"] - 0.05)
+    fig = plots.ground_truth_curves(curves, "probe/jdr_JDR2", "change", change=True)
+    ax_q = fig.axes[0]
+    pg, _, zero = ax_q.lines  # one line per method, then the dashed line at 0
+    assert list(zero.get_ydata()) == [0.0, 0.0] and zero.get_linestyle() == "--"
+    assert_close(torch.tensor(pg.get_ydata()), torch.tensor([0.0, 0.0, 0.02], dtype=torch.float64))
+    assert ax_q.get_title().startswith("Change in true quality") and "change" in ax_q.get_ylabel()
+
+
 def test_quality_vs_jdr_one_dot_per_seed_and_the_mean_per_method():
     points = pd.DataFrame(
         {
