@@ -13,12 +13,17 @@ axes are labelled with their units; titles are words, not metric keys.
   each prompt, every model side by side: prompts reach different reward bounds (heterogeneous bounds).
 * :func:`training_curves`: the paper's Figure 4. Probe JDR / JCR logged by ``pgot-train`` against the
   optimizer step, one line per run.
+* :func:`ground_truth_curves`: Figure 4 with ground truth (the reward-hacking testbed): the true quality of the probe
+  images and their JDR against the optimizer step, one line per method (mean over training seeds, min-max band).
+* :func:`quality_vs_jdr`: the testbed's verdict on JDR: change in true quality against JDR, one point per method and
+  training seed and one per method at the mean.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -29,7 +34,15 @@ from matplotlib.patches import Patch
 
 from pgot import metrics
 
-__all__ = ["curve_title", "pareto_front_2d", "pareto_scatter", "prompt_boxplots", "training_curves"]
+__all__ = [
+    "curve_title",
+    "ground_truth_curves",
+    "pareto_front_2d",
+    "pareto_scatter",
+    "prompt_boxplots",
+    "quality_vs_jdr",
+    "training_curves",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +80,14 @@ def pareto_front_2d(points: torch.Tensor) -> torch.Tensor:
     return front[torch.argsort(front[:, 0])]
 
 
-def _colors(n: int) -> list[str]:
-    return [f"C{i % 10}" for i in range(n)]
+def _colors(n: int) -> list:
+    """``n`` distinct colours: matplotlib's default cycle up to 10, tab20 beyond (distinct up to 20)."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return [cmap(i % 20) for i in range(n)]
 
 
 def _score_label(reward: str) -> str:
@@ -324,6 +343,157 @@ def training_curves(
         fig.legend(handles=handles, title="run", loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
     fig.suptitle(
         "Probe JDR / JCR during training: each run's model against its step-0 model, same probe prompts and seeds",
+        fontsize=10,
+    )
+    return fig
+
+
+def _methods(frame: pd.DataFrame, methods: Sequence[str] | None) -> list[str]:
+    present = list(dict.fromkeys(frame["method"])) if len(frame) else []
+    return [m for m in methods if m in present] if methods is not None else present
+
+
+def _seed_count(frame: pd.DataFrame, method: str) -> int:
+    return int(frame.loc[frame["method"] == method, "seed"].nunique())
+
+
+def ground_truth_curves(
+    curves: pd.DataFrame,
+    jdr: str = "jdr",
+    quality: str = "quality",
+    *,
+    change: bool = False,
+    methods: Sequence[str] | None = None,
+    jdr_label: str = "JDR",
+) -> Figure:
+    """Figure 4 with ground truth: true quality and JDR of the probe images against the optimizer step.
+
+    Two panels share the x axis (optimizer step). Left: the ground-truth quality (the testbed judge,
+    :func:`pgot.testbed.judge.quality`, in [0, 1]) of each run's probe images, as their mean or (``change``) as the
+    mean change against the step-0 model's images of the same prompts and seeds, which removes the differences
+    between the probe sets of different seeds; right: their JDR against the step-0 model, in percent. One colour per
+    method: the line is the mean over the method's training seeds at each step, the shaded band spans their minimum to
+    maximum (absent with one seed). Reward hacking shows as JDR rising while the true quality falls.
+
+    Args:
+        curves: one row per (method, training seed, step) with columns ``method``, ``seed``, ``step``, the column
+            ``quality`` and the column ``jdr`` (fraction of probe pairs in [0, 1]). NaN values are skipped.
+        jdr: the JDR column of ``curves``.
+        quality: the quality column: mean judge quality of the probe images, or its change against step 0.
+        change: ``quality`` is a change against the step-0 model (titles, axis, a dashed line at 0).
+        methods: methods to draw, in legend order (default: order of appearance).
+        jdr_label: what the JDR counts, for the right panel's title and axis (e.g. ``"JDR on tb_align, tb_pref"``).
+
+    Returns:
+        The figure; each method's mean line has the method as its label on both axes.
+    """
+    methods = _methods(curves, methods)
+    fig = Figure(figsize=(12.0, 5.6 + 0.2 * math.ceil((len(methods) + 1) / 4)), layout="constrained")
+    ax_q, ax_j = fig.subplots(1, 2)
+    colors = dict(zip(methods, _colors(len(methods)), strict=True))
+    panels = ((ax_q, quality, 1.0), (ax_j, jdr, 100.0))
+    for method in methods:
+        rows = curves[curves["method"] == method]
+        for ax, column, unit in panels:
+            d = rows[["step", column]].dropna()
+            if d.empty:
+                continue
+            by_step = d.groupby("step")[column]
+            steps = by_step.mean().index.to_numpy(dtype="float64")
+            mean = by_step.mean().to_numpy(dtype="float64") * unit
+            low = by_step.min().to_numpy(dtype="float64") * unit
+            high = by_step.max().to_numpy(dtype="float64") * unit
+            ax.plot(steps, mean, marker="o", markersize=3, color=colors[method], label=method)
+            if d.groupby("step").size().max() > 1:
+                ax.fill_between(steps, low, high, color=colors[method], alpha=0.1, linewidth=0)
+    if change:
+        ax_q.axhline(0.0, color="black", linestyle="--", linewidth=1.0)
+        ax_q.set_title("Change in true quality of the probe images against the step-0 model (judge)", fontsize=9)
+        ax_q.set_ylabel("mean change in judge quality (quality units; 0 = as the base model)", fontsize=8)
+    else:
+        ax_q.set_title("True quality of the probe images (ground-truth judge)", fontsize=9)
+        ax_q.set_ylabel("mean judge quality (0 = wrong or broken, 1 = exact rendering)", fontsize=8)
+    ax_j.set_title(textwrap.fill(f"{jdr_label} of the probe images against the step-0 model", 60), fontsize=9)
+    ax_j.set_ylabel("% of probe pairs better on every reward of the set", fontsize=8)
+    for ax in (ax_q, ax_j):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    handles = [
+        Line2D([], [], marker="o", markersize=3, color=colors[m], label=f"{m} ({_seed_count(curves, m)} seeds)")
+        for m in methods
+    ]
+    handles.append(Patch(facecolor="grey", alpha=0.15, label="band: min to max over training seeds"))
+    fig.legend(handles=handles, title="method", loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
+    fig.suptitle(
+        "Figure 4 with ground truth: true quality and JDR during training (line: mean over training seeds)",
+        fontsize=10,
+    )
+    return fig
+
+
+def quality_vs_jdr(
+    points: pd.DataFrame,
+    jdr: str = "jdr",
+    *,
+    methods: Sequence[str] | None = None,
+    jdr_label: str = "JDR",
+) -> Figure:
+    """Change in true quality against JDR on held-out prompts: is a high JDR real improvement or reward hacking?
+
+    One colour per method: a small translucent dot per training seed and a large black-edged marker at the mean over
+    the method's seeds. A dashed line marks no change in true quality: methods above it made the images truly
+    better, methods below it hacked the rewards however high their JDR.
+
+    Args:
+        points: one row per (method, training seed) with columns ``method``, ``seed``, ``quality_change`` (mean
+            judge quality of the method's images minus the baseline's on the same prompts and seeds, in quality
+            units: a difference of two numbers in [0, 1]) and the column ``jdr`` (fraction of pairs in [0, 1]).
+        jdr: the JDR column of ``points``.
+        methods: methods to draw, in legend order (default: order of appearance).
+        jdr_label: what the JDR counts, for the x axis (e.g. ``"JDR on tb_align, tb_pref"``).
+
+    Returns:
+        The figure; the per-seed dots of a method are one collection labelled ``"<method> seeds"``, its mean marker
+        one labelled ``<method>``.
+    """
+    methods = _methods(points, methods)
+    fig = Figure(figsize=(10.0, 6.4 + 0.2 * math.ceil((len(methods) + 3) / 4)), layout="constrained")
+    ax = fig.subplots()
+    colors = dict(zip(methods, _colors(len(methods)), strict=True))
+    ax.axhline(0.0, color="black", linestyle="--", linewidth=1.0)
+    for method in methods:
+        d = points.loc[points["method"] == method, [jdr, "quality_change"]].dropna()
+        if d.empty:
+            continue
+        x, y = d[jdr].to_numpy(dtype="float64") * 100.0, d["quality_change"].to_numpy(dtype="float64")
+        ax.scatter(x, y, s=22, alpha=0.45, color=colors[method], label=f"{method} seeds")
+        ax.scatter([x.mean()], [y.mean()], s=90, color=colors[method], edgecolors="black", linewidths=0.8, label=method)
+    ax.set_xlabel(
+        textwrap.fill(
+            f"{jdr_label} against the base model (% of held-out pairs better on every reward of the set)", 100
+        )
+    )
+    ax.set_ylabel("change in mean true quality vs the base model (judge quality units)")
+    ax.grid(alpha=0.3)
+    handles = [
+        Line2D([], [], marker="o", linestyle="", markersize=8, color=colors[m], markeredgecolor="black", label=m)
+        for m in methods
+    ]
+    handles += [
+        Line2D([], [], marker="o", linestyle="", markersize=5, color="grey", alpha=0.45, label="one training seed"),
+        Line2D(
+            [], [], marker="o", linestyle="", markersize=8, color="grey", markeredgecolor="black",
+            label="mean over training seeds",
+        ),
+        Line2D([], [], color="black", linestyle="--", label="no change in true quality"),
+    ]  # fmt: skip
+    fig.legend(handles=handles, title="method", loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
+    fig.suptitle(
+        textwrap.fill(
+            f"True quality change against {jdr_label} on held-out prompts: above the dashed line the images really "
+            "improved",
+            110,
+        ),
         fontsize=10,
     )
     return fig

@@ -4,6 +4,11 @@ A probe samples the first ``train.probe_prompts`` training prompts ``train.probe
 seed ``train.seed`` and compares their reward vectors with those of the step-0 model on the same prompts and
 seeds: JDR / JCR per reward set, win rate, mean, std and Gaussian KL per reward (paper section 2.3 and appendix
 D.4). The agent's diagnostic images and the end-of-training table use the same sampling.
+
+In a world with a ground truth (the reward-hacking testbed, ``eval.ground_truth=testbed``) the probe images can also
+be judged: :func:`ground_truth_line` gives their true quality, its change against the step-0 model and the hacked
+rates (:mod:`pgot.metrics`, "Ground truth"), the curves of Figure 4 with ground truth
+(``scripts/testbed_table3.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pgot.embeddings import encode_prompts
 from pgot.generate import generate
 from pgot.model import SD3Model
 
-__all__ = ["base_model", "probe_line", "probe_set", "reward_sets", "sample_and_score"]
+__all__ = ["base_model", "ground_truth_line", "probe_line", "probe_set", "reward_sets", "sample_and_score"]
 
 
 @contextlib.contextmanager
@@ -104,6 +109,50 @@ def probe_line(
         out[f"probe/mean_{n}"] = _finite(float(m1[j]))
         out[f"probe/std_{n}"] = _finite(float(s1[j]))
         out[f"probe/kl_{n}"] = _finite(float(kl[j]))
+    return out
+
+
+def ground_truth_line(
+    scores: torch.Tensor,
+    base: torch.Tensor,
+    quality: torch.Tensor,
+    base_quality: torch.Tensor,
+    names: Sequence[str],
+    sets: Mapping[str, Sequence[str]],
+    *,
+    tol: float | None = None,
+) -> dict[str, float | None]:
+    """The probe's ground-truth entries, next to :func:`probe_line`'s: ``probe/quality`` (mean true quality of the
+    probe images), ``probe/quality_change`` (mean over pairs of the change against the step-0 model),
+    ``probe/quality_improved`` and ``probe/quality_fell`` (shares of pairs), and ``probe/hacked_<set>`` per reward set
+    (pairs that dominate the step-0 model on every reward of the set while their quality fell). Definitions and the
+    tolerance are :mod:`pgot.metrics`' ("Ground truth"); non-finite values become None.
+
+    Args:
+        scores: (B, M) reward vectors of the current model's probe images.
+        base: (B, M) of the step-0 model on the same prompts and seeds.
+        quality: (B,) true quality of the current images (e.g. :func:`pgot.testbed.judge.quality`), in [0, 1].
+        base_quality: (B,) of the step-0 images.
+        names: the M reward names.
+        sets: named reward sets (as for :func:`probe_line`).
+        tol: a pair's quality improved (fell) when it rose (dropped) by more than this (``eval.quality_tol``; None:
+            :data:`pgot.metrics.QUALITY_TOL`).
+
+    Raises:
+        ValueError: shapes that do not match, a set naming an unknown reward, or a negative ``tol``.
+    """
+    tol = metrics.QUALITY_TOL if tol is None else tol
+    counts = metrics.count_ground_truth(scores, base, quality, base_quality, names, sets, tol=tol)
+    q, q0 = quality.detach().double().cpu(), base_quality.detach().double().cpu()
+    both = torch.isfinite(q) & torch.isfinite(q0)
+    out: dict[str, float | None] = {
+        "probe/quality": _finite(float(q[torch.isfinite(q)].mean())) if torch.isfinite(q).any() else None,
+        "probe/quality_change": _finite(float((q - q0)[both].mean())) if both.any() else None,
+        "probe/quality_improved": _finite(counts.rate(counts.improved)),
+        "probe/quality_fell": _finite(counts.rate(counts.fell)),
+    }
+    for set_name in sets:
+        out[f"probe/hacked_{set_name}"] = _finite(counts.rate(counts.hacked[set_name]))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 
@@ -173,3 +174,89 @@ def test_training_curves_titles_legend_and_axes_in_words():
     assert plots.curve_title("probe/jcr_x") == "Joint collapse rate, reward set x (JCR_x)"
     assert plots.curve_title("probe/win_hps") == "Win rate of hps against the step-0 model"
     assert plots.curve_title("loss") == "loss"
+
+
+def _gt_curves() -> pd.DataFrame:
+    """Two methods x (two seeds, one seed) x steps 0, 10, 20 of probe quality and JDR."""
+    rows = [
+        ("PG-OT", 0, 0, 0.05, 0.0), ("PG-OT", 0, 10, 0.07, 0.25), ("PG-OT", 0, 20, 0.09, 0.5),
+        ("PG-OT", 1, 0, 0.05, 0.0), ("PG-OT", 1, 10, 0.03, 0.125), ("PG-OT", 1, 20, 0.05, 0.25),
+        ("single saturation", 0, 0, 0.05, 0.0), ("single saturation", 0, 10, 0.01, 0.5),
+        ("single saturation", 0, 20, float("nan"), 0.75),
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=["method", "seed", "step", "quality", "probe/jdr_JDR2"])
+
+
+def test_ground_truth_curves_draw_the_seed_mean_and_min_max_band():
+    fig = plots.ground_truth_curves(_gt_curves(), "probe/jdr_JDR2", jdr_label="JDR on tb_align, tb_pref")
+    ax_q, ax_j = fig.axes
+    pg, single = ax_q.lines
+    assert (pg.get_label(), single.get_label()) == ("PG-OT", "single saturation")
+    assert list(pg.get_xdata()) == [0.0, 10.0, 20.0]
+    assert_close(torch.tensor(pg.get_ydata()), torch.tensor([0.05, 0.05, 0.07], dtype=torch.float64))  # seed means
+    assert list(single.get_xdata()) == [0.0, 10.0] and list(single.get_ydata()) == [0.05, 0.01]  # NaN skipped
+    assert_close(
+        torch.tensor(ax_j.lines[0].get_ydata()), torch.tensor([0.0, 18.75, 37.5], dtype=torch.float64)
+    )  # percent
+    assert list(ax_j.lines[1].get_ydata()) == [0.0, 50.0, 75.0]
+    (band,) = ax_q.collections  # only PG-OT has two seeds: one min-max band
+    ys = sorted({round(float(y), 6) for y in band.get_paths()[0].vertices[:, 1]})
+    assert ys == [0.03, 0.05, 0.07, 0.09]  # min and max over the seeds at each step
+    assert ax_q.get_xlabel() == ax_j.get_xlabel() == "optimizer step"
+    assert "judge" in ax_q.get_title() and "quality" in ax_q.get_ylabel()
+    assert ax_j.get_title().startswith("JDR on tb_align, tb_pref") and "%" in ax_j.get_ylabel()
+    assert _legend_texts(fig) == [
+        "PG-OT (2 seeds)",
+        "single saturation (1 seeds)",
+        "band: min to max over training seeds",
+    ]
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    assert buf.getvalue().startswith(PNG)
+
+
+def test_ground_truth_curves_of_the_change_against_step_0():
+    curves = _gt_curves().assign(change=lambda d: d["quality"] - 0.05)
+    fig = plots.ground_truth_curves(curves, "probe/jdr_JDR2", "change", change=True)
+    ax_q = fig.axes[0]
+    pg, _, zero = ax_q.lines  # one line per method, then the dashed line at 0
+    assert list(zero.get_ydata()) == [0.0, 0.0] and zero.get_linestyle() == "--"
+    assert_close(torch.tensor(pg.get_ydata()), torch.tensor([0.0, 0.0, 0.02], dtype=torch.float64))
+    assert ax_q.get_title().startswith("Change in true quality") and "change" in ax_q.get_ylabel()
+
+
+def test_quality_vs_jdr_one_dot_per_seed_and_the_mean_per_method():
+    points = pd.DataFrame(
+        {
+            "method": ["PG-OT", "PG-OT", "PG-OT", "weighted 1:1:1:1", "weighted 1:1:1:1"],
+            "seed": [0, 1, 2, 0, 1],
+            "jdr": [0.1, 0.2, 0.3, 0.5, 0.7],
+            "quality_change": [0.01, 0.02, 0.06, -0.04, -0.02],
+        }
+    )
+    fig = plots.quality_vs_jdr(points, methods=["weighted 1:1:1:1", "PG-OT"], jdr_label="JDR2")
+    (ax,) = fig.axes
+    by_label = {c.get_label(): c.get_offsets() for c in ax.collections}
+    assert_close(
+        torch.tensor(by_label["PG-OT seeds"]),
+        torch.tensor([[10.0, 0.01], [20.0, 0.02], [30.0, 0.06]], dtype=torch.float64),
+    )
+    assert_close(torch.tensor(by_label["PG-OT"]), torch.tensor([[20.0, 0.03]], dtype=torch.float64))  # mean over seeds
+    assert_close(torch.tensor(by_label["weighted 1:1:1:1"]), torch.tensor([[60.0, -0.03]], dtype=torch.float64))
+    assert [c.get_label() for c in ax.collections] == [
+        "weighted 1:1:1:1 seeds", "weighted 1:1:1:1", "PG-OT seeds", "PG-OT",
+    ]  # fmt: skip
+    (zero,) = ax.lines
+    assert list(zero.get_ydata()) == [0.0, 0.0] and zero.get_linestyle() == "--"
+    assert ax.get_xlabel().startswith("JDR2 against the base model (%")
+    assert "true quality" in ax.get_ylabel()
+    texts = _legend_texts(fig)
+    assert texts[:2] == ["weighted 1:1:1:1", "PG-OT"] and "no change in true quality" in texts
+    assert "mean over training seeds" in texts and "one training seed" in texts
+
+
+def test_many_methods_get_distinct_colours():
+    points = pd.DataFrame({"method": [f"m{i}" for i in range(13)], "seed": 0, "jdr": 0.1, "quality_change": 0.0})
+    fig = plots.quality_vs_jdr(points)
+    colours = {tuple(c.get_facecolor()[0][:3]) for c in fig.axes[0].collections if not c.get_label().endswith("seeds")}
+    assert len(colours) == 13
