@@ -795,6 +795,7 @@ def _quality_outcomes(cq: torch.Tensor, bq: torch.Tensor, tol: float) -> tuple[t
     return improved, fell, bad_c | bad_b, bad_b
 
 
+@accepts_numpy
 def ground_truth_columns(reward_sets: Mapping[str, Sequence[str]]) -> list[str]:
     """Column names of :func:`ground_truth_indicators`: ``quality_improved``, ``quality_fell``, then one hacked rate
     per reward set, named like the set's JDR column (:func:`rate_columns`): ``{"JDR4": ...}`` gives ``hacked4``,
