@@ -48,9 +48,7 @@ def no_weights(monkeypatch):
 def store(tmp_path_factory) -> Path:
     """A small frontier store of the debug config (tiny model, analytic rewards), built by pgot-precompute."""
     folder = tmp_path_factory.mktemp("store") / "frontier"
-    assert (
-        cli.precompute_main(["--config", DEBUG, *TINY, f"precompute.store={folder}", "--log-level", "WARNING"]) == 0
-    )
+    assert cli.precompute_main(["--config", DEBUG, *TINY, f"precompute.store={folder}", "--log-level", "WARNING"]) == 0
     return folder
 
 
@@ -407,9 +405,6 @@ def test_eval_inputs_all_at_once(tmp_path, capsys, no_weights):
 
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("model,prompt,seed,path\nm,a cat,0,gone.png\n")
-    assert (
-        cli.eval_main(["--config", EVAL, f"eval.output_dir={tmp_path / 'eval'}", f"eval.manifest={manifest}"])
-        == 2
-    )
+    assert cli.eval_main(["--config", EVAL, f"eval.output_dir={tmp_path / 'eval'}", f"eval.manifest={manifest}"]) == 2
     lines = _errors(capsys)  # the manifest's message names the missing images on lines of their own
     assert "1 of 1 images do not exist" in lines[0] and lines[1].strip() == f"line 2: {tmp_path / 'gone.png'}"
