@@ -960,11 +960,10 @@ def _run(cfg: Config) -> Path:
         tables.mean_section(means, columns, ci, e.confidence),
     ]
     if truth is not None:
-        sections[
-            1
-        ].note += (
+        means_note = (
             f" Column {metrics.QUALITY}: the ground-truth quality (eval.ground_truth={e.ground_truth}), not a reward."
         )
+        sections[1].note += means_note
     det = out / "determinism.json"
     if not e.manifest and det.is_file():
         d = json.loads(det.read_text())

@@ -107,6 +107,7 @@ def test_final_table_without_a_readable_world_warns_and_keeps_the_rest(tmp_path,
     """eval.ground_truth=testbed with prompts outside the grammar (the tiny world's demo prompts): the table is printed
     without the ground-truth lines, and a warning says why."""
     overrides = [f"train.output_dir={tmp_path / 'run'}", "train.strategy=online", "train.max_steps=1",
+                 f"train.store={tmp_path / 'store'}", f"precompute.store={tmp_path / 'store'}",
                  "train.probe_every=0", "train.checkpoint_every=0", "prompts.limit=2", "draft.num_steps=2",
                  "train.final_eval_prompts=2", "train.final_eval_samples=1", "eval.bootstrap=0",
                  "eval.ground_truth=testbed"]  # fmt: skip
