@@ -110,6 +110,12 @@ def test_request_is_read_back_exactly():
     # contrast is not active: its strength comes from the knowledge base of the system text
     assert req.strengths == {n: proxies.STRENGTHS[n] for n in REWARDS}
     assert req.words > 100
+    # two seeds of each prompt: one grid per prompt, two columns, base row then current row
+    twice = [p for p in PROMPTS[:3] for _ in range(2)]
+    b2, c2 = render(twice, seed=3), _saturated(render(twice, seed=3), twice)
+    req = parse_request(_body(state, b2, c2, twice))
+    assert req.prompts == twice and len(_body(state, b2, c2, twice)["messages"][1]["content"]) == 1 + 3
+    assert torch.equal(req.current_images, torch.from_numpy(to_uint8(c2)).permute(0, 3, 1, 2).float() / 255)
 
 
 def test_reference_images_before_the_state_are_skipped_and_tiles_are_resized():
