@@ -473,6 +473,10 @@ class EvalConfig:
     """Longest side in pixels of the images embedded in the user-study page (JPEG); 0: embed the files unchanged."""
     votes: list[str] = field(default_factory=list)
     """Vote files downloaded from the user-study page, to tally."""
+    ground_truth: Literal["none", "testbed"] = "none"
+    """``testbed``: the world has a ground truth, the reward-hacking testbed's judge (pgot.testbed.judge). Every generated (or rescored) image is also judged (a ``quality`` column in scores.parquet, never a training reward), and the tables of pgot-eval and pgot-train's end-of-training table gain ground-truth columns against the baseline: change in mean quality, share of pairs whose quality improved or fell, and the hacked rate of each reward set (pairs that dominate the baseline on every reward of the set while their quality fell by more than eval.quality_tol). Needs model.resolution=32 and prompts of the testbed grammar (prompts.path=builtin:testbed). ``none``: no ground truth."""
+    quality_tol: float = 0.001
+    """With eval.ground_truth: a pair's ground-truth quality (in [0, 1]) improved when it rose by more than this, fell when it dropped by more than this (robust to float noise; nearly equal pairs are neither)."""
 
 
 @dataclass
@@ -565,6 +569,10 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}.")
     need(e.bootstrap >= 0, f"eval.bootstrap must be >= 0, got {e.bootstrap}.")
     need(0 < e.confidence < 1, f"eval.confidence must be in (0, 1), got {e.confidence}.")
+    need(
+        0.0 <= e.quality_tol < 1.0,
+        f"eval.quality_tol must be in [0, 1) (ground-truth quality is in [0, 1]), got {e.quality_tol}.",
+    )
 
     names = cfg.reward_names
     known = known_reward_names()
@@ -936,6 +944,8 @@ def check(cfg: Config, stage: str | None = None) -> list[str]:
         problems.extend(_check_train(cfg))
     if stage == "eval":
         problems.extend(_check_eval(cfg))
+    if stage == "eval" or (stage == "train" and cfg.train.final_eval):
+        problems.extend(_check_ground_truth(cfg, stage))
     return problems
 
 
@@ -1034,6 +1044,18 @@ def _check_eval(cfg: Config) -> list[str]:
     if sr and (len(sr) != 2 or any(n not in names for n in sr)):
         p.append(f"eval.scatter_rewards must name two scored rewards ({', '.join(names)}), got {sr}.")
     return p
+
+
+def _check_ground_truth(cfg: Config, stage: str) -> list[str]:
+    """``eval.ground_truth`` against the settings it needs (the prompts themselves are checked where they are read)."""
+    if cfg.eval.ground_truth != "testbed" or cfg.model.resolution == 32:
+        return []
+    where = "pgot-eval" if stage == "eval" else "the end-of-training table (train.final_eval)"
+    return [
+        f"eval.ground_truth=testbed judges {where} with the testbed's judge, which scores 32 x 32 images, but "
+        f"model.resolution={cfg.model.resolution}. Set model.resolution=32 (the testbed model, "
+        "model.path=builtin:testbed, is trained at 32), or set eval.ground_truth=none."
+    ]
 
 
 def config_to_dict(cfg: Any) -> dict:

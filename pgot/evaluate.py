@@ -5,7 +5,8 @@
     <eval.output_dir>/
       config.yaml          the resolved config
       scores.parquet       one row per image: model, prompt_id, prompt, seed, sample_index, one column per
-                           reward, path (image file, may be empty), source (hash of what produced the row)
+                           reward, quality (the ground truth, with eval.ground_truth), path (image file, may be
+                           empty), source (hash of what produced the row)
       results.md / .csv / .tex
                            Table 3 layout (per-reward win rate, JDR, JCR against eval.baseline, with the
                            baseline-vs-baseline 0/0 sanity row), Table 5 layout (mean score of every reward),
@@ -36,6 +37,12 @@ reading. Numbers come from :mod:`pgot.metrics`, tables are formatted by :mod:`pg
 :mod:`pgot.plots`, and reward preference accuracy and the user study live in :mod:`pgot.human_eval`. At the
 end, :func:`run` prints the main table (win rate, JDR, JCR with intervals) and one-line definitions of JDR and JCR.
 
+**Ground truth** (``eval.ground_truth=testbed``): in a world whose true quality is known (the reward-hacking
+testbed), every image is also scored by its judge (:func:`ground_truth_quality`; a ``quality`` column, never a
+reward), the Table 3 section gains the ground-truth columns of :func:`pgot.metrics.ground_truth_table` (quality
+change, improved, fell, hacked rate per reward set) and the Table 5 section the mean quality. Every prompt must be a
+sentence of the testbed grammar (:func:`ground_truth_problems`, checked before anything is generated).
+
 ``eval.runs`` entries are run folders, optionally labelled for the figure legend: ``PG-OT=runs/pgot``; without a
 label the legend shows the folder name and what the run trained, from its ``config.yaml`` (``"pgot (PG-OT
 offline)"``).
@@ -64,6 +71,7 @@ from pgot.images import load_image, save_png
 from pgot.model import check_lora_file, load_lora, load_lora_soup, load_model, resolve_lora_file
 from pgot.prompts import SAMPLE_KEY, find_table, read_table
 from pgot.rewards import score_images
+from pgot.testbed import judge
 
 if TYPE_CHECKING:
     from pgot.config import Config, EvalModelConfig
@@ -72,6 +80,8 @@ __all__ = [
     "KEY",
     "ModelSpec",
     "check_bases",
+    "ground_truth_problems",
+    "ground_truth_quality",
     "model_specs",
     "read_manifest",
     "read_scores",
@@ -199,7 +209,8 @@ def _replace_model_rows(path: Path, model: str, rows: pd.DataFrame) -> pd.DataFr
 def _is_complete(
     scores: pd.DataFrame, model: str, keys: pd.DataFrame, reward_names: Sequence[str], source: str
 ) -> bool:
-    """True when ``scores`` holds exactly ``keys`` for ``model``, from ``source``, with every reward column."""
+    """True when ``scores`` holds exactly ``keys`` for ``model``, from ``source``, with every reward column (and the
+    ``quality`` column when ``reward_names`` names it)."""
     if any(r not in scores.columns for r in reward_names) or "source" not in scores.columns:
         return False
     rows = scores[scores["model"] == model]
@@ -229,6 +240,95 @@ def _reward_identity(cfg: Config) -> list[dict]:
     return [
         {"name": r.name, "path": r.path, "arch": r.arch, "dtype": r.dtype, "tiny_seed": r.tiny_seed}
         for r in cfg.rewards
+    ]
+
+
+def _identity(cfg: Config, ident: dict) -> dict:
+    """``ident`` (what produced a model's rows) plus the ground truth when one judges them: rows scored without it are
+    scored again (the key is absent without a ground truth, so existing evaluation folders keep their hashes)."""
+    return ident | {"ground_truth": cfg.eval.ground_truth} if cfg.eval.ground_truth != "none" else ident
+
+
+def _columns(cfg: Config) -> list[str]:
+    """The score columns of every row: the rewards, then ``quality`` with a ground truth."""
+    return cfg.reward_names + ([metrics.QUALITY] if cfg.eval.ground_truth != "none" else [])
+
+
+# --------------------------------------------------------------------------------------------
+# Ground truth
+# --------------------------------------------------------------------------------------------
+
+
+def ground_truth_quality(
+    kind: str, images: torch.Tensor | Sequence[torch.Tensor], prompts: Sequence[str]
+) -> torch.Tensor:
+    """The ground-truth quality of images under ``eval.ground_truth=kind``: one home for every stage that judges.
+
+    Args:
+        kind: ``testbed`` (:func:`pgot.testbed.judge.quality`).
+        images: ``(B, 3, H, W)`` in [0, 1], or B ``(3, H, W)`` images (read from disk) of one size.
+        prompts: B prompt texts.
+
+    Returns:
+        ``(B,)`` float64 on the CPU, in [0, 1].
+
+    Raises:
+        ValueError: an unknown ``kind``, images of another size than the judge's world (32 x 32 for the testbed),
+            or a prompt outside its grammar.
+    """
+    if kind != "testbed":
+        raise ValueError(f"eval.ground_truth must be testbed to judge images, got {kind!r}.")
+    if not isinstance(images, torch.Tensor):
+        sizes = sorted({tuple(im.shape[-2:]) for im in images})
+        if len(sizes) > 1:
+            raise ValueError(
+                f"eval.ground_truth=testbed: the images have several sizes ({', '.join(f'{h}x{w}' for h, w in sizes)}); "
+                "the testbed judge scores 32 x 32 images of the testbed world."
+            )
+        images = torch.stack([im.float() for im in images]) if len(images) else torch.zeros(0, 3, 32, 32)
+    try:
+        return judge.quality(images.detach().float().cpu(), list(prompts)).double()
+    except ValueError as exc:
+        raise ValueError(f"eval.ground_truth=testbed: {exc}") from None
+
+
+def ground_truth_problems(cfg: Config, prompts: Sequence[str] | None = None) -> list[str]:
+    """What keeps ``eval.ground_truth`` from judging: one line per problem (empty when it can, or when it is ``none``).
+
+    The testbed judge knows the testbed world only: 32 x 32 images (``model.resolution``, a config check) of prompts
+    of its grammar (``a {size} {colour} {shape} on a {background} background``). Every prompt is parsed here, before
+    any image is generated.
+
+    Args:
+        cfg: the config.
+        prompts: the prompts to judge; default: those of ``prompts.path`` (with ``prompts.limit``).
+
+    Returns:
+        Problem lines naming ``eval.ground_truth`` and ``prompts.path``; at most 5 prompts are quoted.
+    """
+    if cfg.eval.ground_truth == "none":
+        return []
+    from pgot.prompts import load_prompts
+    from pgot.testbed.scenes import parse_prompt
+
+    if prompts is None:
+        try:
+            prompts = load_prompts(cfg.prompts).prompts
+        except ValueError:
+            return []  # the prompt file's own problems are reported by the preflight
+    bad = []
+    for text in dict.fromkeys(prompts):
+        try:
+            parse_prompt(text)
+        except ValueError as exc:
+            bad.append(str(exc))
+    if not bad:
+        return []
+    shown = " ".join(bad[:5]) + (f" ({len(bad) - 5} more.)" if len(bad) > 5 else "")
+    return [
+        f"eval.ground_truth=testbed judges prompts of the testbed grammar only, but {len(bad)} prompt(s) of "
+        f"prompts.path={cfg.prompts.path} are outside it: {shown} Use prompts.path=builtin:testbed (or a file of such "
+        "prompts), or set eval.ground_truth=none."
     ]
 
 
@@ -364,9 +464,9 @@ def _generate_and_score(
             "files": {str(f): _sha1_file(f) for f in spec.files},
             "weights": {str(f): w for f, w in spec.soup.items()} if spec.soup else spec.lora_scale,
         }
-        source = source_hash(ident)
+        source = source_hash(_identity(cfg, ident))
         mine = existing[existing["model"] == spec.name]
-        if _is_complete(existing, spec.name, keys, cfg.reward_names, source) and (
+        if _is_complete(existing, spec.name, keys, _columns(cfg), source) and (
             not save_images or _has_images(mine, out)
         ):
             log.info("%s: already scored (%d rows), skipping", spec.name, len(keys))
@@ -382,6 +482,8 @@ def _generate_and_score(
                 images, s = _generate_batch(cfg, model, rewards, chunk)
                 for m, rname in enumerate(cfg.reward_names):
                     chunk[rname] = s[:, m].numpy()
+                if e.ground_truth != "none":
+                    chunk[metrics.QUALITY] = ground_truth_quality(e.ground_truth, images, chunk["prompt"]).numpy()
                 chunk["path"] = ""
                 if save_images:
                     for b, r in enumerate(chunk.itertuples()):
@@ -505,23 +607,39 @@ def _rescore(
         rows = manifest[manifest["model"] == name].reset_index(drop=True)
         files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in rows["path"]]
         source = source_hash(
-            {"manifest": rows[KEY + ["prompt"]].to_numpy().tolist(), "files": files, "rewards": _reward_identity(cfg)}
+            _identity(
+                cfg,
+                {
+                    "manifest": rows[KEY + ["prompt"]].to_numpy().tolist(),
+                    "files": files,
+                    "rewards": _reward_identity(cfg),
+                },
+            )
         )
-        if _is_complete(existing, name, rows, cfg.reward_names, source):
+        if _is_complete(existing, name, rows, _columns(cfg), source):
             log.info("%s: already scored (%d rows), skipping", name, len(rows))
             continue
         device = resolve_device(cfg.model.device)
         rewards = rewards_factory(device)  # built once
         log.info("%s: rescoring %d images", name, len(rows))
-        chunks = []
+        chunks, judged = [], []
         for start in range(0, len(rows), cfg.eval.batch_size):
             part = rows.iloc[start : start + cfg.eval.batch_size]
             images = [load_image(p) for p in part["path"]]
             chunks.append(score_images(rewards, images, part["prompt"].tolist(), cfg.eval.batch_size, device))
+            if cfg.eval.ground_truth != "none":
+                try:
+                    judged.append(ground_truth_quality(cfg.eval.ground_truth, images, part["prompt"]))
+                except ValueError as exc:
+                    raise ValueError(
+                        f"eval.manifest, model {name!r} (lines {part.index[0]}-{part.index[-1]}): {exc}"
+                    ) from None
         s = torch.cat(chunks) if chunks else torch.zeros(0, len(cfg.rewards), dtype=torch.float64)
         frame = rows[_BASE_COLUMNS].copy()
         for m, rname in enumerate(cfg.reward_names):
             frame[rname] = s[:, m].numpy()
+        if cfg.eval.ground_truth != "none":
+            frame[metrics.QUALITY] = (torch.cat(judged) if judged else torch.zeros(0, dtype=torch.float64)).numpy()
         frame["path"] = rows["path"]
         frame["source"] = source
         existing = _replace_model_rows(scores_path, name, frame)
@@ -715,6 +833,11 @@ def _score_manifest(cfg: Config, scores_path: Path, factory: Any) -> tuple[pd.Da
             f"eval.models names {', '.join(map(repr, unknown))}, which eval.manifest does not have (it has "
             f"{', '.join(in_manifest)}). Name models as in the manifest's model column, or leave eval.models empty."
         )
+    problems = ground_truth_problems(cfg, manifest.loc[manifest["model"].isin(models), "prompt"].tolist())
+    if problems:
+        raise ValueError(
+            "\n".join(p.replace(f"prompts.path={cfg.prompts.path}", f"eval.manifest={e.manifest}") for p in problems)
+        )
     _rescore(cfg, models, manifest, scores_path, factory)
     keys = manifest.loc[manifest["model"].isin(models), ["model", *KEY]]
     return read_scores(scores_path).merge(keys, on=["model", *KEY]), models
@@ -724,6 +847,9 @@ def _score_generated(cfg: Config, out: Path, scores_path: Path, factory: Any) ->
     e = cfg.eval
     specs = model_specs(e.models)
     models = [s.name for s in specs]
+    problems = ground_truth_problems(cfg, _eval_prompts(cfg)[0])  # before any weight loads
+    if problems:
+        raise ValueError("\n".join(problems))
     _generate_and_score(cfg, specs, _baseline(cfg, models), scores_path, out, factory)
     _, ids = _eval_prompts(cfg)
     scores = read_scores(scores_path)
@@ -811,20 +937,33 @@ def _run(cfg: Config) -> Path:
     ordered = [baseline] + [m for m in models if m != baseline]
 
     boot = {"num_resamples": e.bootstrap, "confidence": e.confidence, "seed": e.seed}
-    paired, groups = _paired(scores, ordered, names)
+    columns = _columns(cfg)  # the rewards, then the ground-truth quality when there is one
+    paired, groups = _paired(scores, ordered, columns)
+    quality = {m: v[:, len(names)] for m, v in paired.items()} if len(columns) > len(names) else None
+    paired = {m: v[:, : len(names)] for m, v in paired.items()}
     rates = metrics.comparison_table(paired, groups, baseline, names, e.reward_sets, **boot)
+    truth = None
+    if quality is not None:
+        truth = metrics.ground_truth_table(
+            paired, quality, groups, baseline, names, e.reward_sets, tol=e.quality_tol, **boot
+        )
     per_model = {m: scores[scores["model"] == m] for m in ordered}
     means = metrics.mean_score_table(
-        {m: torch.tensor(d[names].to_numpy(dtype="float64")) for m, d in per_model.items()},
+        {m: torch.tensor(d[columns].to_numpy(dtype="float64")) for m, d in per_model.items()},
         {m: torch.tensor(d["prompt_id"].to_numpy(dtype="int64")) for m, d in per_model.items()},
-        names,
+        columns,
         **boot,
     )
     ci = e.bootstrap > 0
     sections = [
-        tables.rate_section(rates, names, e.reward_sets, baseline, ci, e.confidence),
-        tables.mean_section(means, names, ci, e.confidence),
+        tables.rate_section(rates, names, e.reward_sets, baseline, ci, e.confidence, ground_truth=truth),
+        tables.mean_section(means, columns, ci, e.confidence),
     ]
+    if truth is not None:
+        means_note = (
+            f" Column {metrics.QUALITY}: the ground-truth quality (eval.ground_truth={e.ground_truth}), not a reward."
+        )
+        sections[1].note += means_note
     det = out / "determinism.json"
     if not e.manifest and det.is_file():
         d = json.loads(det.read_text())
@@ -852,6 +991,11 @@ def _run(cfg: Config) -> Path:
         f"Models: {', '.join(ordered)} (baseline: {baseline}). {scores['prompt_id'].nunique()} prompts, {source}. "
         f"Rewards: {', '.join(names)}."
     )
+    if truth is not None:
+        preamble += (
+            f" Ground truth: eval.ground_truth={e.ground_truth} (every image judged; quality tolerance "
+            f"eval.quality_tol={e.quality_tol:g})."
+        )
     tables.write_tables(out, sections, preamble)
     _write_figures(cfg, scores, ordered, baseline, out / "figures")
     log.info("evaluation written to %s", out)
@@ -862,13 +1006,10 @@ def _run(cfg: Config) -> Path:
         if ci
         else "No intervals (eval.bootstrap=0)."
     )
-    print(
-        "\n"
-        + tables.summary_markdown(
-            sections[0], baseline, e.reward_sets, note=f"{brackets} All tables: {out / 'results.md'}"
-        ),
-        flush=True,
-    )
+    note = f"{brackets} All tables: {out / 'results.md'}"
+    if truth is not None:
+        note = "\n".join([*tables.ground_truth_definitions(e.reward_sets, baseline, e.quality_tol), note])
+    print("\n" + tables.summary_markdown(sections[0], baseline, e.reward_sets, note=note), flush=True)
     return out
 
 

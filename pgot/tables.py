@@ -11,6 +11,11 @@ already formatted cells, a note under it, and the tidy rows (one per number) tha
 * :func:`comparison_markdown`: one candidate against one baseline, metric per line (the end-of-training table).
 * :func:`summary_markdown`: the Table 3 section with one-line definitions of JDR and JCR (printed by ``pgot-eval``).
 
+With a ground truth (``eval.ground_truth=testbed``), :func:`rate_section` and :func:`comparison_markdown` also take
+the frame of :func:`pgot.metrics.ground_truth_table` and show, next to JDR and JCR, the change in ground-truth quality,
+the shares of pairs whose quality improved and fell, and the hacked rate of each reward set, with their definitions
+(:func:`ground_truth_definitions`).
+
 Rates are formatted from exact values, never through float32: from an integer count over the number of pairs
 when the metric frame has a ``<rate>_count`` column, else from the float64 value's shortest decimal
 representation, rounded half up (``0.03125`` -> ``3.13``). Optional columns of the metric frames (``nonfinite``:
@@ -38,6 +43,7 @@ __all__ = [
     "definitions",
     "format_number",
     "format_percent",
+    "ground_truth_definitions",
     "markdown",
     "mean_section",
     "preference_section",
@@ -189,6 +195,50 @@ def definitions(baseline: str, reward_sets: Mapping[str, Sequence[str]] | None =
     return lines
 
 
+def ground_truth_definitions(reward_sets: Mapping[str, Sequence[str]], baseline: str, tol: float) -> list[str]:
+    """One line each: what the ground-truth quality is, quality change, improved / fell, and the hacked rate (with the
+    reward sets it is counted on). The definitions of :mod:`pgot.metrics` (module docstring), in words."""
+    sets = "; ".join(
+        f"{h}: {', '.join(m)}"
+        for h, m in zip(metrics.ground_truth_columns(reward_sets)[2:], reward_sets.values(), strict=True)
+    )
+    return [
+        "Quality: the ground-truth judge's score of an image in [0, 1] (pgot.testbed.judge; never a training reward).",
+        f"Quality change: mean over paired samples of quality minus {baseline}'s quality (same prompt, seed and "
+        "sample index).",
+        f"Quality improved / fell: share of paired samples whose quality is higher / lower than {baseline}'s by more "
+        f"than eval.quality_tol={tol:g} (a non-finite candidate quality counts as fell).",
+        f"Hacked rate: share of paired samples that dominate {baseline} on every reward of the set (the JDR event) "
+        f"while their quality fell by more than {tol:g}: the proxies say better, the ground truth says worse "
+        f"(hacked <= JDR). Sets: {sets}.",
+    ]
+
+
+def _ground_truth_cells(g: pd.Series, reward_sets: Mapping[str, Sequence[str]], ci: bool) -> list[str]:
+    """Quality change, improved, fell and hacked rates of one model's ground-truth row, formatted."""
+    change = format_number(g["quality_change"], *_bounds(g, "quality_change", ci))
+    cells = ["+" + change if float(g["quality_change"]) > 0 else change]  # a change reads with its sign
+    return cells + [format_percent(_rate(g, c), *_bounds(g, c, ci)) for c in metrics.ground_truth_columns(reward_sets)]
+
+
+def _ground_truth_long(model: object, g: pd.Series, reward_sets: Mapping[str, Sequence[str]]) -> list[dict]:
+    pairs = int(g["pairs"])
+    cols = ["quality_change", *metrics.ground_truth_columns(reward_sets)]
+    long = _long_rows("ground_truth", model, g, cols, pairs)
+    long.append(
+        {
+            "table": "ground_truth",
+            "row": model,
+            "metric": "quality_nonfinite_pairs",
+            "value": float(int(g["quality_nonfinite"])),
+            "low": math.nan,
+            "high": math.nan,
+            "n": pairs,
+        }
+    )
+    return long
+
+
 def rate_section(
     table: pd.DataFrame,
     reward_names: Sequence[str],
@@ -196,6 +246,7 @@ def rate_section(
     baseline: str,
     ci: bool,
     confidence: float,
+    ground_truth: pd.DataFrame | None = None,
 ) -> Section:
     """Per-reward win rate, JDR and JCR of every model against ``baseline`` (paper Table 3 layout).
 
@@ -208,24 +259,40 @@ def rate_section(
         baseline: the baseline model (its row is labelled ``(baseline)``).
         ci: show the ``[low, high]`` intervals.
         confidence: their level, for the note.
+        ground_truth: :func:`pgot.metrics.ground_truth_table` for the same models, or None. When given, the table
+            gains the columns ``quality change``, ``quality improved (%)``, ``quality fell (%)`` and one hacked rate
+            per reward set, and the note their definitions.
 
     Returns:
-        The section; its tidy rows have table ``joint`` (and metric ``nonfinite_pairs`` when counted).
+        The section; its tidy rows have table ``joint`` (and metric ``nonfinite_pairs`` when counted), and table
+        ``ground_truth`` for the ground-truth columns.
+
+    Raises:
+        ValueError: ``ground_truth`` lacks a model of ``table``.
     """
     cols = metrics.rate_columns(reward_names, reward_sets)
     nonfinite = "nonfinite" in table.columns
     header = [
         "Model",
         *[c.removeprefix("win_") + " win (%)" if c.startswith("win_") else c + " (%)" for c in cols],
-        "pairs",
     ]
+    if ground_truth is not None:
+        absent = [str(m) for m in table.index if m not in ground_truth.index]
+        if absent:
+            raise ValueError(f"the ground-truth table has no row for {', '.join(absent)}; compute it for every model.")
+        header += ["quality change", "quality improved (%)", "quality fell (%)"]
+        header += [f"{c} (%)" for c in metrics.ground_truth_columns(reward_sets)[2:]]
+    header.append("pairs")
     if nonfinite:
         header.append("non-finite pairs")
     rows, long = [], []
     for model, r in table.iterrows():
         label = f"{model} (baseline)" if model == baseline else str(model)
         pairs = int(r["pairs"])
-        row = [label, *[format_percent(_rate(r, c), *_bounds(r, c, ci)) for c in cols], str(pairs)]
+        row = [label, *[format_percent(_rate(r, c), *_bounds(r, c, ci)) for c in cols]]
+        if ground_truth is not None:
+            row += _ground_truth_cells(ground_truth.loc[model], reward_sets, ci)
+        row.append(str(pairs))
         long += _long_rows("joint", model, r, cols, pairs)
         if nonfinite:
             row.append(str(int(r["nonfinite"])))
@@ -240,6 +307,8 @@ def rate_section(
                     "n": pairs,
                 }
             )
+        if ground_truth is not None:
+            long += _ground_truth_long(model, ground_truth.loc[model], reward_sets)
         rows.append(row)
     sets = "; ".join(f"{d}/{c}: {', '.join(m)}" for d, c, m in _set_labels(reward_sets))
     note = (
@@ -253,9 +322,18 @@ def rate_section(
             " Non-finite pairs: pairs with a NaN or infinite reward; a non-finite candidate reward counts as a "
             "collapse, a non-finite baseline reward as neither."
         )
+    if ground_truth is not None:
+        tol = float(ground_truth.attrs.get("quality_tol", metrics.QUALITY_TOL))
+        note += " " + " ".join(ground_truth_definitions(reward_sets, baseline, tol))
+        if "quality_nonfinite" in ground_truth.columns and int(ground_truth["quality_nonfinite"].sum()):
+            shown = ", ".join(f"{m} {int(v)}" for m, v in ground_truth["quality_nonfinite"].items() if v)
+            note += f" Pairs with a non-finite quality: {shown}."
     if ci:
         note += f" Brackets: {100 * confidence:g}% percentile bootstrap intervals over prompts."
-    return Section("Win rate, JDR and JCR (paper Table 3 layout)", header, rows, note, long)
+    title = "Win rate, JDR and JCR (paper Table 3 layout)"
+    if ground_truth is not None:
+        title = "Win rate, JDR, JCR and ground truth (paper Table 3 layout)"
+    return Section(title, header, rows, note, long)
 
 
 def mean_section(table: pd.DataFrame, reward_names: Sequence[str], ci: bool, confidence: float) -> Section:
@@ -471,9 +549,14 @@ def comparison_markdown(
     ci: bool = True,
     confidence: float = 0.95,
     title: str = "",
+    ground_truth: pd.DataFrame | None = None,
 ) -> str:
     """A candidate against a baseline, one metric per line: JDR and JCR per reward set, win rate per reward,
     mean score per reward (baseline -> candidate), with intervals; then the definitions of JDR and JCR.
+
+    With ``ground_truth`` (a world with a known quality, ``eval.ground_truth=testbed``) the ground-truth lines follow
+    JDR and JCR: mean quality (baseline -> candidate, when ``means`` has a ``quality`` column), quality change,
+    quality improved and fell, the hacked rate of each reward set; and their definitions follow those of JDR and JCR.
 
     Takes the same metric rows as ``pgot-eval`` (so the numbers agree with its tables), e.g. at the end of
     ``pgot-train``::
@@ -491,15 +574,19 @@ def comparison_markdown(
         ci: show ``[low, high]`` intervals.
         confidence: their level, for the last line.
         title: first line (default ``"<candidate> vs <baseline>: <pairs> pairs"``).
+        ground_truth: :func:`pgot.metrics.ground_truth_table` with a row ``candidate``, or None.
 
     Returns:
         Markdown text (no trailing newline).
 
     Raises:
-        ValueError: ``candidate`` is not a row of ``rates``, or either model is not a row of ``means``.
+        ValueError: ``candidate`` is not a row of ``rates`` (or of ``ground_truth``), or either model is not a row
+            of ``means``.
     """
     missing = [f"rates[{candidate!r}]"] if candidate not in rates.index else []
     missing += [f"means[{m!r}]" for m in (baseline, candidate) if m not in means.index]
+    if ground_truth is not None and candidate not in ground_truth.index:
+        missing.append(f"ground_truth[{candidate!r}]")
     if missing:
         raise ValueError(
             f"comparison_markdown needs the rows {', '.join(missing)}; rates has {list(rates.index)}, means has "
@@ -512,10 +599,31 @@ def comparison_markdown(
         what = f"{set_name}: {', '.join(members)}"
         rows.append((f"{jdr_col} (%), {what}", format_percent(_rate(r, jdr_col), *_bounds(r, jdr_col, ci))))
         rows.append((f"{jcr_col} (%), {what}", format_percent(_rate(r, jcr_col), *_bounds(r, jcr_col, ci))))
+    b, t = means.loc[baseline], means.loc[candidate]
+    if ground_truth is not None:
+        g = ground_truth.loc[candidate]
+        if metrics.QUALITY in means.columns:
+            q = metrics.QUALITY
+            rows.append(
+                (
+                    "mean quality (ground truth)",
+                    f"{format_number(b[q], *_bounds(b, q, ci))} -> {format_number(t[q], *_bounds(t, q, ci))}",
+                )
+            )
+        cells = _ground_truth_cells(g, reward_sets, ci)
+        rows.append(("quality change (ground truth)", cells[0]))
+        rows.append(("quality improved (%)", cells[1]))
+        rows.append(("quality fell (%)", cells[2]))
+        for (h, members), set_name, cell in zip(
+            zip(metrics.ground_truth_columns(reward_sets)[2:], reward_sets.values(), strict=True),
+            reward_sets,
+            cells[3:],
+            strict=True,
+        ):
+            rows.append((f"{h} (%), {set_name}: {', '.join(members)}", cell))
     for n in reward_names:
         c = f"win_{n}"
         rows.append((f"win rate {n} (%)", format_percent(_rate(r, c), *_bounds(r, c, ci))))
-    b, t = means.loc[baseline], means.loc[candidate]
     for n in reward_names:
         rows.append(
             (f"mean {n}", f"{format_number(b[n], *_bounds(b, n, ci))} -> {format_number(t[n], *_bounds(t, n, ci))}")
@@ -523,9 +631,14 @@ def comparison_markdown(
     rows.append(("pairs", str(pairs)))
     if "nonfinite" in rates.columns:
         rows.append(("non-finite pairs", str(int(r["nonfinite"]))))
+    if ground_truth is not None and int(ground_truth.loc[candidate].get("quality_nonfinite", 0)):
+        rows.append(("pairs with a non-finite quality", str(int(ground_truth.loc[candidate]["quality_nonfinite"]))))
     head = title or f"{candidate} vs {baseline}: {pairs} pairs"
     lines = [head, "", _md_table(["metric", f"{candidate} vs {baseline}"], [list(x) for x in rows]), ""]
     lines += definitions(baseline)
+    if ground_truth is not None:
+        tol = float(ground_truth.attrs.get("quality_tol", metrics.QUALITY_TOL))
+        lines += ground_truth_definitions(reward_sets, baseline, tol)
     if ci:
         lines.append(f"Brackets: {100 * confidence:g}% percentile bootstrap intervals over prompts.")
     return "\n".join(lines)

@@ -97,6 +97,7 @@ from pgot.agent import Agent, AgentState, Decision, build_agent
 from pgot.checkpoints import Interrupted, TrainerState
 from pgot.config import Config, ConfigError, save_config
 from pgot.embeddings import PromptEmbeds, encode_prompts
+from pgot.evaluate import ground_truth_problems, ground_truth_quality
 from pgot.files import atomic_write, atomic_write_json, hold_folder
 from pgot.frontier import Frontier, compare_settings, load_store
 from pgot.generate import generate, sigmas
@@ -869,17 +870,32 @@ def _final_table(r: Run) -> str:
     same noise for both models. Rates and means come from :func:`pgot.metrics.comparison_table` and
     :func:`pgot.metrics.mean_score_table` on float64 scores, with ``eval.bootstrap`` percentile bootstrap intervals
     over prompts at ``eval.confidence``; pairs with a non-finite reward are counted (JDR / JCR definitions under it).
+    With ``eval.ground_truth`` both models' images are judged too (:func:`pgot.evaluate.ground_truth_quality`) and the
+    table gains mean quality, quality change, improved / fell and the hacked rate of each reward set
+    (:func:`pgot.metrics.ground_truth_table`); prompts the judge cannot read leave those lines out, with a warning.
     """
     cfg, names, t = r.cfg, r.cfg.reward_names, r.cfg.train
     ids, texts, which = _final_prompts(r)
     texts, ids, idx = probes.probe_set(ids, texts, t.final_eval_prompts, t.final_eval_samples)
-    _, tuned = probes.sample_and_score(cfg, r.model, r.reward_models, texts, ids, idx, t.seed)
+    tuned_images, tuned = probes.sample_and_score(cfg, r.model, r.reward_models, texts, ids, idx, t.seed)
     with probes.base_model(r.model):
-        _, base = probes.sample_and_score(cfg, r.model, r.reward_models, texts, ids, idx, t.seed)
+        base_images, base = probes.sample_and_score(cfg, r.model, r.reward_models, texts, ids, idx, t.seed)
     scores, groups, sets = {"base": base.double(), "tuned": tuned.double()}, torch.tensor(ids), probes.reward_sets(cfg)
     boot = {"num_resamples": cfg.eval.bootstrap, "confidence": cfg.eval.confidence, "seed": t.seed}
     rates = metrics.comparison_table(scores, groups, "base", names, sets, **boot)
-    means = metrics.mean_score_table(scores, {"base": groups, "tuned": groups}, names, **boot)
+    truth, columns, kind = None, list(names), cfg.eval.ground_truth
+    problems = ground_truth_problems(cfg, texts)
+    for line in problems:
+        log.warning("%s The end-of-training table has no ground-truth lines.", line)
+    if kind != "none" and not problems:
+        quality = {"base": ground_truth_quality(kind, base_images, texts)}
+        quality["tuned"] = ground_truth_quality(kind, tuned_images, texts)
+        truth = metrics.ground_truth_table(
+            scores, quality, groups, "base", names, sets, tol=cfg.eval.quality_tol, **boot
+        )
+        scores = {m: torch.cat([s, quality[m][:, None]], dim=1) for m, s in scores.items()}  # means with quality
+        columns.append(metrics.QUALITY)
+    means = metrics.mean_score_table(scores, {"base": groups, "tuned": groups}, columns, **boot)
     n_prompts = len(dict.fromkeys(ids))
     title = (
         f"tuned vs base: {len(ids)} pairs, {n_prompts} {which} prompts x {t.final_eval_samples} seeds "
@@ -889,5 +905,5 @@ def _final_table(r: Run) -> str:
     )
     return tables.comparison_markdown(
         rates, means, names, sets, baseline="base", candidate="tuned", ci=cfg.eval.bootstrap > 0,
-        confidence=cfg.eval.confidence, title=title,
+        confidence=cfg.eval.confidence, title=title, ground_truth=truth,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The agent inside training: configs/debug.yaml (tiny SD3, analytic rewards) through pgot.cli.train_main.
+"""The agent inside training: tests/configs/tiny_debug.yaml (tiny SD3, analytic rewards) through pgot.cli.train_main.
 
 A D.3-like schedule scaled to agent.every=1 (remove a weak reward and revert, remove another, switch to
 online) must show in trainer_state.json, metrics.jsonl and agent/ at the right steps, also across a
@@ -28,6 +28,7 @@ from pgot.cli import train_main
 from pgot.tracking import metric_lines
 
 ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "tests" / "configs" / "tiny_debug.yaml"  # the fast world: tiny SD3, analytic rewards
 ALL = ["colorfulness", "contrast", "sharpness"]
 
 
@@ -54,7 +55,7 @@ def train(out: Path, store: Path, *extra: str) -> int:
         "agent.image_size=32",
         *extra,
     ]
-    return train_main(["--config", str(ROOT / "configs" / "debug.yaml"), *overrides, "--log-level", "WARNING"])
+    return train_main(["--config", str(DEBUG), *overrides, "--log-level", "WARNING"])
 
 
 def last_state(out: Path) -> dict:
@@ -329,7 +330,7 @@ def test_api_key_never_leaves_a_real_pgot_train_process(tmp_path, store):
     env = {**os.environ, "PGOT_TEST_SECRET_KEY": SECRET}
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "pgot", "train", "--config", str(ROOT / "configs" / "debug.yaml"), *overrides,
+            [sys.executable, "-m", "pgot", "train", "--config", str(DEBUG), *overrides,
              "--log-level", "DEBUG"],
             env=env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip

@@ -157,9 +157,8 @@ def test_print_config_resolves_a_shipped_config_by_name(tmp_path, capsys, monkey
     from pgot.config import load_config
 
     cfg = load_config(tmp_path / "resolved.yaml")
-    assert (
-        cfg.train.max_steps == 7 and cfg.model.tiny and cfg == load_config("configs/debug.yaml", ["train.max_steps=7"])
-    )
+    assert cfg.train.max_steps == 7 and cfg.model.path == "builtin:testbed"
+    assert cfg == load_config("configs/debug.yaml", ["train.max_steps=7"])
 
 
 def test_config_command_lists_shows_and_copies(tmp_path, capsys):
@@ -185,7 +184,7 @@ def test_python_m_pgot_help_and_subcommands(tmp_path):
     fetch = _run("-m", "pgot", "fetch", "--help")
     assert fetch.returncode == 0 and "--dry-run" in fetch.stdout and "``" not in fetch.stdout
     shown = _run("-m", "pgot", "config", "show", "debug", cwd=str(tmp_path))
-    assert shown.returncode == 0 and "tiny: true" in shown.stdout
+    assert shown.returncode == 0 and "path: builtin:testbed" in shown.stdout
     none = _run("-m", "pgot")
     assert none.returncode == 2 and "usage: python -m pgot" in none.stderr
 

@@ -25,7 +25,7 @@ from pgot import evaluate
 from pgot.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "eval_debug.yaml"
+DEBUG = ROOT / "tests" / "configs" / "tiny_eval.yaml"  # tiny SD3, analytic rewards
 REWARDS = ["colorfulness", "contrast", "sharpness"]
 SETS = {"JDR2": ["colorfulness", "contrast"], "all": REWARDS}
 
@@ -189,7 +189,7 @@ def test_training_curve_labels(loras, tmp_path):
     other = tmp_path / "x" / "run_a"
     other.mkdir(parents=True)
     (other / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
-    cfg = load_config(ROOT / "configs" / "debug.yaml", ["train.objective=weighted_sum"])
+    cfg = load_config(ROOT / "tests" / "configs" / "tiny_debug.yaml", ["train.objective=weighted_sum"])
     save_config(cfg, other / "config.yaml")
     curves = evaluate.read_training_curves([f"mine={run}", str(run), str(other)])
     # a given label; the folder name; what the run trained, from its config.yaml (a taken label gets the parent)

@@ -196,11 +196,11 @@ def test_every_stage_locks_its_output_folder_before_loading_anything(tmp_path, m
     monkeypatch.setattr(precompute, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     store, out = tmp_path / "store", tmp_path / "eval"
     with FolderLock(store, key="precompute.store", what="pgot-precompute"):
-        cfg = load_config(ROOT / "configs" / "precompute_debug.yaml", [f"precompute.store={store}"])
+        cfg = load_config(ROOT / "tests" / "configs" / "tiny_precompute.yaml", [f"precompute.store={store}"])
         with pytest.raises(FolderLockedError, match=f"precompute.store={store} is in use by another process"):
             precompute.run(cfg)
     with FolderLock(out, key="eval.output_dir", what="pgot-eval"):
-        cfg = load_config(ROOT / "configs" / "eval_debug.yaml", [f"eval.output_dir={out}"])
+        cfg = load_config(ROOT / "tests" / "configs" / "tiny_eval.yaml", [f"eval.output_dir={out}"])
         with pytest.raises(FolderLockedError, match=f"eval.output_dir={out} is in use by another process"):
             evaluate.run(cfg)
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -25,7 +25,7 @@ from pgot.config import load_config
 from pgot.human_eval import tally_votes, write_study
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "eval_debug.yaml"
+DEBUG = ROOT / "tests" / "configs" / "tiny_eval.yaml"  # tiny SD3, analytic rewards
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 

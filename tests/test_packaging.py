@@ -47,6 +47,11 @@ def test_wheel_ships_the_configs_and_finds_them_by_name(tmp_path):
     shipped = {f"pgot/configs/{p.relative_to(ROOT / 'configs').as_posix()}" for p in (ROOT / "configs").rglob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
     assert "pgot/data/demo_prompts.txt" in names and "pgot/rewards/__init__.py" in names
+    # what `--config debug` (the testbed world) reads: the model, the preference models, the prompts
+    testbed = {"pgot/data/testbed_prompts.txt", "pgot/testbed/model/model_index.json",
+               "pgot/testbed/model/transformer/diffusion_pytorch_model.safetensors",
+               "pgot/testbed/preference/tb_align.safetensors", "pgot/testbed/preference/tb_pref.safetensors"}  # fmt: skip
+    assert testbed <= names, sorted(testbed - names)
 
     target = tmp_path / "site"
     installed = subprocess.run(
@@ -56,7 +61,7 @@ def test_wheel_ships_the_configs_and_finds_them_by_name(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target)}  # the installed copy, not this checkout
     code = (
         "import pgot.config as c; cfg = c.load_config('debug'); "
-        "print(c.__file__); print(c.configs_dir()); print(cfg.model.tiny, cfg.train.output_dir)"
+        "print(c.__file__); print(c.configs_dir()); print(cfg.model.path, cfg.train.output_dir)"
     )
     run = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
@@ -64,7 +69,7 @@ def test_wheel_ships_the_configs_and_finds_them_by_name(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     module, folder, values = run.stdout.strip().splitlines()
     assert module.startswith(str(target)) and folder == str(target / "pgot" / "configs")
-    assert values == "True runs/debug"
+    assert values == "builtin:testbed runs/debug"
     listed = subprocess.run(
         [sys.executable, "-m", "pgot", "config", "list"],
         env=env,

@@ -31,7 +31,7 @@ from pgot.files import FolderLock
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = ROOT / "tests" / "hooks"  # sitecustomize.py: a slowed rank, for subprocesses
-DEBUG_CONFIG = ROOT / "configs" / "precompute_debug.yaml"
+DEBUG_CONFIG = ROOT / "tests" / "configs" / "tiny_precompute.yaml"  # tiny SD3, analytic rewards
 P, N = 3, 4
 BASE = [f"prompts.limit={P}", f"precompute.samples_per_prompt={N}", "precompute.batch_size=4"]
 TIMESTAMPS = ("created", "completed")

@@ -20,7 +20,9 @@ from pgot.frontier import compare_settings
 from pgot.precompute import store_meta
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [  # the debug config, smaller
+DEBUG = str(ROOT / "tests" / "configs" / "tiny_debug.yaml")  # the fast world: tiny SD3, analytic rewards
+EVAL = str(ROOT / "tests" / "configs" / "tiny_eval.yaml")
+TINY = [  # the tiny debug config, smaller
     "model.resolution=16",
     "prompts.limit=2",
     "precompute.samples_per_prompt=2",
@@ -46,9 +48,7 @@ def no_weights(monkeypatch):
 def store(tmp_path_factory) -> Path:
     """A small frontier store of the debug config (tiny model, analytic rewards), built by pgot-precompute."""
     folder = tmp_path_factory.mktemp("store") / "frontier"
-    assert (
-        cli.precompute_main(["--config", "debug", *TINY, f"precompute.store={folder}", "--log-level", "WARNING"]) == 0
-    )
+    assert cli.precompute_main(["--config", DEBUG, *TINY, f"precompute.store={folder}", "--log-level", "WARNING"]) == 0
     return folder
 
 
@@ -99,7 +99,7 @@ def test_config_and_input_problems_in_one_command(tmp_path, capsys, no_weights):
     """A config problem does not hide the missing files, and a mistyped reward is not also a missing checkpoint."""
     args = [
         "--config",
-        "debug",
+        DEBUG,
         "train.max_steps=0",
         "rewards.0.name=colorfulnes",
         f"prompts.path={tmp_path / 'p.txt'}",
@@ -113,7 +113,7 @@ def test_config_and_input_problems_in_one_command(tmp_path, capsys, no_weights):
 
 
 def test_ready_config_passes_check_and_creates_nothing(tmp_path, capsys):
-    args = ["--config", "debug", *TINY, f"train.output_dir={tmp_path / 'run'}", f"train.store={tmp_path / 's'}"]
+    args = ["--config", DEBUG, *TINY, f"train.output_dir={tmp_path / 'run'}", f"train.store={tmp_path / 's'}"]
     assert cli.train_main([*args, f"precompute.store={tmp_path / 's'}", "--check"]) == 0
     assert "every input it names are in place" in capsys.readouterr().out
     assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
@@ -129,7 +129,7 @@ def test_library_entry_points_run_the_same_preflight(tmp_path, no_weights):
         "rewards.0.name=hps",
         f"rewards.0.path={tmp_path}/x.pt",
     ]
-    cfg = load_config("debug", [*overrides, f"train.output_dir={tmp_path / 'run'}", f"train.store={tmp_path / 's'}"])
+    cfg = load_config(DEBUG, [*overrides, f"train.output_dir={tmp_path / 'run'}", f"train.store={tmp_path / 's'}"])
     for run in (train.run, precompute.run, evaluate.run):
         with pytest.raises(ConfigError) as err:
             run(cfg)
@@ -152,7 +152,7 @@ _OUTPUTS = [
 def test_output_folder_that_is_a_file(main, key, tmp_path, capsys, no_weights):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    config = "eval_debug" if main is cli.eval_main else "debug"
+    config = EVAL if main is cli.eval_main else DEBUG
     base = ["--config", config, *TINY, "train.strategy=online", f"precompute.store={tmp_path / 's'}"]
     base += [f"train.output_dir={tmp_path / 'run'}", f"eval.output_dir={tmp_path / 'eval'}"]
     assert main([*base, f"{key}={afile}"]) == 2
@@ -171,7 +171,7 @@ def test_output_folder_without_permission(tmp_path, capsys, no_weights):
     try:
         if os.access(locked, os.W_OK):  # root: permission bits do not stop writes (the case under a file is above)
             pytest.skip("running as root: a read-only folder is writable")
-        args = ["--config", "debug", *TINY, "train.strategy=online", f"train.output_dir={locked / 'run'}"]
+        args = ["--config", DEBUG, *TINY, "train.strategy=online", f"train.output_dir={locked / 'run'}"]
         assert cli.train_main(args) == 2
         (line,) = _errors(capsys)
         assert line.startswith(f"train.output_dir={str(locked / 'run')!r} cannot be created: this user cannot write")
@@ -191,7 +191,7 @@ def test_output_folder_rules():
 
 
 def _train_check(store: Path, tmp_path: Path, *extra: str) -> int:
-    base = ["--config", "debug", *TINY, f"train.store={store}", f"precompute.store={store}"]
+    base = ["--config", DEBUG, *TINY, f"train.store={store}", f"precompute.store={store}"]
     return cli.train_main(
         [*base, f"train.output_dir={tmp_path / 'run'}", "train.precompute_if_missing=false", *extra, "--check"]
     )
@@ -233,7 +233,7 @@ def test_store_without_the_training_prompts(store, tmp_path, capsys, no_weights)
 
 
 def test_precompute_rerun_with_other_settings(store, tmp_path, capsys, no_weights):
-    base = ["--config", "debug", *TINY, f"precompute.store={store}", "--check"]
+    base = ["--config", DEBUG, *TINY, f"precompute.store={store}", "--check"]
     assert cli.precompute_main(base) == 0
     capsys.readouterr()
     assert cli.precompute_main([*base, "precompute.seed=1", "precompute.samples_per_prompt=3"]) == 2
@@ -293,7 +293,7 @@ def test_compare_settings_rules():
 
 
 def _train(tmp_path: Path, *extra: str) -> int:
-    base = ["--config", "debug", *TINY, "train.strategy=online", f"train.output_dir={tmp_path / 'run'}"]
+    base = ["--config", DEBUG, *TINY, "train.strategy=online", f"train.output_dir={tmp_path / 'run'}"]
     return cli.train_main([*base, *extra, "--check"])
 
 
@@ -387,7 +387,7 @@ def test_eval_inputs_all_at_once(tmp_path, capsys, no_weights):
     text.write_text("not a safetensors file")
     models = f"[{{name: base}}, {{name: a, lora: {notlora}}}, {{name: s, soup: {{{text}: 0.5, {tmp_path}/gone: 0.5}}}}]"
     args = [
-        "--config", "eval_debug", f"eval.output_dir={tmp_path / 'eval'}", f"eval.models={models}",
+        "--config", EVAL, f"eval.output_dir={tmp_path / 'eval'}", f"eval.models={models}",
         f"eval.votes=[{tmp_path / 'votes.json'}]", f"eval.preference_data={tmp_path / 'pairs.csv'}",
         f"eval.runs=[{tmp_path / 'run'}]",
     ]  # fmt: skip
@@ -405,9 +405,6 @@ def test_eval_inputs_all_at_once(tmp_path, capsys, no_weights):
 
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("model,prompt,seed,path\nm,a cat,0,gone.png\n")
-    assert (
-        cli.eval_main(["--config", "eval_debug", f"eval.output_dir={tmp_path / 'eval'}", f"eval.manifest={manifest}"])
-        == 2
-    )
+    assert cli.eval_main(["--config", EVAL, f"eval.output_dir={tmp_path / 'eval'}", f"eval.manifest={manifest}"]) == 2
     lines = _errors(capsys)  # the manifest's message names the missing images on lines of their own
     assert "1 of 1 images do not exist" in lines[0] and lines[1].strip() == f"line 2: {tmp_path / 'gone.png'}"

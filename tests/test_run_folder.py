@@ -12,7 +12,7 @@ from pgot import run_folder
 from pgot.config import load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "debug.yaml"
+DEBUG = ROOT / "tests" / "configs" / "tiny_debug.yaml"  # tiny SD3, analytic rewards
 
 
 def _cfg(out: Path, *extra: str):

@@ -35,7 +35,7 @@ from pgot.tracking import metric_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = ROOT / "tests" / "hooks"  # sitecustomize.py: slowed ranks and signals at a given step, for subprocesses
-DEBUG = ROOT / "configs" / "debug.yaml"  # the base of every test config (tiny model, analytic rewards)
+DEBUG = ROOT / "tests" / "configs" / "tiny_debug.yaml"  # the base of every test config (tiny model, analytic rewards)
 RES = 16
 REWARDS = ["colorfulness", "contrast", "sharpness"]
 TIMING = set(train._TIMING_KEYS)
@@ -167,14 +167,16 @@ def _launch(config: Path, processes: int = 2, **env: str) -> subprocess.Complete
 
 
 def test_debug_config_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The README's command (shortened): precomputes the missing store, trains, prints the table."""
+    """The README's command (shortened): the shipped configs/debug.yaml (the testbed world) precomputes the missing
+    store, trains, prints the table with the ground truth beside JDR / JCR."""
     out, store = tmp_path / "run", tmp_path / "frontier"
-    argv = ["--config", str(DEBUG), f"train.output_dir={out}", f"train.store={store}",
+    argv = ["--config", str(ROOT / "configs" / "debug.yaml"), f"train.output_dir={out}", f"train.store={store}",
             f"precompute.store={store}", "train.max_steps=3", "train.probe_every=2", "train.checkpoint_every=2",
-            "train.probe_prompts=2", "prompts.limit=2", "model.resolution=16", "precompute.samples_per_prompt=4"]  # fmt: skip
+            "train.probe_prompts=2", "prompts.limit=2", "precompute.samples_per_prompt=4"]  # fmt: skip
     assert cli.train_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "precomputing" in printed and "JDR_all (%)" in printed and "win rate sharpness" in printed
+    assert "precomputing" in printed and "JDR4 (%)" in printed and "win rate tb_pref" in printed
+    assert "quality change (ground truth)" in printed and "hacked4 (%), JDR4" in printed and "Hacked rate:" in printed
     for rel in ["config.yaml", "sigmas.json", "metrics.jsonl", "probes/step0_scores.safetensors", "probes/step-000002.png",
                 "checkpoints/step-000002/trainer_state.json", "checkpoints/step-000003/optimizer.bin",
                 "checkpoints/step-000003/pytorch_lora_weights.safetensors", "final/pytorch_lora_weights.safetensors"]:  # fmt: skip
@@ -194,16 +196,18 @@ def test_debug_config_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "active_rewards",
     ]:
         assert key in lines[0], key
-    assert {f"reward/{n}" for n in REWARDS} <= set(lines[0])
-    assert {"probe/jdr_all", "probe/jcr_all", "probe/kl_sharpness", "probe/win_contrast"} <= set(lines[1])
+    testbed = ["saturation", "contrast", "tb_align", "tb_pref"]
+    assert {f"reward/{n}" for n in testbed} <= set(lines[0])
+    assert {"probe/jdr_JDR2", "probe/jcr_JDR4", "probe/kl_tb_pref", "probe/win_contrast"} <= set(lines[1])
     assert load_config(out / "config.yaml").train.max_steps == 3
-    assert len(json.loads((out / "sigmas.json").read_text())["sigmas"]) == 5
+    assert len(json.loads((out / "sigmas.json").read_text())["sigmas"]) == 9  # the testbed sampler's 8 steps
     assert [m["log_index"] for m in lines] == [0, 1, 2] and [m["steps_run"] for m in lines] == [1, 2, 3]
     # running it again with train.resume=latest (the debug config's) finds the run complete: it reprints the table
     # and changes nothing in the folder
     before = _hashes(out)
     assert cli.train_main(argv) == 0
-    assert "JDR_all (%)" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "JDR4 (%)" in again and "quality change (ground truth)" in again
     assert _hashes(out) == before
 
 

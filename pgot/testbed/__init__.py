@@ -7,6 +7,8 @@
 - :mod:`pgot.testbed.proxies`: the proxy rewards (weak analytic ones and strong learned preference models, registered
   in :data:`pgot.rewards.REWARDS`), their strengths and collapse signatures.
 - :mod:`pgot.testbed.agent`: the diagnosing logic of an agent that can see (judge components + signatures).
+- :mod:`pgot.testbed.agent_server`: that agent as a local OpenAI-compatible endpoint for ``agent.backend=openai``
+  (``python -m pgot.testbed.agent_server --port N``, or :func:`~pgot.testbed.agent_server.start_server` in a thread).
 
 ``import pgot.testbed`` is light: the names below load their module on first use.
 """
@@ -35,6 +37,7 @@ _EXPORTS = {
     "STRENGTHS": "pgot.testbed.proxies",
     "SIGNATURES": "pgot.testbed.proxies",
     "diagnose": "pgot.testbed.agent",
+    "start_server": "pgot.testbed.agent_server",
 }
 
 __all__ = ["MODEL_DIR", *_EXPORTS]
