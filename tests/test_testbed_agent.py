@@ -91,3 +91,21 @@ def test_input_errors():
         diagnose(base, base[:3], PROMPTS, ALL, proxies.STRENGTHS)
     with pytest.raises(ValueError, match="strategy"):
         diagnose(base, base, PROMPTS, ALL, proxies.STRENGTHS, strategy="sometimes")
+
+
+@pytest.mark.parametrize(("shape_now", "breakdown"), [(0.035, True), (0.045, False)])
+def test_quality_breakdown_is_a_share_of_the_base_quality(monkeypatch, shape_now, breakdown):
+    """The judge's quality is a product of components, so its scale is the base model's (about 0.05 for the shipped
+    one): losing 30% of it is a breakdown (quality_tol=0.25), losing 10% is not, though no component drops by
+    component_tol (0.15) and the absolute drop (0.015) is far below any fixed threshold on [0, 1]."""
+    from pgot.testbed import agent, judge
+
+    def fake_components(images, prompts):  # base images are all 0, current all 1; every component 1 but the shape
+        shape = 0.05 if float(images.max()) == 0 else shape_now
+        return {k: torch.full((len(prompts),), shape if k == "shape" else 1.0) for k in judge.COMPONENTS}
+
+    monkeypatch.setattr(agent.judge, "components", fake_components)
+    base, current = torch.zeros(len(PROMPTS), 3, 32, 32), torch.ones(len(PROMPTS), 3, 32, 32)
+    reply = _read(diagnose(base, current, PROMPTS, STRONG, proxies.STRENGTHS))
+    assert reply.analysis.startswith("Breakdown") is breakdown, reply.analysis
+    assert "0.050 (base)" in reply.analysis

@@ -10,7 +10,9 @@ components say what changed (:mod:`pgot.testbed.judge`), and :data:`~pgot.testbe
 
 1. **Breakdown detection.** With ``drop_k = mean_b(component_k(base_b) - component_k(current_b))`` over the paired
    images (positive: worse now) and ``quality_drop`` the same for the quality, a breakdown is
-   ``quality_drop >= quality_tol`` or ``max_k drop_k >= component_tol``. Each active weak reward ``r`` is then
+   ``quality_drop >= quality_tol * mean_b quality(base_b)`` (a share of the base images' quality: the judge's quality
+   is a product of eleven components, so its scale is the base model's, 0.04 to 0.06 for the shipped one) or
+   ``max_k drop_k >= component_tol`` (components are each in [0, 1]). Each active weak reward ``r`` is then
    implicated by how well the pattern of damage matches its signature: the cosine similarity
    ``s_r = <w_r, d+> / (|w_r| |d+|)`` between its signature weights ``w_r`` and the positive drops ``d+`` (the
    magnitude is what detected the breakdown; the pattern says whose it is). The most implicated one (largest
@@ -54,7 +56,7 @@ def diagnose(
     *,
     strategy: str = "offline",
     previous_images: torch.Tensor | None = None,
-    quality_tol: float = 0.1,
+    quality_tol: float = 0.25,
     component_tol: float = 0.15,
     change_tol: float = 0.02,
 ) -> str:
@@ -69,7 +71,8 @@ def diagnose(
             missing here counts as strong (never removed).
         strategy: the current strategy, ``offline`` or ``online``.
         previous_images: (B, 3, 32, 32) images of the previous check, to measure how much the images still change.
-        quality_tol: mean quality drop (absolute, in [0, 1]) that counts as a breakdown.
+        quality_tol: mean quality drop that counts as a breakdown, as a share of the base images' mean quality
+            (0.25: a quarter of it lost).
         component_tol: mean drop of any one judge component that counts as a breakdown.
         change_tol: mean absolute pixel change below which the images "change little" (switch condition).
 
@@ -97,7 +100,7 @@ def diagnose(
         f"mean ground-truth quality {float(q_base.mean()):.3f} (base) -> {float(q_now.mean()):.3f} (now); "
         f"largest component drop: {worst} {drops[worst]:+.3f}"
     )
-    breakdown = quality_drop >= quality_tol or drops[worst] >= component_tol
+    breakdown = quality_drop >= quality_tol * float(q_base.mean()) or drops[worst] >= component_tol
 
     if breakdown:
         positive = {k: max(v, 0.0) for k, v in drops.items()}
