@@ -310,3 +310,19 @@ def test_training_applies_the_servers_decisions(tmp_path):
     assert {"tb_align", "tb_pref"} <= set(state["agent"]["active_rewards"])
     lines = metric_lines(out / "metrics.jsonl")
     assert lines[-1]["active_rewards"] == state["agent"]["active_rewards"]
+
+
+def test_thresholds_are_diagnose_defaults_everywhere():
+    """One place sets the agent's thresholds (pgot.testbed.agent.THRESHOLDS): diagnose, the server and its command
+    line all default to them."""
+    import inspect
+
+    from pgot.testbed import agent_server
+    from pgot.testbed.agent import THRESHOLDS
+
+    params = inspect.signature(diagnose).parameters
+    assert {k: params[k].default for k in THRESHOLDS} == THRESHOLDS
+    with agent_server.AgentServer() as server:
+        assert server.thresholds == THRESHOLDS
+    args = agent_server._parser().parse_args([])
+    assert {k: getattr(args, k) for k in THRESHOLDS} == THRESHOLDS

@@ -38,7 +38,11 @@ import torch
 from pgot.testbed import judge
 from pgot.testbed.proxies import SIGNATURE_COMPONENTS, SIGNATURES
 
-__all__ = ["diagnose"]
+__all__ = ["THRESHOLDS", "diagnose"]
+
+THRESHOLDS: dict[str, float] = {"quality_tol": 0.25, "component_tol": 0.15, "change_tol": 0.02}
+"""The default thresholds of :func:`diagnose` (the agent server's and its command line's too): the one place they are
+set."""
 
 
 def _check(name: str, images: torch.Tensor, n: int) -> None:
@@ -56,9 +60,9 @@ def diagnose(
     *,
     strategy: str = "offline",
     previous_images: torch.Tensor | None = None,
-    quality_tol: float = 0.25,
-    component_tol: float = 0.15,
-    change_tol: float = 0.02,
+    quality_tol: float = THRESHOLDS["quality_tol"],
+    component_tol: float = THRESHOLDS["component_tol"],
+    change_tol: float = THRESHOLDS["change_tol"],
 ) -> str:
     """Decide Continue / Remove <reward> / Switch from base and current images (paper D.2), as a reply text.
 

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pgot.testbed.agent import diagnose
+from pgot.testbed.agent import THRESHOLDS, diagnose
 from pgot.testbed.scenes import RESOLUTION
 
 log = logging.getLogger(__name__)
@@ -382,9 +382,9 @@ class AgentServer(ThreadingHTTPServer):
         *,
         stateless: bool = False,
         api_key_env: str = "",
-        quality_tol: float = 0.1,
-        component_tol: float = 0.15,
-        change_tol: float = 0.02,
+        quality_tol: float = THRESHOLDS["quality_tol"],
+        component_tol: float = THRESHOLDS["component_tol"],
+        change_tol: float = THRESHOLDS["change_tol"],
     ):
         super().__init__((host, port), _Handler)
         self.memory = _Memory(stateless=stateless)
@@ -438,8 +438,7 @@ def start_server(host: str = "127.0.0.1", port: int = 0, **options: Any) -> Agen
     return server
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pgot.testbed.agent_server``: serve until interrupted (Ctrl-C)."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pgot.testbed.agent_server",
         description="The testbed's diagnosing agent as an OpenAI-compatible chat-completions endpoint for pgot's "
@@ -451,13 +450,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--api-key-env", default="", help="require 'Authorization: Bearer $VAR' with the key in this variable"
     )
-    parser.add_argument("--quality-tol", type=float, default=0.1, help="mean quality drop that is a breakdown")
-    parser.add_argument("--component-tol", type=float, default=0.15, help="mean drop of one judge component")
     parser.add_argument(
-        "--change-tol", type=float, default=0.02, help="mean pixel change below which images are stable"
+        "--quality-tol",
+        type=float,
+        default=THRESHOLDS["quality_tol"],
+        help="mean quality drop that is a breakdown, as a share of the base images' mean quality (default %(default)s)",
+    )
+    parser.add_argument(
+        "--component-tol",
+        type=float,
+        default=THRESHOLDS["component_tol"],
+        help="mean drop of one judge component that is a breakdown (default %(default)s)",
+    )
+    parser.add_argument(
+        "--change-tol",
+        type=float,
+        default=THRESHOLDS["change_tol"],
+        help="mean absolute pixel change below which images are stable (default %(default)s)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO: one line per decision)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pgot.testbed.agent_server``: serve until interrupted (Ctrl-C)."""
+    args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
