@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -269,3 +270,15 @@ def test_cli_and_config_are_light():
     code = "import sys, pgot.cli, pgot.config; print(','.join(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_commands_make_openmp_threads_wait_passively_unless_told(given, expected):
+    """pgot's commands set OMP_WAIT_POLICY=PASSIVE before torch loads (spin-waiting threads make CPU runs on shared
+    cores 10 to 20 times slower); a user's own value is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys, pgot.cli; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=env)
+    assert out.stdout.strip() == expected
