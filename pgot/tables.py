@@ -595,10 +595,10 @@ def comparison_markdown(
     r = rates.loc[candidate]
     pairs = int(r["pairs"])
     rows: list[tuple[str, str]] = []
-    for (jdr_col, jcr_col, members), set_name in zip(_set_labels(reward_sets), reward_sets, strict=True):
-        what = f"{set_name}: {', '.join(members)}"
-        rows.append((f"{jdr_col} (%), {what}", format_percent(_rate(r, jdr_col), *_bounds(r, jdr_col, ci))))
-        rows.append((f"{jcr_col} (%), {what}", format_percent(_rate(r, jcr_col), *_bounds(r, jcr_col, ci))))
+    for jdr_col, jcr_col, members in _set_labels(reward_sets):
+        what = f"on {', '.join(members)}"
+        rows.append((f"{jdr_col} (%) {what}", format_percent(_rate(r, jdr_col), *_bounds(r, jdr_col, ci))))
+        rows.append((f"{jcr_col} (%) {what}", format_percent(_rate(r, jcr_col), *_bounds(r, jcr_col, ci))))
     b, t = means.loc[baseline], means.loc[candidate]
     if ground_truth is not None:
         g = ground_truth.loc[candidate]
@@ -614,13 +614,9 @@ def comparison_markdown(
         rows.append(("quality change (ground truth)", cells[0]))
         rows.append(("quality improved (%)", cells[1]))
         rows.append(("quality fell (%)", cells[2]))
-        for (h, members), set_name, cell in zip(
-            zip(metrics.ground_truth_columns(reward_sets)[2:], reward_sets.values(), strict=True),
-            reward_sets,
-            cells[3:],
-            strict=True,
-        ):
-            rows.append((f"{h} (%), {set_name}: {', '.join(members)}", cell))
+        hacked_cols = metrics.ground_truth_columns(reward_sets)[2:]
+        for h, members, cell in zip(hacked_cols, reward_sets.values(), cells[3:], strict=True):
+            rows.append((f"{h} (%) on {', '.join(members)}", cell))
     for n in reward_names:
         c = f"win_{n}"
         rows.append((f"win rate {n} (%)", format_percent(_rate(r, c), *_bounds(r, c, ci))))

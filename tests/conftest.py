@@ -1,4 +1,5 @@
-"""Shared test set-up: no network, deterministic, single-threaded torch (the CI machine has 2 cores)."""
+"""Shared test set-up: no network, deterministic, single-threaded torch (the CI machine has 2 cores), and an
+empty working directory for every test."""
 
 from __future__ import annotations
 
@@ -33,3 +34,12 @@ def _single_thread_torch():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _in_an_empty_working_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test runs in its own empty working directory. The shipped configs name relative folders (``runs/...``):
+    they land there, never in the checkout, whose ``runs/`` may hold the README's debug run (the README's first
+    command, run before its second, must not change what the tests see). Shipped configs are found by name from
+    anywhere (:func:`pgot.config.find_config`); tests reach repository files through absolute paths."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))

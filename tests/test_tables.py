@@ -167,9 +167,9 @@ def test_comparison_markdown_agrees_with_metrics():
         idx = [NAMES.index(n) for n in members]
         jdr = float(metrics.jdr(cand[:, idx], base[:, idx]))
         jcr = float(metrics.jcr(cand[:, idx], base[:, idx]))
-        what = f"{set_name}: {', '.join(members)}"
-        assert rows[f"{jdr_col} (%), {what}"].startswith(tables.format_percent(jdr) + " [")
-        assert rows[f"{jcr_col} (%), {what}"].startswith(tables.format_percent(jcr) + " [")
+        what = f"on {', '.join(members)}"
+        assert rows[f"{jdr_col} (%) {what}"].startswith(tables.format_percent(jdr) + " [")
+        assert rows[f"{jcr_col} (%) {what}"].startswith(tables.format_percent(jcr) + " [")
     wins = metrics.win_rate(cand, base)
     for j, n in enumerate(NAMES):
         assert rows[f"win rate {n} (%)"].startswith(tables.format_percent(float(wins[j])) + " [")

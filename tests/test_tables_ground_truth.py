@@ -77,9 +77,9 @@ def test_comparison_markdown_shows_ground_truth_beside_jdr_and_jcr():
         for k, v in (line.strip("|").split(" | ", 1) for line in text.splitlines() if line.startswith("| "))
     }
     # order: JDR / JCR, then the ground truth, then win rates and means
-    assert keys.index("JCR1 (%), JDR1: a") + 1 == keys.index("mean quality (ground truth)")
-    assert keys.index("hacked1 (%), JDR1: a") + 1 == keys.index("win rate a (%)")
-    assert rows["hacked2 (%), JDR2: a, b"].startswith(tables.format_percent(Fraction(counts.hacked["JDR2"], 24)))
+    assert keys.index("JCR1 (%) on a") + 1 == keys.index("mean quality (ground truth)")
+    assert keys.index("hacked1 (%) on a") + 1 == keys.index("win rate a (%)")
+    assert rows["hacked2 (%) on a, b"].startswith(tables.format_percent(Fraction(counts.hacked["JDR2"], 24)))
     assert rows["quality fell (%)"].startswith(tables.format_percent(Fraction(counts.fell, 24)))
     lo, hi = rows["mean quality (ground truth)"].split(" -> ")
     assert lo.startswith(tables.format_number(float(means.loc["base", "quality"])))

@@ -72,8 +72,8 @@ def test_precompute_train_eval_with_the_ground_truth(tmp_path, capsys, monkeypat
     rows = _rows(printed)
     assert rows["quality fell (%)"].startswith(tables.format_percent(counts.rate(counts.fell)))
     assert rows["quality improved (%)"].startswith(tables.format_percent(counts.rate(counts.improved)))
-    for name, label in (("JDR2", "hacked2 (%), JDR2: tb_align, tb_pref"),
-                        ("JDR4", "hacked4 (%), JDR4: tb_align, tb_pref, saturation, contrast")):  # fmt: skip
+    for name, label in (("JDR2", "hacked2 (%) on tb_align, tb_pref"),
+                        ("JDR4", "hacked4 (%) on tb_align, tb_pref, saturation, contrast")):  # fmt: skip
         assert rows[label].startswith(tables.format_percent(counts.rate(counts.hacked[name])))
     mean_b, mean_t = rows["mean quality (ground truth)"].split(" -> ")
     assert mean_b.startswith(tables.format_number(float(q_b.double().mean())))

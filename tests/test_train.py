@@ -176,7 +176,7 @@ def test_debug_config_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert cli.train_main(argv) == 0
     printed = capsys.readouterr().out
     assert "precomputing" in printed and "JDR4 (%)" in printed and "win rate tb_pref" in printed
-    assert "quality change (ground truth)" in printed and "hacked4 (%), JDR4" in printed and "Hacked rate:" in printed
+    assert "quality change (ground truth)" in printed and "hacked4 (%) on" in printed and "Hacked rate:" in printed
     for rel in ["config.yaml", "sigmas.json", "metrics.jsonl", "probes/step0_scores.safetensors", "probes/step-000002.png",
                 "checkpoints/step-000002/trainer_state.json", "checkpoints/step-000003/optimizer.bin",
                 "checkpoints/step-000003/pytorch_lora_weights.safetensors", "final/pytorch_lora_weights.safetensors"]:  # fmt: skip
@@ -882,9 +882,9 @@ def test_final_table_on_held_out_prompts_with_intervals_and_nonfinite_pairs(
     cells = [line.strip("|").split("|") for line in printed.splitlines() if line.startswith("| ")]
     rows = {k.strip(): v.strip() for k, v in cells}
     t, b = tuned.double(), base.double()
-    set_label = "all: " + ", ".join(names)
-    assert rows[f"JDR_all (%), {set_label}"].startswith(tables.format_percent(float(metrics.jdr(t, b))) + " [")
-    assert rows[f"JCR_all (%), {set_label}"].startswith(tables.format_percent(float(metrics.jcr(t, b))) + " [")
+    set_label = "on " + ", ".join(names)
+    assert rows[f"JDR_all (%) {set_label}"].startswith(tables.format_percent(float(metrics.jdr(t, b))) + " [")
+    assert rows[f"JCR_all (%) {set_label}"].startswith(tables.format_percent(float(metrics.jcr(t, b))) + " [")
     assert float(metrics.jcr(t, b)) >= 0.25  # the NaN pair is a collapse
     for j, n in enumerate(names):
         assert rows[f"win rate {n} (%)"].startswith(tables.format_percent(float(metrics.win_rate(t, b)[j])))
