@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import re
 import sys
 import textwrap
@@ -503,6 +504,44 @@ class Config:
 # Validation beyond types
 # --------------------------------------------------------------------------------------------
 
+INF_ALLOWED = "``inf``"
+"""A float field whose docstring contains this marker (e.g. "``inf``: no limit") may be +inf; every other float
+config value must be finite (:func:`_check_finite`)."""
+
+
+def _check_finite(obj: Any, prefix: str = "") -> list[str]:
+    """One line per float config value that is NaN or infinite, walking every field of the dataclass tree ``obj``.
+
+    The rule is generic: every ``float`` anywhere in the config (list items as ``rewards.2.weight``, mapping values as
+    ``eval.models.0.soup.<key>``) must be finite, unless its field's docstring contains :data:`INF_ALLOWED` (then
+    +inf is allowed, NaN and -inf are not). A non-finite value would pass most range checks (``inf > 0``) and fail
+    only later (AdamW's "Invalid weight_decay value: nan") or silently (an infinite learning rate).
+    """
+    problems: list[str] = []
+    docs = field_docs(type(obj))
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}{f.name}"
+        doc = docs.get(f.name, "")
+        problems.extend(_finite_value(getattr(obj, f.name), key, doc, INF_ALLOWED in doc, f))
+    return problems
+
+
+def _finite_value(value: Any, key: str, doc: str, inf_ok: bool, f: dataclasses.Field) -> list[str]:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _check_finite(value, f"{key}.")
+    if isinstance(value, (list, tuple)):
+        return [q for i, v in enumerate(value) for q in _finite_value(v, f"{key}.{i}", doc, inf_ok, f)]
+    if isinstance(value, dict):
+        return [q for k, v in value.items() for q in _finite_value(v, f"{key}.{k}", doc, inf_ok, f)]
+    if not isinstance(value, float) or math.isfinite(value) or (inf_ok and value == math.inf):
+        return []
+    default = f.default if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) else None
+    hint = f"e.g. the default {key}={default}" if default is not None else f"e.g. {key}=1.0"
+    what = f" {key}: {plain(doc)}" if doc else ""
+    allowed = "a finite number or inf" if inf_ok else "a finite number"
+    return [f"{key} must be {allowed}, got {value}. Set a finite value ({hint}).{what}"]
+
+
 
 def _check_ranges(cfg: Config) -> list[str]:
     p: list[str] = []
@@ -929,11 +968,16 @@ STAGES = ("precompute", "train", "eval")
 def check(cfg: Config, stage: str | None = None) -> list[str]:
     """Every problem of ``cfg`` that needs no file, model or weights, one line each (empty when all is well).
 
+    Every float value must be finite (:func:`_check_finite`, unless its docstring allows ``inf``), then each
+    section's ranges, then the stage's rules.
+
     Args:
         cfg: a config (fields of a type that failed to coerce hold their defaults).
         stage: also apply the rules of ``precompute``, ``train`` or ``eval``; None: only the section rules.
     """
-    problems = _check_ranges(cfg)
+    problems = _check_finite(cfg)
+    nonfinite = [q.split(" ", 1)[0] for q in problems]  # their range lines would only repeat the same key
+    problems += [q for q in _check_ranges(cfg) if not any(_about(q, k) for k in nonfinite)]
     if stage is None:
         return problems
     if stage not in STAGES:

@@ -238,3 +238,74 @@ def test_malformed_overrides_are_problems_not_tracebacks(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(None, [*base, override], stage="train")
     assert any(p.startswith(expected) for p in err.value.problems), err.value.problems
+
+
+def _float_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every float config key as typed on the command line (list items at index 0, mapping values under ``x``),
+    found by walking the dataclass fields: a new float field is tested without editing this test."""
+    import dataclasses
+    import types
+    import typing
+
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            keys += _float_keys(tp, f"{key}.")
+        elif origin is list and args and dataclasses.is_dataclass(args[0]):
+            keys += _float_keys(args[0], f"{key}.0.")
+        elif origin is dict and args[1] is float:
+            keys.append(f"{key}.x")
+        elif tp is float or (origin in (typing.Union, types.UnionType) and float in args):
+            keys.append(key)
+    return keys
+
+
+def test_float_keys_are_found():
+    keys = _float_keys(Config)
+    assert {"train.learning_rate", "train.weight_decay", "ot.epsilon", "draft.shift", "rewards.0.target"} <= set(keys)
+    assert "eval.models.0.soup.x" in keys and len(keys) >= 20
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".inf"])
+def test_every_float_key_must_be_finite(value):
+    """Rule: every float config value is finite (no float field's docstring allows inf); each key gets exactly one
+    line, naming it as typed, whatever its range check would have said."""
+    for key in _float_keys(Config):
+        base = ["model.tiny=true", "rewards.0.name=contrast"] + (
+            ["eval.models.0.lora=x"] if key.startswith("eval.models") else []
+        )
+        with pytest.raises(ConfigError) as exc:
+            load_config(None, [*base, f"{key}={value}"])
+        shown = {"nan": "nan", "inf": "inf", ".inf": "inf", "-inf": "-inf"}[value]
+        mine = [q for q in exc.value.problems if q.startswith(key)]
+        assert len(mine) == 1 and mine[0].startswith(
+            f"{key} must be a finite number, got {shown}. Set a finite value"
+        ), (key, exc.value.problems)
+
+
+def test_reported_nonfinite_values_fail_the_check():
+    """The reported values: inf passed --check, weight_decay=nan failed only after the model loaded."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(
+            None,
+            [
+                "model.tiny=true",
+                "train.learning_rate=inf",
+                "ot.epsilon=inf",
+                "train.max_grad_norm=inf",
+                "train.weight_decay=nan",
+            ],
+        )
+    assert sorted(q.split(" ", 1)[0] for q in exc.value.problems) == [
+        "ot.epsilon",
+        "train.learning_rate",
+        "train.max_grad_norm",
+        "train.weight_decay",
+    ]
+    assert (
+        "train.learning_rate must be a finite number, got inf. Set a finite value (e.g. the default train.learning_rate=0.0001). train.learning_rate: AdamW learning rate."
+        in exc.value.problems
+    )
