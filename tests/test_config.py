@@ -60,7 +60,7 @@ def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(p)
     text = str(err.value)
-    assert "unknown key 'train.max_step'. Did you mean 'max_steps'?" in text
+    assert "unknown key 'train.max_step'. Did you mean 'train.max_steps'?" in text
     assert "train.learning_rate must be a number, got 'fast'" in text
     assert "ot.epsilon must be a number, got 'abc'" in text
     assert len(err.value.problems) == 3
@@ -309,3 +309,63 @@ def test_reported_nonfinite_values_fail_the_check():
         "train.learning_rate must be a finite number, got inf. Set a finite value (e.g. the default train.learning_rate=0.0001). train.learning_rate: AdamW learning rate."
         in exc.value.problems
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "key", "first"),
+    [
+        (
+            "model: {tiny: true}\not:\n  epsilon: 0.1\n  max_iter: 10\n  epsilon: 0.5\n",
+            "5:3",
+            "epsilon",
+            "line 3, column 3",
+        ),
+        ("model: {tiny: true}\ntrain: {max_steps: 3}\ntrain: {max_steps: 4}\n", "3:1", "train", "line 2, column 1"),
+        ("rewards:\n  - {name: contrast, weight: 1, weight: 2}\n", "2:33", "weight", "line 2, column 22"),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused(tmp_path, text, where, key, first):
+    """Rule: a repeated key in a config file is one error line with file:line:col, never the last value silently."""
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert exc.value.problems == [
+        f"{p}:{where}: config file {str(p)!r} is not valid YAML: duplicate key {key!r} (first at {first}); YAML "
+        "would keep only the last value. Remove one of them."
+    ]
+
+
+def test_yaml_merge_keys_may_still_be_overridden():
+    from pgot.config import load_yaml
+
+    assert load_yaml("a: &base {x: 1, y: 2}\nb:\n  <<: *base\n  x: 3\n") == {
+        "a": {"x": 1, "y": 2},
+        "b": {"x": 3, "y": 2},
+    }
+
+
+def test_duplicate_keys_in_overrides_and_agent_script(tmp_path):
+    """The same loader reads key=value overrides and agent.script (another YAML pgot reads as configuration)."""
+    from pgot.agent import load_script
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["model.tiny=true", "train.reward_sets={W: [contrast], W: [contrast]}"])
+    assert any(
+        q.startswith("train.reward_sets must be a mapping") and "duplicate key 'W'" in q for q in exc.value.problems
+    )
+    script = tmp_path / "script.yaml"
+    script.write_text("10: {action: continue}\n20: {action: continue}\n10: {action: switch_online}\n")
+    with pytest.raises(ValueError) as err:
+        load_script(script)
+    assert str(err.value) == (
+        f"agent.script={str(script)!r} is not valid YAML: {script}:3:1: duplicate key 10 (first at line 1, column 1); "
+        "YAML would keep only the last value. Remove one of them."
+    )
+
+
+def test_unknown_key_suggests_the_full_dotted_key():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["model.tiny=true", "train.max_step=3", "ot.epsilonn=0.1", "trian.max_steps=2"])
+    assert "unknown key 'train.max_step'. Did you mean 'train.max_steps'?" in exc.value.problems
+    assert "unknown key 'ot.epsilonn'. Did you mean 'ot.epsilon'?" in exc.value.problems
+    assert "unknown key 'trian'. Did you mean 'train'?" in exc.value.problems
