@@ -338,7 +338,7 @@ class TrainConfig:
     resume: str = ""
     """``latest`` (the newest checkpoint in train.output_dir; a fresh start when there is none), a checkpoint folder to continue from, or empty (start fresh)."""
     max_bad_steps: int = 5
-    """Consecutive steps with a NaN/inf loss or reward after which training stops."""
+    """Consecutive skipped steps (a NaN/inf loss, reward or LoRA gradient) after which training stops."""
     log_with: list[str] = field(default_factory=list)
     """accelerate trackers, tensorboard and / or wandb (pip install wandb): the numbers of metrics.jsonl, the probe grids, the agent's grids and decisions, the final table and the resolved config."""
     final_eval: bool = True

@@ -216,7 +216,9 @@ def test_every_reward_scores_nan_for_a_nonfinite_pixel(bad_value, tiny_rewards):
     broken = images.clone()
     broken[1, 2, 3, 4] = bad_value
     scores = score(tiny_rewards, broken, ["a cat", "a dog"])
-    assert torch.isnan(scores[1]).all(), [r.name for r, s in zip(tiny_rewards, scores[1]) if not torch.isnan(s)]
+    assert torch.isnan(scores[1]).all(), [
+        r.name for r, s in zip(tiny_rewards, scores[1], strict=True) if not torch.isnan(s)
+    ]
     torch.testing.assert_close(scores[0], clean[0])
     for r in tiny_rewards:
         alone = r(broken, ["a cat", "a dog"])
