@@ -68,7 +68,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pgot.config import AgentConfig, RewardConfig
+from pgot.config import AgentConfig, RewardConfig, load_yaml, yaml_error
 from pgot.files import atomic_write_text
 from pgot.images import labelled_grid, png_bytes, save_png
 from pgot.rewards import default_strength
@@ -960,9 +960,9 @@ def load_script(path: str | Path, reward_names: Sequence[str] = (), every: int =
             f"agent.script={str(p)!r} does not exist. Point agent.script at a YAML file of decisions keyed by step."
         )
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(p.read_text()) or {}  # a step given twice is an error, not the last decision silently
     except yaml.YAMLError as exc:
-        raise ValueError(f"agent.script={str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"agent.script={str(p)!r} is not valid YAML: {yaml_error(exc, p)}.") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"agent.script={str(p)!r} must map steps to decisions, e.g. {{200: {{action: remove, reward: hps}}}}."

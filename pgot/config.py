@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import re
 import sys
 import textwrap
@@ -58,6 +59,9 @@ __all__ = [
     "configs_dir",
     "describe_keys",
     "field_docs",
+    "UniqueKeyLoader",
+    "load_yaml",
+    "yaml_error",
     "find_config",
     "KeyDoc",
     "known_reward_names",
@@ -334,7 +338,7 @@ class TrainConfig:
     resume: str = ""
     """``latest`` (the newest checkpoint in train.output_dir; a fresh start when there is none), a checkpoint folder to continue from, or empty (start fresh)."""
     max_bad_steps: int = 5
-    """Consecutive steps with a NaN/inf loss or reward after which training stops."""
+    """Consecutive skipped steps (a NaN/inf loss, reward or LoRA gradient) after which training stops."""
     log_with: list[str] = field(default_factory=list)
     """accelerate trackers, tensorboard and / or wandb (pip install wandb): the numbers of metrics.jsonl, the probe grids, the agent's grids and decisions, the final table and the resolved config."""
     final_eval: bool = True
@@ -503,6 +507,43 @@ class Config:
 # Validation beyond types
 # --------------------------------------------------------------------------------------------
 
+INF_ALLOWED = "``inf``"
+"""A float field whose docstring contains this marker (e.g. "``inf``: no limit") may be +inf; every other float
+config value must be finite (:func:`_check_finite`)."""
+
+
+def _check_finite(obj: Any, prefix: str = "") -> list[str]:
+    """One line per float config value that is NaN or infinite, walking every field of the dataclass tree ``obj``.
+
+    The rule is generic: every ``float`` anywhere in the config (list items as ``rewards.2.weight``, mapping values as
+    ``eval.models.0.soup.<key>``) must be finite, unless its field's docstring contains :data:`INF_ALLOWED` (then
+    +inf is allowed, NaN and -inf are not). A non-finite value would pass most range checks (``inf > 0``) and fail
+    only later (AdamW's "Invalid weight_decay value: nan") or silently (an infinite learning rate).
+    """
+    problems: list[str] = []
+    docs = field_docs(type(obj))
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}{f.name}"
+        doc = docs.get(f.name, "")
+        problems.extend(_finite_value(getattr(obj, f.name), key, doc, INF_ALLOWED in doc, f))
+    return problems
+
+
+def _finite_value(value: Any, key: str, doc: str, inf_ok: bool, f: dataclasses.Field) -> list[str]:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _check_finite(value, f"{key}.")
+    if isinstance(value, (list, tuple)):
+        return [q for i, v in enumerate(value) for q in _finite_value(v, f"{key}.{i}", doc, inf_ok, f)]
+    if isinstance(value, dict):
+        return [q for k, v in value.items() for q in _finite_value(v, f"{key}.{k}", doc, inf_ok, f)]
+    if not isinstance(value, float) or math.isfinite(value) or (inf_ok and value == math.inf):
+        return []
+    default = f.default if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) else None
+    hint = f"e.g. the default {key}={default}" if default is not None else f"e.g. {key}=1.0"
+    what = f" {key}: {plain(doc)}" if doc else ""
+    allowed = "a finite number or inf" if inf_ok else "a finite number"
+    return [f"{key} must be {allowed}, got {value}. Set a finite value ({hint}).{what}"]
+
 
 def _check_ranges(cfg: Config) -> list[str]:
     p: list[str] = []
@@ -608,12 +649,14 @@ def _check_ranges(cfg: Config) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
+def _did_you_mean(key: str, options: typing.Iterable[str], prefix: str = "") -> str:
+    """`` Did you mean 'x'?`` for the option closest to ``key`` ('' when none is close); ``prefix`` (``train.``) is
+    put before the suggestion, so it names the full dotted key as typed."""
     options = list(options)
     # a transposition (hsp for hps) first: difflib's ratio prefers a shorter name that shares a prefix (hp)
     close = [o for o in options if sorted(o) == sorted(key) and o != key]
     close = close or difflib.get_close_matches(key, options, n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    return f" Did you mean {prefix + close[0]!r}?" if close else ""
 
 
 def _type_name(tp: Any) -> str:
@@ -631,10 +674,65 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a repeated key: PyYAML would keep the last value silently
+    (two ``epsilon:`` under ``ot:``). Merge keys (``<<``) may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not key_node:
+                    m = first.start_mark
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first at line {m.line + 1}, column {m.column + 1}); YAML would keep "
+                        "only the last value. Remove one of them",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` read as YAML by :class:`UniqueKeyLoader`: the one loader of every YAML pgot reads as a config
+    (config files, ``key=value`` overrides, ``agent.script``).
+
+    Raises:
+        yaml.YAMLError: not valid YAML, or a mapping with a repeated key (a ``MarkedYAMLError`` with its position).
+    """
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_error(exc: yaml.YAMLError, path: str | Path) -> str:
+    """``file:line:col: problem (context at line:col)`` for a YAML error in the file ``path``, on one line."""
+    return "{}: {}".format(*_yaml_where(exc, path))
+
+
+def _yaml_where(exc: yaml.YAMLError, path: str | Path) -> tuple[str, str]:
+    """(``file:line:col``, what is wrong) of a YAML error in the file ``path``."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(path), str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    mark, ctx = exc.problem_mark or exc.context_mark, exc.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = exc.problem or "unreadable"
+    if exc.context:
+        at = f" at {ctx.line + 1}:{ctx.column + 1}" if ctx is not None and ctx is not mark else ""
+        what += f" ({exc.context}{at})"
+    return where, what
+
+
 def _yaml_value(text: str, key: str, what: str, problems: list[str]) -> Any:
     """``text`` (a list or mapping typed on the command line) read as YAML; None and a problem when it is not."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at column {mark.column + 1}" if mark is not None else ""
@@ -768,7 +866,7 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str], failed: set[
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            problems.append(f"unknown key {full!r}.{_did_you_mean(str(key), fields)}")
+            problems.append(f"unknown key {full!r}.{_did_you_mean(str(key), fields, f'{prefix}.' if prefix else '')}")
             continue
         before = len(problems)
         kwargs[key] = _coerce(value, hints[key], full, problems, failed)
@@ -835,7 +933,7 @@ def _parse_override(text: str) -> tuple[str, Any] | None:
     key, raw = text.split("=", 1)
     raw = raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = load_yaml(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -904,14 +1002,9 @@ def _read_yaml(path: str | Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError([f"config file {str(p)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})."]) from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = load_yaml(text)  # a repeated key is an error (file:line:col), not the last value silently
     except yaml.MarkedYAMLError as exc:
-        mark, ctx = exc.problem_mark or exc.context_mark, exc.context_mark
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
-        what = exc.problem or "unreadable"
-        if exc.context:
-            at = f" at {ctx.line + 1}:{ctx.column + 1}" if ctx is not None and ctx is not mark else ""
-            what += f" ({exc.context}{at})"
+        where, what = _yaml_where(exc, p)
         raise ConfigError([f"{where}: config file {str(p)!r} is not valid YAML: {what}."]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}"]) from None
@@ -929,11 +1022,16 @@ STAGES = ("precompute", "train", "eval")
 def check(cfg: Config, stage: str | None = None) -> list[str]:
     """Every problem of ``cfg`` that needs no file, model or weights, one line each (empty when all is well).
 
+    Every float value must be finite (:func:`_check_finite`, unless its docstring allows ``inf``), then each
+    section's ranges, then the stage's rules.
+
     Args:
         cfg: a config (fields of a type that failed to coerce hold their defaults).
         stage: also apply the rules of ``precompute``, ``train`` or ``eval``; None: only the section rules.
     """
-    problems = _check_ranges(cfg)
+    problems = _check_finite(cfg)
+    nonfinite = [q.split(" ", 1)[0] for q in problems]  # their range lines would only repeat the same key
+    problems += [q for q in _check_ranges(cfg) if not any(_about(q, k) for k in nonfinite)]
     if stage is None:
         return problems
     if stage not in STAGES:

@@ -279,6 +279,7 @@ class _Checks:
     def train(self) -> None:
         t = self.cfg.train
         run_dir = Path(t.output_dir)
+        self.prompts_per_step()
         if not self.named("train.output_dir") and self.add(output_folder(t.output_dir, "train.output_dir")):
             in_use = folder_in_use(run_dir, key="train.output_dir", what="a pgot-train run")
             if in_use:
@@ -296,6 +297,24 @@ class _Checks:
                     ]
                 )
         self.agent()
+
+    def prompts_per_step(self) -> None:
+        """``train.prompts_per_step`` must not exceed the training prompts: a step draws P distinct prompts, and a
+        prompt drawn twice would be sampled with the same noise (the same images, counted twice)."""
+        t, pc, ps = self.cfg.train, self.cfg.prompts, self.prompt_set
+        if ps is None or t.prompts_per_step <= len(ps.prompts) or self.named("train.prompts_per_step"):
+            return
+        n = len(ps.prompts)
+        split_note = f" after holding out prompts.eval_fraction={pc.eval_fraction:g}" if pc.eval_fraction > 0 else ""
+        limit_note = f", prompts.limit={pc.limit}" if pc.limit else ""
+        self.add(
+            [
+                f"train.prompts_per_step={t.prompts_per_step} is larger than the {n} training prompts of "
+                f"prompts.path={pc.path}{limit_note}{split_note}: a step would train the same prompt more than once, "
+                f"with the same noise. Set train.prompts_per_step to at most {n}, or give more prompts "
+                "(prompts.path, prompts.limit)."
+            ]
+        )
 
     def train_store(self) -> None:
         t = self.cfg.train

@@ -29,9 +29,17 @@ Decisions documented here (the paper leaves them open):
   gradients, which for LoRA are a fraction of a percent of the memory (the frozen weights stay replicated).
 * **Probe KL**: Gaussian fits, :func:`pgot.metrics.gaussian_kl` (paper appendix D.4 reports mean, std and KL
   as heuristic collapse signals).
-* **Bad steps**: a NaN or infinite loss or reward on any process skips the optimizer step everywhere (the flag
-  rides in the gradient all-reduce) with a warning; ``train.max_bad_steps`` in a row stop the run with
-  :class:`TooManyBadSteps` (a ``ValueError``: the CLI prints one line); checkpoints are never written after it.
+* **Bad steps**: a NaN or infinite loss, reward or LoRA gradient on any process skips the optimizer step everywhere
+  (the flag rides in the gradient all-reduce) with a one-line warning; ``train.max_bad_steps`` in a row stop the run
+  with :class:`TooManyBadSteps` (a ``ValueError``: the CLI prints one line); checkpoints are never written after it.
+  A reward scores NaN for an image with a non-finite pixel (:func:`pgot.rewards.score`), so diverged samples are bad
+  steps. The ``train.checkpoint_every`` checkpoint of a skipped step is not written, and a checkpoint that is written
+  after one (``train.max_steps``, the agent's, a stop signal) never prunes the last *good* checkpoint (one written
+  after an applied step, or the step-0 / resumed one).
+* **Finite weights**: the LoRA weights never become NaN or infinite on disk. When an optimizer step makes one
+  non-finite (on every process alike: the weights are replicated), the run stops at once with
+  :class:`NonFiniteWeights` (one line naming the step and the last good checkpoint), writing no checkpoint and no
+  ``final/`` from the broken weights.
 * **Agent** (``agent.backend``): every ``agent.every`` steps a checkpoint is written, the main process shows the
   agent diagnostic images of the current and the base model (LoRA disabled; same prompts and seeds), and the
   decision is broadcast and applied on every process (:meth:`pgot.agent.AgentState.apply`). ``remove
@@ -110,7 +118,7 @@ from pgot.tracking import RunLog, finite_or_none, flatten
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TooManyBadSteps", "cleanup", "fit", "run", "setup", "train"]
+__all__ = ["NonFiniteWeights", "TooManyBadSteps", "cleanup", "fit", "run", "setup", "train"]
 
 _NOISE_STRIDE = 7919
 """Seed offset per micro-step: the noise of training micro-step t uses seed ``train.seed + 7919 * t``."""
@@ -118,7 +126,11 @@ _TIMING_KEYS = ("step_time", "peak_memory_gb")  # vary between runs: not compare
 
 
 class TooManyBadSteps(ValueError):
-    """Too many consecutive steps with a NaN / infinite loss or reward (the CLI prints it as one line)."""
+    """Too many consecutive steps with a NaN / infinite loss, reward or LoRA gradient (the CLI prints it as one line)."""
+
+
+class NonFiniteWeights(ValueError):
+    """An optimizer step made a LoRA weight NaN or infinite; nothing was saved from it (the CLI prints one line)."""
 
 
 @dataclass
@@ -148,6 +160,7 @@ class Run:
     finished: bool = False  # a rerun of a complete run: nothing to train, nothing to write
     decision_due: bool = False  # resumed from a checkpoint the agent had not decided on yet
     saved_at: tuple[int, int] | None = None  # (step, steps_run) of the state last written to a checkpoint
+    last_good: str | None = None  # the newest checkpoint written after an applied step (or step 0, or resumed)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -217,13 +230,14 @@ def train(r: Run) -> None:
             r.state.steps_run += 1
             _log(r, step, grad_norm, time.perf_counter() - start)  # metrics.jsonl, trackers, bar; probes
             if r.state.bad_steps >= t.max_bad_steps:
+                _close_bar(r)
                 raise TooManyBadSteps(
-                    f"{r.state.bad_steps} consecutive steps had a NaN or infinite loss or reward (train.max_bad_steps="
-                    f"{t.max_bad_steps}); stopped at step {step}. The last good checkpoint is intact in "
-                    f"{r.checkpoint_dir}. Lower train.learning_rate, set train.max_grad_norm, or check the rewards."
+                    f"{r.state.bad_steps} consecutive steps had a NaN or infinite loss, reward or LoRA gradient "
+                    f"(train.max_bad_steps={t.max_bad_steps}); stopped at step {step}. {_last_good_text(r)} Lower "
+                    "train.learning_rate, set train.max_grad_norm, or check the rewards."
                 )
             agent_due = r.agent_on and step % r.cfg.agent.every == 0
-            if agent_due or _due(step, t.checkpoint_every) or step == t.max_steps:
+            if agent_due or (ok and _due(step, t.checkpoint_every)) or step == t.max_steps:
                 _save_checkpoint(r)
             if agent_due:
                 _consult_agent(r)  # continue / switch to online / remove a reward and revert to the approved checkpoint
@@ -443,7 +457,7 @@ def _update(r: Run, step: int, signum: int) -> tuple[bool, torch.Tensor, bool]:
     acc, t = r.accelerator, r.cfg.train
     bad_any, stop = _all_reduce_grads(r, r.pending.pop("_bad"), float(signum > 0))  # the same on every process
     if bad_any:
-        warnings.warn(f"step {step}: NaN or infinite loss or reward; the step is skipped", RuntimeWarning, stacklevel=2)
+        log.warning("step %d: NaN or infinite loss, reward or LoRA gradient; the step is skipped", step)
         r.optimizer.zero_grad(set_to_none=True)
         return False, torch.tensor(float("nan")), stop
     max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
@@ -451,15 +465,56 @@ def _update(r: Run, step: int, signum: int) -> tuple[bool, torch.Tensor, bool]:
     r.optimizer.step()
     r.lr_scheduler.step()
     r.optimizer.zero_grad(set_to_none=True)
+    _check_finite_weights(r, f"the optimizer step of step {step}")
     return True, grad_norm.detach(), stop
+
+
+def _check_finite_weights(r: Run, when: str) -> None:
+    """Raise :class:`NonFiniteWeights` when a LoRA weight is NaN or infinite (one host sync).
+
+    The weights are the same on every process (the same averaged gradients, the same AdamW), so every process
+    raises alike without a collective; the caller writes nothing after it.
+    """
+    if torch.stack([torch.isfinite(p).all() for p in r.params]).all():
+        return
+    t, last = r.cfg.train, _last_good(r)
+    _close_bar(r)
+    raise NonFiniteWeights(
+        f"{when} made LoRA weights NaN or infinite (train.learning_rate={t.learning_rate:g}, train.max_grad_norm="
+        f"{t.max_grad_norm:g}); stopped without saving them. {_last_good_text(r)} Start a new run (another "
+        "train.output_dir) with a lower train.learning_rate or a smaller train.max_grad_norm"
+        + (f"; train.resume={last} continues from that checkpoint with the same settings." if last else ".")
+    )
+
+
+def _last_good(r: Run) -> Path | None:
+    """The last good checkpoint (finite weights, written after an applied step, or step 0 / resumed), if any."""
+    return r.checkpoint_dir / r.last_good if r.last_good and (r.checkpoint_dir / r.last_good).is_dir() else None
+
+
+def _last_good_text(r: Run) -> str:
+    """The sentence naming the last good checkpoint."""
+    last = _last_good(r)
+    if last is not None:
+        return f"The last good checkpoint is {last}."
+    return f"No good checkpoint was written (train.checkpoint_every={r.cfg.train.checkpoint_every})."
+
+
+def _close_bar(r: Run) -> None:
+    """Close the progress bar before a one-line error, so the error starts a line of its own."""
+    if r.log is not None:
+        r.log.close()
+        r.log = None
 
 
 def _all_reduce_grads(r: Run, bad: torch.Tensor, stop: float) -> tuple[bool, bool]:
     """Average the LoRA gradients over processes in one flat all-reduce that also carries the bad-step and stop
-    flags; returns ``(bad anywhere, stop anywhere)``."""
+    flags; returns ``(bad anywhere, stop anywhere)``. A step is bad where the loss or a reward is non-finite
+    (``bad`` > 0) or a LoRA gradient of this process is (checked here, before the average)."""
     acc = r.accelerator
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in r.params]
-    flags = torch.stack([bad.reshape(()).float(), torch.tensor(stop, device=bad.device)])  # (2,)
+    nonfinite = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float().to(bad.device)
+    flags = torch.stack([bad.reshape(()).float() + nonfinite, torch.tensor(stop, device=bad.device)])  # (2,)
     if acc.num_processes > 1:
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [flags.to(grads[0].device) * acc.num_processes])
         flat = acc.reduce(flat, reduction="mean")
@@ -573,13 +628,19 @@ def _step0_probe(r: Run) -> torch.Tensor | None:
 
 
 def _save_checkpoint(r: Run) -> Path:
+    """Write a checkpoint of the current state and prune. One written after a skipped step (``bad_steps`` > 0)
+    never prunes the last good checkpoint; one written after an applied step becomes the last good one."""
     if r.running is not None:
         r.state.running = r.running.tolist()
     path = checkpoints.save(r.accelerator, r.checkpoint_dir, r.state, r.params, r.model)  # ends with a barrier
+    good = r.state.bad_steps == 0
+    protect = [r.state.agent.approved] + ([] if good or r.last_good is None else [r.last_good])
     if r.accelerator.is_main_process:
-        checkpoints.prune(r.checkpoint_dir, r.cfg.train.keep_checkpoints, protect=[r.state.agent.approved])
+        checkpoints.prune(r.checkpoint_dir, r.cfg.train.keep_checkpoints, protect=protect)
     r.accelerator.wait_for_everyone()  # pruned before anyone lists or loads checkpoints again
     r.saved_at = (r.state.step, r.state.steps_run)
+    if good:
+        r.last_good = path.name
     return path
 
 
@@ -640,6 +701,7 @@ def _revert(r: Run, decision: Decision) -> tuple[str, int]:
         log.warning("agent: checkpoint %s is gone; reverting to the approved %s instead", target, approved)
         target = approved
     loaded = checkpoints.load(r.accelerator, r.checkpoint_dir / target, r.params)  # LoRA, optimizer, scheduler
+    r.last_good = target
     r.accelerator.wait_for_everyone()  # every process has read the target before anything in the folder changes
     line = {"event": "revert", "log_index": kept.metrics_lines, "steps_run": kept.steps_run, "step": kept.step}
     line.update(to_step=loaded.step, checkpoint=target, reward=decision.reward)
@@ -789,7 +851,7 @@ def setup(cfg: Config, acc: Accelerator) -> Run:
         r.running = torch.zeros(1 + 2 * len(cfg.rewards), dtype=torch.float64, device=acc.device)
     if start.resume:
         r.state = checkpoints.load(acc, start.resume, params)
-        r.saved_at = (r.state.step, r.state.steps_run)
+        r.saved_at, r.last_good = (r.state.step, r.state.steps_run), Path(start.resume).name
         if r.running is not None and r.state.running:
             r.running = torch.tensor(r.state.running, dtype=torch.float64, device=acc.device)
         if acc.is_main_process:
@@ -833,6 +895,8 @@ def cleanup(r: Run) -> None:
     the tuned-vs-base table (:func:`_final_table`, also sent to the trackers). A finished run's rerun only prints
     the table."""
     acc = r.accelerator
+    if not r.finished:  # on every process alike: never a NaN final/ (an invariant: _update stops first)
+        _check_finite_weights(r, "training")
     if acc.is_main_process:
         if r.log is not None:
             r.log.close()

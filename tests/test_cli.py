@@ -32,7 +32,7 @@ def test_missing_config_file(main, tmp_path, capsys):
         (
             "model: {tiny: true}\nrewards: [{name: contrast}]\ntrain: {max_stepz: 3}\n",
             None,
-            "unknown key 'train.max_stepz'. Did you mean 'max_steps'?",
+            "unknown key 'train.max_stepz'. Did you mean 'train.max_steps'?",
         ),
         (
             "model: {tiny: true}\nrewards: [{name: contrast}]\n",

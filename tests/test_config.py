@@ -60,7 +60,7 @@ def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(p)
     text = str(err.value)
-    assert "unknown key 'train.max_step'. Did you mean 'max_steps'?" in text
+    assert "unknown key 'train.max_step'. Did you mean 'train.max_steps'?" in text
     assert "train.learning_rate must be a number, got 'fast'" in text
     assert "ot.epsilon must be a number, got 'abc'" in text
     assert len(err.value.problems) == 3
@@ -238,3 +238,134 @@ def test_malformed_overrides_are_problems_not_tracebacks(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(None, [*base, override], stage="train")
     assert any(p.startswith(expected) for p in err.value.problems), err.value.problems
+
+
+def _float_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every float config key as typed on the command line (list items at index 0, mapping values under ``x``),
+    found by walking the dataclass fields: a new float field is tested without editing this test."""
+    import dataclasses
+    import types
+    import typing
+
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            keys += _float_keys(tp, f"{key}.")
+        elif origin is list and args and dataclasses.is_dataclass(args[0]):
+            keys += _float_keys(args[0], f"{key}.0.")
+        elif origin is dict and args[1] is float:
+            keys.append(f"{key}.x")
+        elif tp is float or (origin in (typing.Union, types.UnionType) and float in args):
+            keys.append(key)
+    return keys
+
+
+def test_float_keys_are_found():
+    keys = _float_keys(Config)
+    assert {"train.learning_rate", "train.weight_decay", "ot.epsilon", "draft.shift", "rewards.0.target"} <= set(keys)
+    assert "eval.models.0.soup.x" in keys and len(keys) >= 20
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".inf"])
+def test_every_float_key_must_be_finite(value):
+    """Rule: every float config value is finite (no float field's docstring allows inf); each key gets exactly one
+    line, naming it as typed, whatever its range check would have said."""
+    for key in _float_keys(Config):
+        base = ["model.tiny=true", "rewards.0.name=contrast"] + (
+            ["eval.models.0.lora=x"] if key.startswith("eval.models") else []
+        )
+        with pytest.raises(ConfigError) as exc:
+            load_config(None, [*base, f"{key}={value}"])
+        shown = {"nan": "nan", "inf": "inf", ".inf": "inf", "-inf": "-inf"}[value]
+        mine = [q for q in exc.value.problems if q.startswith(key)]
+        assert len(mine) == 1 and mine[0].startswith(
+            f"{key} must be a finite number, got {shown}. Set a finite value"
+        ), (key, exc.value.problems)
+
+
+def test_reported_nonfinite_values_fail_the_check():
+    """The reported values: inf passed --check, weight_decay=nan failed only after the model loaded."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(
+            None,
+            [
+                "model.tiny=true",
+                "train.learning_rate=inf",
+                "ot.epsilon=inf",
+                "train.max_grad_norm=inf",
+                "train.weight_decay=nan",
+            ],
+        )
+    assert sorted(q.split(" ", 1)[0] for q in exc.value.problems) == [
+        "ot.epsilon",
+        "train.learning_rate",
+        "train.max_grad_norm",
+        "train.weight_decay",
+    ]
+    assert (
+        "train.learning_rate must be a finite number, got inf. Set a finite value (e.g. the default train.learning_rate=0.0001). train.learning_rate: AdamW learning rate."
+        in exc.value.problems
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "key", "first"),
+    [
+        (
+            "model: {tiny: true}\not:\n  epsilon: 0.1\n  max_iter: 10\n  epsilon: 0.5\n",
+            "5:3",
+            "epsilon",
+            "line 3, column 3",
+        ),
+        ("model: {tiny: true}\ntrain: {max_steps: 3}\ntrain: {max_steps: 4}\n", "3:1", "train", "line 2, column 1"),
+        ("rewards:\n  - {name: contrast, weight: 1, weight: 2}\n", "2:33", "weight", "line 2, column 22"),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused(tmp_path, text, where, key, first):
+    """Rule: a repeated key in a config file is one error line with file:line:col, never the last value silently."""
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert exc.value.problems == [
+        f"{p}:{where}: config file {str(p)!r} is not valid YAML: duplicate key {key!r} (first at {first}); YAML "
+        "would keep only the last value. Remove one of them."
+    ]
+
+
+def test_yaml_merge_keys_may_still_be_overridden():
+    from pgot.config import load_yaml
+
+    assert load_yaml("a: &base {x: 1, y: 2}\nb:\n  <<: *base\n  x: 3\n") == {
+        "a": {"x": 1, "y": 2},
+        "b": {"x": 3, "y": 2},
+    }
+
+
+def test_duplicate_keys_in_overrides_and_agent_script(tmp_path):
+    """The same loader reads key=value overrides and agent.script (another YAML pgot reads as configuration)."""
+    from pgot.agent import load_script
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["model.tiny=true", "train.reward_sets={W: [contrast], W: [contrast]}"])
+    assert any(
+        q.startswith("train.reward_sets must be a mapping") and "duplicate key 'W'" in q for q in exc.value.problems
+    )
+    script = tmp_path / "script.yaml"
+    script.write_text("10: {action: continue}\n20: {action: continue}\n10: {action: switch_online}\n")
+    with pytest.raises(ValueError) as err:
+        load_script(script)
+    assert str(err.value) == (
+        f"agent.script={str(script)!r} is not valid YAML: {script}:3:1: duplicate key 10 (first at line 1, column 1); "
+        "YAML would keep only the last value. Remove one of them."
+    )
+
+
+def test_unknown_key_suggests_the_full_dotted_key():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["model.tiny=true", "train.max_step=3", "ot.epsilonn=0.1", "trian.max_steps=2"])
+    assert "unknown key 'train.max_step'. Did you mean 'train.max_steps'?" in exc.value.problems
+    assert "unknown key 'ot.epsilonn'. Did you mean 'ot.epsilon'?" in exc.value.problems
+    assert "unknown key 'trian'. Did you mean 'train'?" in exc.value.problems

@@ -408,3 +408,28 @@ def test_eval_inputs_all_at_once(tmp_path, capsys, no_weights):
     assert cli.eval_main(["--config", EVAL, f"eval.output_dir={tmp_path / 'eval'}", f"eval.manifest={manifest}"]) == 2
     lines = _errors(capsys)  # the manifest's message names the missing images on lines of their own
     assert "1 of 1 images do not exist" in lines[0] and lines[1].strip() == f"line 2: {tmp_path / 'gone.png'}"
+
+
+@pytest.mark.parametrize(
+    ("extra", "count", "notes"),
+    [
+        ([], 2, "prompts.limit=2"),
+        (
+            ["prompts.limit=4", "prompts.eval_fraction=0.5"],
+            2,
+            "prompts.limit=4 after holding out prompts.eval_fraction=0.5",
+        ),
+    ],
+)
+def test_more_prompts_per_step_than_training_prompts(tmp_path, capsys, no_weights, extra, count, notes):
+    """Rule: train.prompts_per_step must not exceed the training prompts (after prompts.limit and the held-out
+    split): one error line naming both keys and the count, exit 2, before any weight loads."""
+    args = ["--config", DEBUG, *TINY, *extra, f"train.output_dir={tmp_path / 'run'}", "train.strategy=online"]
+    assert cli.train_main([*args, "train.objective=pgot", "train.prompts_per_step=3", "--check"]) == 2
+    lines = _errors(capsys)
+    assert lines == [
+        f"train.prompts_per_step=3 is larger than the {count} training prompts of prompts.path=builtin:demo, "
+        f"{notes}: a step would train the same prompt more than once, with the same noise. Set "
+        f"train.prompts_per_step to at most {count}, or give more prompts (prompts.path, prompts.limit)."
+    ]
+    assert cli.train_main([*args, f"train.prompts_per_step={count}", "--check"]) == 0

@@ -204,3 +204,30 @@ def test_analytic_gradients_finite_on_flat_and_black_images(name):
 def test_analytic_rejects_weights_path():
     with pytest.raises(ValueError, match=r"reward 'contrast' is analytic and has no weights; leave its path empty"):
         build([RewardConfig(name="contrast", path="/some/file.pt")])
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_every_reward_scores_nan_for_a_nonfinite_pixel(bad_value, tiny_rewards):
+    """The rule of pgot.rewards.base.nan_for_nonfinite: one non-finite pixel makes that image's score NaN in every
+    reward (analytic and learned, through score() and through a reward's own call); the other image keeps its
+    finite score, unchanged."""
+    images = _images()
+    clean = score(tiny_rewards, images, ["a cat", "a dog"])
+    broken = images.clone()
+    broken[1, 2, 3, 4] = bad_value
+    scores = score(tiny_rewards, broken, ["a cat", "a dog"])
+    assert torch.isnan(scores[1]).all(), [
+        r.name for r, s in zip(tiny_rewards, scores[1], strict=True) if not torch.isnan(s)
+    ]
+    torch.testing.assert_close(scores[0], clean[0])
+    for r in tiny_rewards:
+        alone = r(broken, ["a cat", "a dog"])
+        assert torch.isnan(alone[1]) and torch.isfinite(alone[0]), r.name
+
+
+@pytest.mark.parametrize("name", ["contrast", "saturation", "colorfulness"])
+def test_analytic_functions_keep_nan(name):
+    """The guarded square root and division map 0 to 0 but NaN to NaN (they once mapped NaN to 0)."""
+    images = torch.full((1, 3, 8, 8), float("nan"))
+    assert torch.isnan(ANALYTIC[name](images)).all()
+    assert ANALYTIC[name](torch.zeros(1, 3, 8, 8)).item() == 0.0

@@ -416,29 +416,137 @@ def _nan_from(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | int) -> Non
     monkeypatch.setattr(rewards, "score", score)
 
 
-def test_nan_step_is_skipped_and_counted(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _nan_from(monkeypatch, {2})
-    with pytest.warns(RuntimeWarning, match="step 2: NaN"):
-        run, _ = train.fit(_cfg(tmp_path / "run", store, **{"train.max_steps": 3, "train.checkpoint_every": 1}))
+def _finite(folder: Path, name: str = "lora_state.safetensors") -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a checkpoint or final/ folder, asserted finite."""
+    state = load_file(str(folder / name))
+    assert state and all(torch.isfinite(v).all() for v in state.values()), folder
+    return state
+
+
+def test_nan_step_is_skipped_and_counted(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Steps 2 and 3 (the last) are bad: skipped and counted, with one log line each; the checkpoint_every
+    checkpoint of step 2 is not written, the one of train.max_steps is (the LoRA of step 1) and does not prune
+    step 1's; final/ holds step 1's finite LoRA, not a NaN one (a run shorter than train.max_bad_steps)."""
+    _nan_from(monkeypatch, {2, 3})
+    with caplog.at_level(logging.WARNING, logger="pgot.train"):
+        run, _ = train.fit(
+            _cfg(
+                tmp_path / "run",
+                store,
+                **{"train.max_steps": 3, "train.checkpoint_every": 1, "train.keep_checkpoints": 1},
+            )
+        )
+    skipped = [rec.getMessage() for rec in caplog.records if "skipped" in rec.getMessage()]
+    assert skipped == [f"step {s}: NaN or infinite loss, reward or LoRA gradient; the step is skipped" for s in (2, 3)]
     lines = _metrics(run)
-    assert [(m["bad_steps"], m["skipped_steps"]) for m in lines] == [(0, 0), (1, 1), (0, 1)]
+    assert [(m["bad_steps"], m["skipped_steps"]) for m in lines] == [(0, 0), (1, 1), (2, 2)]
     assert lines[1]["grad_norm"] is None and all(lines[1][f"reward/{n}"] is None for n in REWARDS)
-    one = load_file(str(run / "checkpoints" / "step-000002" / "lora_state.safetensors"))
-    two = load_file(str(run / "checkpoints" / "step-000001" / "lora_state.safetensors"))  # kept: keep_checkpoints=3
-    assert all(torch.equal(one[k], two[k]) for k in one)  # the skipped step did not touch the LoRA
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000001", "step-000003"]
+    one, three = _finite(run / "checkpoints" / "step-000001"), _finite(run / "checkpoints" / "step-000003")
+    assert all(torch.equal(one[k], three[k]) for k in one)  # the skipped steps did not touch the LoRA
+    final = _finite(run / "final", "pytorch_lora_weights.safetensors")
+    assert len(final) == len(one)
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward (finite values), NaN backward: a non-finite gradient with a finite loss and rewards."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def test_nonfinite_gradient_is_a_bad_step(tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rule (b): finite loss and rewards but NaN LoRA gradients (step 2): skipped, counted, no AdamW update."""
+    from pgot import rewards
+
+    real, calls = rewards.score, {"n": 0}
+
+    def score(models, images, prompts):
+        out = real(models, images, prompts)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return _NanGrad.apply(out)
+        return out
+
+    monkeypatch.setattr(rewards, "score", score)
+    run, _ = train.fit(_cfg(tmp_path / "run", store, **{"train.max_steps": 2, "train.checkpoint_every": 1}))
+    lines = _metrics(run)
+    assert [(m["bad_steps"], m["skipped_steps"]) for m in lines] == [(0, 0), (1, 1)]
+    assert lines[1]["grad_norm"] is None and all(lines[1][f"reward/{n}"] is not None for n in REWARDS)
+    one, two = _finite(run / "checkpoints" / "step-000001"), _finite(run / "checkpoints" / "step-000002")
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    _finite(run / "final", "pytorch_lora_weights.safetensors")
+
+
+def test_nonfinite_weights_stop_without_saving(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rule (c): the optimizer step of step 2 makes a LoRA weight NaN: exit 2, one error line naming the step and
+    the last good checkpoint (step 1, finite); no checkpoint of step 2 and no final/."""
+    real, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "run"
+    args = _overrides(out, store, **{"train.max_steps": 4, "train.checkpoint_every": 1})
+    assert cli.train_main(["--config", str(DEBUG), *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    good = out / "checkpoints" / "step-000001"
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("error: the optimizer step of step 2 made LoRA weights NaN or infinite")
+    assert f"The last good checkpoint is {good}." in err[0] and f"train.resume={good}" in err[0]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000001"]
+    _finite(good)
+    assert not (out / "final").exists() and not (out / ".tmp-final").exists()
+
+
+def test_large_learning_rate_keeps_a_good_checkpoint(
+    tmp_path: Path, store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rule (d), the reported run: a huge train.learning_rate blows the samples up to NaN after a few steps, with a
+    checkpoint every step and keep_checkpoints=1. Whatever stops the run (too many bad steps, or non-finite weights),
+    the checkpoint its one error line names exists and holds finite weights, and no final/ is written."""
+    out = tmp_path / "run"
+    extra = {"train.max_steps": 8, "train.checkpoint_every": 1, "train.keep_checkpoints": 1, "train.max_bad_steps": 2}
+    args = _overrides(out, store, **{**extra, "train.learning_rate": 1e30, "train.max_grad_norm": 0})
+    assert cli.train_main(["--config", str(DEBUG), *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, err
+    named = err[0].split("The last good checkpoint is ", 1)[1].split(". ", 1)[0]
+    _finite(Path(named))
+    assert Path(named).parent == out / "checkpoints" and not (out / "final").exists()
 
 
 def test_too_many_bad_steps_stop_with_one_line(
     tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Steps 2 and 3 bad with train.max_bad_steps=2: one error line naming the last good checkpoint (step 1; the
+    skipped step 2 wrote none), no final/."""
     _nan_from(monkeypatch, 2)
     out = tmp_path / "run"
     args = _overrides(out, store, **{"train.max_steps": 6, "train.checkpoint_every": 1, "train.max_bad_steps": 2})
     assert cli.train_main(["--config", str(DEBUG), *args]) == 2
     err = capsys.readouterr().err
-    assert "2 consecutive steps had a NaN" in err and "train.max_bad_steps" in err and "Traceback" not in err
+    assert "2 consecutive steps had a NaN or infinite loss, reward or LoRA gradient" in err
+    assert "train.max_bad_steps" in err and "Traceback" not in err
+    assert f"stopped at step 3. The last good checkpoint is {out / 'checkpoints' / 'step-000001'}." in err
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-    assert ckpts[-1] == "step-000002" and (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+    assert ckpts == ["step-000001"] and (out / "checkpoints" / "step-000001" / "trainer_state.json").is_file()
     assert not (out / "final").exists()
 
 

@@ -67,7 +67,7 @@ import torch
 
 from pgot.config import REWARD_NAMES, RewardConfig, unknown_reward
 from pgot.rewards.analytic import CONSTRUCTORS as _ANALYTIC
-from pgot.rewards.base import Reward, check_inputs
+from pgot.rewards.base import Reward, check_inputs, nan_for_nonfinite
 from pgot.rewards.preprocessing import preprocess
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,11 @@ def score(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence[str
     """Score a batch with every reward: (B, 3, H, W) in [0, 1], B prompts -> (B, M) float32.
 
     The 224 px CLIP preprocessing is computed once and shared by every reward that takes it.
-    Differentiable w.r.t. ``images``.
+    Differentiable w.r.t. ``images``. An image with any NaN or infinite pixel scores NaN in every column
+    (:func:`pgot.rewards.base.nan_for_nonfinite`), never a finite number.
+
+    Raises:
+        ValueError: no rewards, or images / prompts that break the contract (:func:`pgot.rewards.base.check_inputs`).
     """
     if len(rewards) == 0:
         raise ValueError("score() got no rewards; configure at least one (rewards.0.name=...).")
@@ -268,7 +272,7 @@ def score(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence[str
     for r in rewards:
         x = pixel_values if r.uses_pixel_values else images
         columns.append(r.compute(x.to(r.device) if r.uses_pixel_values else x, prompts).float().to(images.device))
-    return torch.stack(columns, dim=1)
+    return nan_for_nonfinite(images, torch.stack(columns, dim=1))
 
 
 def score_images(

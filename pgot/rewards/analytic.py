@@ -16,7 +16,8 @@ sharpness    mean absolute 3x3 Laplacian ``[[0,1,0],[1,-4,1],[0,1,0]]`` of Y ove
 ============ ===================================================================================
 
 Square roots and divisions are guarded (value 0 and gradient 0 where the argument is 0), so flat or
-black images get exact values and finite gradients.
+black images get exact values and finite gradients. The guards let NaN through: an image with a NaN pixel
+scores NaN, never 0 (and :func:`pgot.rewards.score` sets NaN for any non-finite pixel, infinities included).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ _TINY = 1e-30
 
 
 def _sqrt(v: torch.Tensor) -> torch.Tensor:
-    """sqrt with a zero (not infinite) gradient at 0."""
-    return torch.where(v > 0, v.clamp_min(_TINY).sqrt(), torch.zeros_like(v))
+    """sqrt with a zero (not infinite) gradient at 0; NaN stays NaN (``clamp_min`` propagates it)."""
+    return torch.where(v <= 0, torch.zeros_like(v), v.clamp_min(_TINY).sqrt())
 
 
 def luminance(images: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,7 @@ def contrast(images: torch.Tensor) -> torch.Tensor:
 def saturation(images: torch.Tensor) -> torch.Tensor:
     """Mean HSV saturation (B,)."""
     mx, mn = images.amax(1), images.amin(1)
-    sat = torch.where(mx > 0, (mx - mn) / mx.clamp_min(_TINY), torch.zeros_like(mx))
+    sat = torch.where(mx <= 0, torch.zeros_like(mx), (mx - mn) / mx.clamp_min(_TINY))  # NaN stays NaN
     return sat.mean((-2, -1))
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "check_image_size",
     "check_inputs",
     "load_state_dict_file",
+    "nan_for_nonfinite",
     "load_strict",
     "maybe_checkpoint",
     "resolve_path",
@@ -70,7 +71,11 @@ def check_image_size(name: str, size: object, source: str) -> None:
 
 
 def check_inputs(name: str, images: torch.Tensor, prompts: Sequence[str]) -> None:
-    """Raise ``ValueError`` (naming reward ``name``) unless images are (B, 3, H, W) in [0, 1] with B prompts."""
+    """Raise ``ValueError`` (naming reward ``name``) unless images are (B, 3, H, W) in [0, 1] with B prompts.
+
+    NaN and infinite pixels are not range errors: the image scores NaN (:func:`nan_for_nonfinite`), so a diverged
+    sample is a bad training step rather than a crash.
+    """
     if (
         not isinstance(images, torch.Tensor)
         or images.ndim != 4
@@ -99,13 +104,32 @@ def check_inputs(name: str, images: torch.Tensor, prompts: Sequence[str]) -> Non
             f"reward {name!r}: got {len(prompts)} prompts for {images.shape[0]} images (shape {tuple(images.shape)}); "
             "pass one prompt per image (repeat a prompt for its N samples)."
         )
-    lo, hi = torch.aminmax(images.detach())
+    finite = torch.isfinite(images.detach())
+    lo, hi = torch.aminmax(torch.where(finite, images.detach(), 0.5))  # a non-finite pixel scores NaN, not an error
     lo, hi = float(lo), float(hi)  # one host sync per batch
     if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
         raise ValueError(
             f"reward {name!r}: images must lie in [0, 1] (tolerance {RANGE_TOLERANCE}), got values in [{lo:.4g}, {hi:.4g}]. "
             "Map a VAE output x in [-1, 1] with (x / 2 + 0.5).clamp(0, 1)."
         )
+
+
+def nan_for_nonfinite(images: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` with NaN in the rows of images that hold any NaN or infinite pixel: the rule every reward follows.
+
+    A reward never turns a broken image into a finite number (an analytic statistic would map NaN to 0, a learned
+    head may saturate), so a diverged sample shows as NaN in the scores and training skips the step.
+
+    Args:
+        images: (B, 3, H, W) the images that were scored.
+        scores: (B,) or (B, M) their scores.
+
+    Returns:
+        ``scores`` (same shape and dtype) with rows of non-finite images set to NaN; differentiable elsewhere.
+    """
+    bad = ~torch.isfinite(images.detach()).flatten(1).all(1)  # (B,)
+    bad = bad.to(scores.device).view(-1, *([1] * (scores.ndim - 1)))
+    return torch.where(bad, torch.full_like(scores, float("nan")), scores)
 
 
 def resolve_path(name: str, path: str, what: str) -> Path:
@@ -289,13 +313,16 @@ class Reward(nn.Module):
     def forward(
         self, images: torch.Tensor, prompts: Sequence[str], pixel_values: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Validate, preprocess (unless ``pixel_values`` (B, 3, 224, 224) is given) and score: (B,) float32."""
+        """Validate, preprocess (unless ``pixel_values`` (B, 3, 224, 224) is given) and score: (B,) float32.
+
+        An image with any NaN or infinite pixel scores NaN (:func:`nan_for_nonfinite`).
+        """
         check_inputs(self.name, images, prompts)
         if self.uses_pixel_values:
             x = preprocess(images) if pixel_values is None else pixel_values
         else:
             x = images
-        return self.compute(x, list(prompts)).float()
+        return nan_for_nonfinite(images, self.compute(x, list(prompts)).float())
 
     def compute(self, x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Scores (B,) of validated input ``x`` (pixel values or images, see ``uses_pixel_values``)."""
