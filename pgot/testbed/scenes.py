@@ -51,6 +51,7 @@ __all__ = [
     "Scene",
     "all_prompts",
     "all_scenes",
+    "as_prompt_list",
     "coverage",
     "parse_prompt",
     "render",
@@ -173,6 +174,39 @@ def split(prompts: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
     ]
 
 
+def as_prompt_list(prompts: object, where: str, name: str = "prompts") -> list:
+    """The prompts of a testbed function as a list, refusing what is not a list of prompts.
+
+    Every testbed function that takes prompts (:func:`render`, :func:`pgot.testbed.judge.components` and
+    :func:`~pgot.testbed.judge.quality`, :func:`pgot.testbed.agent.diagnose`, the preference rewards) reads them
+    through this check: a bare string would otherwise be taken as a list of one-character prompts.
+
+    Args:
+        prompts: a sequence (list, tuple) of prompt texts or :class:`Scene` objects.
+        where: the calling function, for the message.
+        name: the argument's name, for the message.
+
+    Returns:
+        ``list(prompts)``.
+
+    Raises:
+        TypeError: ``prompts`` is a ``str`` (or bytes), or not a sequence; or an item is neither a ``str`` nor a
+            :class:`Scene`.
+    """
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(
+            f"{where}: {name} must be a list of prompts, got a single string {prompts[:60]!r}; "
+            f"pass [{name}] for one prompt."
+        )
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"{where}: {name} must be a list of prompts, got {type(prompts).__name__}.")
+    items = list(prompts)
+    for i, p in enumerate(items):
+        if not isinstance(p, (str, Scene)):
+            raise TypeError(f"{where}: {name}[{i}] must be a prompt string, got {type(p).__name__}.")
+    return items
+
+
 def _unknown(kind: str, word: str, choices: Sequence[str], text: str) -> ValueError:
     hint = difflib.get_close_matches(word, list(choices), n=1)
     more = f" Did you mean {hint[0]!r}?" if hint else ""
@@ -291,21 +325,45 @@ def render(
         seed: when given, each object's offset from the centre is drawn uniformly in ``[-jitter, jitter]^2`` from
             ``numpy.random.default_rng(seed)`` (one (dx, dy) per image, in order); None: no jitter.
         jitter: largest offset in pixels when ``seed`` is given.
-        offsets: (B, 2) explicit offsets (dx, dy) in pixels; overrides ``seed``.
+        offsets: (B, 2) explicit offsets (dx, dy) in pixels; overrides ``seed``. Every offset must be finite.
         resolution: image side in pixels (shape scales are in pixels, so keep the default for the world's sizes).
 
     Returns:
-        (B, 3, resolution, resolution) float32 images in [0, 1].
+        (B, 3, resolution, resolution) float32 images in [0, 1]; an empty list of scenes gives (0, 3, resolution,
+        resolution).
 
     Raises:
-        ValueError: a prompt outside the grammar, or ``offsets`` of the wrong shape.
+        TypeError: ``scenes`` is a single string (or not a list of prompts / scenes).
+        ValueError: a prompt outside the grammar, ``offsets`` of the wrong shape or not finite, ``jitter`` negative or
+            not finite, or ``resolution`` not a positive integer.
     """
-    items = [parse_prompt(s) if isinstance(s, str) else s for s in scenes]
+    items = [parse_prompt(s) if isinstance(s, str) else s for s in as_prompt_list(scenes, "render", "scenes")]
     n = len(items)
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
+        raise ValueError(f"render: resolution must be a positive number of pixels, got {resolution!r}.")
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float, np.floating, np.integer)):
+        raise ValueError(f"render: jitter must be a number of pixels, got {jitter!r}.")
+    if not math.isfinite(jitter) or jitter < 0:
+        raise ValueError(
+            f"render: jitter must be a finite number of pixels >= 0 (the largest offset), got {jitter!r}; "
+            f"the training renderings use {JITTER}."
+        )
     if offsets is not None:
-        offsets = np.asarray(offsets, dtype=np.float64)
+        try:
+            offsets = np.asarray(offsets, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"render: offsets must be a ({n}, 2) array of numbers (dx, dy per scene), got {offsets!r}."
+            ) from None
         if offsets.shape != (n, 2):
             raise ValueError(f"render: offsets must have shape ({n}, 2) (dx, dy per scene), got {offsets.shape}.")
+        if not np.isfinite(offsets).all():
+            bad = [i for i in range(n) if not np.isfinite(offsets[i]).all()]
+            raise ValueError(
+                f"render: offsets must be finite numbers of pixels, got {offsets[bad[0]].tolist()} for scene {bad[0]}"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                + "."
+            )
     elif seed is not None:
         offsets = np.random.default_rng(seed).uniform(-jitter, jitter, size=(n, 2))
     else:
