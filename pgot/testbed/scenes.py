@@ -48,11 +48,13 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "SUPERSAMPLE",
+    "PromptError",
     "Scene",
     "all_prompts",
     "all_scenes",
     "as_prompt_list",
     "coverage",
+    "grammar_problems",
     "parse_prompt",
     "render",
     "split",
@@ -207,13 +209,56 @@ def as_prompt_list(prompts: object, where: str, name: str = "prompts") -> list:
     return items
 
 
-def _unknown(kind: str, word: str, choices: Sequence[str], text: str) -> ValueError:
+GRAMMAR_HINT = (
+    f"Testbed prompts read {_TEMPLATE!r} (sizes {', '.join(SIZES)}; colours {', '.join(COLOURS)}; shapes "
+    f"{', '.join(SHAPES)}; backgrounds {', '.join(BACKGROUNDS)}); pgot.testbed.scenes.all_prompts() lists them all."
+)
+"""The grammar, as error messages state it (once per message)."""
+
+
+class PromptError(ValueError):
+    """A prompt outside the testbed grammar: ``str(err)`` is the full message (the problem, then the grammar);
+    ``err.problem`` the problem alone, for messages that list several prompts and state the grammar once
+    (:func:`grammar_problems`)."""
+
+    def __init__(self, problem: str, hint: str = GRAMMAR_HINT):
+        super().__init__(f"{problem} {hint}" if hint else problem)
+        self.problem = problem
+
+
+def _unknown(kind: str, word: str, choices: Sequence[str], text: str) -> PromptError:
     hint = difflib.get_close_matches(word, list(choices), n=1)
     more = f" Did you mean {hint[0]!r}?" if hint else ""
-    return ValueError(
-        f"prompt {text!r}: {kind} {word!r} is not in the testbed grammar ({', '.join(choices)}).{more} "
-        f"Testbed prompts read {_TEMPLATE!r}; pgot.testbed.scenes.all_prompts() lists them all."
-    )
+    return PromptError(f"prompt {text!r}: {kind} {word!r} is not in the testbed grammar ({', '.join(choices)}).{more}")
+
+
+def grammar_problems(prompts: Sequence[str], limit: int = 5) -> str | None:
+    """One message for every prompt outside the grammar, the grammar stated once; None when every prompt is in it.
+
+    Args:
+        prompts: prompt texts (duplicates are reported once).
+        limit: most prompts quoted; the rest are counted.
+
+    Returns:
+        ``"<n> prompt(s) are outside the testbed grammar: <problem>; <problem> (<k> more). Testbed prompts read ..."``
+        or None.
+
+    Raises:
+        TypeError: ``prompts`` is a single string (:func:`as_prompt_list`).
+    """
+    problems = []
+    for text in dict.fromkeys(as_prompt_list(prompts, "grammar_problems")):
+        if isinstance(text, Scene):
+            continue
+        try:
+            parse_prompt(text)
+        except PromptError as exc:
+            problems.append(exc.problem)
+    if not problems:
+        return None
+    shown = "; ".join(p.rstrip(".") for p in problems[:limit])
+    more = f" ({len(problems) - limit} more)" if len(problems) > limit else ""
+    return f"{len(problems)} prompt(s) are outside the testbed grammar: {shown}{more}. {GRAMMAR_HINT}"
 
 
 def parse_prompt(text: str) -> Scene:
@@ -226,19 +271,15 @@ def parse_prompt(text: str) -> Scene:
         The :class:`Scene`.
 
     Raises:
-        ValueError: the text is not a sentence of the grammar (the message names the offending word and the
-            allowed ones) or the object has the background's colour.
+        PromptError: (a ValueError) the text is not a sentence of the grammar (the message names the offending word
+            and the allowed ones, then states the grammar) or the object has the background's colour.
     """
     if not isinstance(text, str):
-        raise ValueError(f"a testbed prompt must be a string, got {type(text).__name__}.")
+        raise PromptError(f"a testbed prompt must be a string, got {type(text).__name__}.", hint="")
     norm = " ".join(text.lower().split()).rstrip(".")
     m = _PROMPT_RE.match(norm)
     if m is None:
-        raise ValueError(
-            f"prompt {text!r} is outside the testbed grammar: testbed prompts read {_TEMPLATE!r} "
-            f"(sizes {', '.join(SIZES)}; colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; "
-            f"backgrounds {', '.join(BACKGROUNDS)}). pgot.testbed.scenes.all_prompts() lists them all."
-        )
+        raise PromptError(f"prompt {text!r} is outside the testbed grammar.")
     size, colour, shape, bg = m.groups()
     if size not in SIZES:
         raise _unknown("size", size, SIZES, text)
@@ -249,9 +290,10 @@ def parse_prompt(text: str) -> Scene:
     if bg not in BACKGROUNDS:
         raise _unknown("background", bg, BACKGROUNDS, text)
     if colour == bg:
-        raise ValueError(
+        raise PromptError(
             f"prompt {text!r}: a {colour} object on a {bg} background would be invisible, so the grammar excludes "
-            "it. Pick a background of another colour."
+            "it. Pick a background of another colour.",
+            hint="",
         )
     return Scene(shape, colour, size, bg)
 
