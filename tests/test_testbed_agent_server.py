@@ -348,7 +348,9 @@ def test_any_failure_answers_500_and_the_connection_survives(monkeypatch, caplog
             status, err = _post(server.base_url, body)
         assert status == 500 and err["error"]["type"] == "server_error"
         assert "ZeroDivisionError: float division by zero" in err["error"]["message"]
-        assert [r.getMessage() for r in caplog.records] == ["agent server: 500: ZeroDivisionError: float division by zero"]
+        assert [r.getMessage() for r in caplog.records] == [
+            "agent server: 500: ZeroDivisionError: float division by zero"
+        ]
         host, port = server.server_address[:2]
         conn = http.client.HTTPConnection(host, port, timeout=10)
         conn.putrequest("POST", "/v1/chat/completions")
@@ -356,7 +358,9 @@ def test_any_failure_answers_500_and_the_connection_survives(monkeypatch, caplog
         conn.endheaders()
         resp = conn.getresponse()
         assert resp.status == 400
-        assert json.loads(resp.read())["error"]["message"] == "Content-Length must be a whole number of bytes, got 'abc'."
+        assert (
+            json.loads(resp.read())["error"]["message"] == "Content-Length must be a whole number of bytes, got 'abc'."
+        )
         conn.close()
         monkeypatch.setattr(agent_server, "diagnose", diagnose)
         status, reply = _post(server.base_url, body)  # still serving

@@ -176,7 +176,9 @@ def test_preference_models_refuse_a_bare_string_as_prompts():
 
 def test_build_log_says_where_each_rewards_weights_come_from(caplog):
     with caplog.at_level("INFO", logger="pgot.rewards"):
-        build([RewardConfig(name="tb_align"), RewardConfig(name="saturation"), RewardConfig(name="tb_pref", path="tiny")])
+        build(
+            [RewardConfig(name="tb_align"), RewardConfig(name="saturation"), RewardConfig(name="tb_pref", path="tiny")]
+        )
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("building reward")] == [
         "building reward tb_align from its shipped weights (pgot/testbed/preference/tb_align.safetensors)",
         "building reward saturation from its formula (analytic, no weights)",

@@ -141,9 +141,18 @@ def test_jitter_keeps_every_object_inside_the_image():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"offsets": [[float("nan"), 0.0]]}, "render: offsets must be finite numbers of pixels, got [nan, 0.0] for scene 0."),
-        ({"offsets": [[0.0, float("inf")]]}, "render: offsets must be finite numbers of pixels, got [0.0, inf] for scene 0."),
-        ({"seed": 0, "jitter": -5}, "render: jitter must be a finite number of pixels >= 0 (the largest offset), got -5"),
+        (
+            {"offsets": [[float("nan"), 0.0]]},
+            "render: offsets must be finite numbers of pixels, got [nan, 0.0] for scene 0.",
+        ),
+        (
+            {"offsets": [[0.0, float("inf")]]},
+            "render: offsets must be finite numbers of pixels, got [0.0, inf] for scene 0.",
+        ),
+        (
+            {"seed": 0, "jitter": -5},
+            "render: jitter must be a finite number of pixels >= 0 (the largest offset), got -5",
+        ),
         ({"seed": 0, "jitter": float("nan")}, "render: jitter must be a finite number of pixels >= 0"),
         ({"resolution": 0}, "render: resolution must be a positive number of pixels, got 0."),
     ],
