@@ -480,8 +480,31 @@ def parse_reply(text: str, reward_names: Sequence[str] = ()) -> Reply:
     return reply
 
 
+_GIST_CHARS = 300  # longest quote of the reply's analysis in a decision's reason
+
+
+def _gist(reply: Reply) -> str:
+    """What the reply reported, for a decision's reason: ``" (the agent reported: <first sentence>)"``.
+
+    The first sentence of the analysis (up to the first ``. `` or line break, at most 300 characters), or
+    ``" (the reply gives no analysis)"``.
+    """
+    text = " ".join(reply.analysis.split("\n", 1)[0].split())
+    text = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    if not text:
+        return " (the reply gives no analysis)"
+    if len(text) > _GIST_CHARS:
+        text = text[: _GIST_CHARS - 3].rstrip() + "..."
+    return f" (the agent reported: {text})"
+
+
 def _check(reply: Reply, state: AgentState, allow_remove_strong: bool) -> tuple[str, str | None, str, str | None]:
-    """Check a reply against the state: ``(action, reward, reason, error)``, continue when it is invalid."""
+    """Check a reply against the state: ``(action, reward, reason, error)``, continue when it is invalid.
+
+    The reason of a valid decision reflects the reply: the action taken, then the first sentence of the reply's
+    analysis (:func:`_gist`), never a fixed text that could contradict it (a reply that reports a breakdown and
+    continues is logged as ``continue (the agent reported: Breakdown: ...)``). An invalid reply's reason says why.
+    """
     if reply.action == "remove":
         name = reply.reward
         problem = None
@@ -507,14 +530,14 @@ def _check(reply: Reply, state: AgentState, allow_remove_strong: bool) -> tuple[
             problem = f"the reply asks to remove {name!r}, the last active reward; training needs at least one."
         if problem is not None:
             return "continue", None, problem, "invalid"
-        return "remove", name, f"remove {name} and revert to the last approved checkpoint", None
+        return "remove", name, f"remove {name} and revert to the last approved checkpoint{_gist(reply)}", None
     if reply.action == "switch" or (reply.action == "continue" and reply.strategy == "online"):
         if state.strategy == "online":
             if reply.action == "switch":
                 return "continue", None, "the reply asks to switch, but the strategy is already online.", "invalid"
-            return "continue", None, "no breakdown; keep the online strategy", None
-        return "switch", None, "no breakdown; switch from the offline to the online strategy", None
-    return "continue", None, "no breakdown detected", None
+            return "continue", None, f"continue with the online strategy{_gist(reply)}", None
+        return "switch", None, f"switch from the offline to the online strategy{_gist(reply)}", None
+    return "continue", None, f"continue{_gist(reply)}", None
 
 
 # --------------------------------------------------------------------------------------------

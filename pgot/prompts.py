@@ -549,11 +549,15 @@ def load_prompts(cfg: PromptsConfig) -> PromptSet:
         source = name
     else:
         if not name:
-            raise ValueError("prompts.path is empty. Set it to a .txt/.csv/.jsonl/.parquet file or builtin:demo.")
+            raise ValueError(
+                "prompts.path is empty. Set it to a .txt/.csv/.jsonl/.parquet file or a builtin prompt set "
+                f"({', '.join(BUILTIN)})."
+            )
         path = Path(name).expanduser()
         if not path.is_file():
             raise ValueError(
-                f"prompts.path={name!r} does not exist or is not a file. Give a prompt file or builtin:demo."
+                f"prompts.path={name!r} does not exist or is not a file. Give a prompt file or a builtin prompt set "
+                f"({', '.join(BUILTIN)})."
             )
         if path.suffix.lower() not in _FORMATS:
             raise ValueError(

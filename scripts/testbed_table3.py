@@ -49,8 +49,9 @@ configs/accelerate/8gpu.yaml`` in the paper setting); ``pgot eval`` always runs 
 paper default 1: each training takes every GPU). With the ``python`` launcher the commands run in ``--jobs`` worker
 processes that call :func:`pgot.cli.main` with the printed arguments (the same as ``python -m pgot ...`` without
 an interpreter start-up per command); any other launcher runs each command as a subprocess. Each command's output
-goes to ``<out>/logs/<job>.log``; ``<out>/timings.json`` records every command's wall and CPU seconds and the load
-of the machine. A failed command is reported and the commands that need it are skipped; the exit code is then 1.
+goes to ``<out>/logs/<job>.log``, appended after a header line per attempt (a rerun keeps the earlier attempts'
+output, e.g. a training's agent decisions); ``<out>/timings.json`` is a list with one record per attempt (every
+command's wall and CPU seconds and the load of the machine), the latest last (:func:`read_timings`). A failed command is reported and the commands that need it are skipped; the exit code is then 1.
 Run the same command again to continue: trainings resume (``train.resume=latest``), finished ones are skipped,
 evaluations only score the models not yet in ``scores.parquet``.
 
@@ -310,6 +311,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
     methods = paper_methods() if paper else testbed_methods()
     if args.quick and not args.methods:  # the method with the most parts: store, OT, agent server, openai backend
         methods = [m for m in methods if m.key == "pgot_auto"]
+    for option, values in (("--seeds", args.seeds), ("--methods", args.methods)):
+        repeated = sorted({str(v) for v in values or () if list(values).count(v) > 1})
+        if repeated:
+            raise ValueError(
+                f"{option} repeats {', '.join(repeated)}: each would be scheduled twice (the same run folder and "
+                f"log). Give each once."
+            )
     if args.methods:
         known = {m.key for m in methods}
         unknown = [k for k in args.methods if k not in known]
@@ -413,13 +421,29 @@ class Result:
     status: str = ""
 
 
-def _in_process(stage: str, args: list[str], log_path: str) -> tuple[int, float, float]:
-    """Run ``python -m pgot <stage> <args>`` in this process, output to ``log_path``: ``(exit code, wall s, CPU s)``."""
+def log_header(job: Job, command: str) -> str:
+    """The line that opens each attempt of ``job`` in its log (logs are appended to, never overwritten)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return f"===== {job.name}: attempt started {stamp} =====\n$ {command}\n"
+
+
+def _open_log(log_path: str, header: str, buffering: int = -1):
+    """``log_path`` opened for appending, with ``header`` written (after a blank line when the log has text)."""
+    path = Path(log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a", buffering=buffering)  # noqa: SIM115 - the caller closes it
+    fh.write(("\n" if fh.tell() > 0 else "") + header)
+    fh.flush()
+    return fh
+
+
+def _in_process(stage: str, args: list[str], log_path: str, header: str = "") -> tuple[int, float, float]:
+    """Run ``python -m pgot <stage> <args>`` in this process, output appended to ``log_path`` after ``header``:
+    ``(exit code, wall s, CPU s)``."""
     from pgot import cli
 
     t0, c0 = time.perf_counter(), time.process_time()
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+    with _open_log(log_path, header, buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         root = logging.getLogger()
         saved = root.handlers[:]
         root.handlers.clear()  # the CLI's logging.basicConfig then writes to this job's log
@@ -439,11 +463,11 @@ def _in_process(stage: str, args: list[str], log_path: str) -> tuple[int, float,
     return int(rc), time.perf_counter() - t0, time.process_time() - c0
 
 
-def _subprocess(command: list[str], log_path: str, env: dict[str, str]) -> tuple[int, float, float]:
-    """Run ``command`` with output to ``log_path``: ``(exit code, wall s, CPU s of the process tree it waited for)``."""
+def _subprocess(command: list[str], log_path: str, env: dict[str, str], header: str = "") -> tuple[int, float, float]:
+    """Run ``command`` with output appended to ``log_path`` after ``header``: ``(exit code, wall s, CPU s of the
+    process tree it waited for)``."""
     t0 = time.perf_counter()
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as fh:
+    with _open_log(log_path, header) as fh:
         proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -481,11 +505,12 @@ def run_plan(
 
     def submit(job: Job) -> cf.Future:
         log_path = str(plan.out / "logs" / f"{job.name}.log")
+        header = log_header(job, format_command(job, agent_url))
         if in_process:
             args = [_fill(a, agent_url) for a in job.args]
-            return pool.submit(_in_process, job.stage, args, log_path)
+            return pool.submit(_in_process, job.stage, args, log_path, header)
         command = [sys.executable if a == "python" else _fill(a, agent_url) for a in job.command()]
-        return pool.submit(_subprocess, command, log_path, env)
+        return pool.submit(_subprocess, command, log_path, env, header)
 
     def finish(job: Job, result: Result) -> None:
         results[job.name] = result
@@ -747,6 +772,11 @@ def _base_agreement(plan: Plan, have: dict[int, pd.DataFrame], base: pd.DataFram
     return [f"The base model, generated again in each of the {len(have)} evaluations, agrees to {worst:.3g} (max abs)."]
 
 
+def _count(n: int, noun: str) -> str:
+    """``"1 sample"``, ``"4 samples"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _markdown(plan, rate_cols, gt_cols, rows_md, gt_md, base, have, notes, missing) -> str:
     n_prompts = base["prompt_id"].nunique()
     per_prompt = len(base) // max(n_prompts, 1)
@@ -754,8 +784,9 @@ def _markdown(plan, rate_cols, gt_cols, rows_md, gt_md, base, have, notes, missi
     lines = [
         f"# Table 3 ({plan.setting} setting)",
         "",
-        f"Every method against **{plan.baseline}** on {n_prompts} held-out prompts x {per_prompt} samples (the same "
-        f"prompts and sample seeds for every model), trained with seeds {seeds}. A cell reads: value pooled over the "
+        f"Every method against **{plan.baseline}** on {_count(n_prompts, 'held-out prompt')} x "
+        f"{_count(per_prompt, 'sample')} (the same prompts and sample seeds for every model), trained with "
+        f"{'seed' if len(have) == 1 else 'seeds'} {seeds}. A cell reads: value pooled over the "
         f"training seeds [{100 * plan.confidence:g}% bootstrap interval over prompts, {plan.bootstrap} resamples] "
         "(min..max of the per-seed values). Rates in percent.",
         "",
@@ -949,6 +980,28 @@ def write_figures(plan: Plan, per_seed: pd.DataFrame, curves: pd.DataFrame) -> l
 # --------------------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a training seed, a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Table 3 and Figure 4 of the paper with one command, in the reward-hacking testbed (CPU) or with "
@@ -958,7 +1011,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--setting", choices=("testbed", "paper"), default="testbed", help="the world (default: testbed)")
     p.add_argument("--out", default=None, help="output folder (default: runs/table3_<setting>, runs/table3_quick)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1 2; --quick: 0)")
+    p.add_argument("--seeds", type=_seed, nargs="+", default=None, help="training seeds (default: 0 1 2; --quick: 0)")
     p.add_argument("--methods", nargs="+", default=None, help="only these methods (folder names, e.g. pgot_offline)")
     p.add_argument(
         "--launcher",
@@ -967,8 +1020,8 @@ def _parser() -> argparse.ArgumentParser:
         'configs/accelerate/8gpu.yaml" (default: python in the testbed, that accelerate launch in the paper '
         "setting); pgot eval always runs as one process",
     )
-    p.add_argument("--jobs", type=int, default=None, help="commands at a time (default: testbed 2, paper 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per command (default: testbed 1)")
+    p.add_argument("--jobs", type=_positive_int, default=None, help="commands at a time (default: testbed 2, paper 1)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads per command (default: testbed 1)")
     p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     p.add_argument(
         "--quick", action="store_true", help="smoke run: PG-OT auto (or --methods), one seed, 2 steps, 4 prompts"
@@ -1000,6 +1053,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         plan = build_plan(args)
+        read_timings(plan.out)  # a damaged timings.json is one error line, before anything runs
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1045,11 +1099,35 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def read_timings(out: Path) -> list[dict]:
+    """Every attempt's record of ``<out>/timings.json``, oldest first (``[-1]`` is the latest); ``[]`` when none.
+
+    A file of the first format (one record, a JSON object) reads as a list of that one record.
+
+    Raises:
+        ValueError: the file is not JSON, or neither a record nor a list of records.
+    """
+    path = Path(out) / "timings.json"
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc}); move it away to start a new list of attempts.") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path} is not a list of timing records; move it away to start a new list of attempts.")
+    return data
+
+
 def _run(plan: Plan, jobs: int, threads: int | None, agent: bool) -> int:
-    """Run the plan, record timings; 0 when every command succeeded, 1 otherwise."""
+    """Run the plan, add this attempt's record to ``timings.json``; 0 when every command succeeded, 1 otherwise."""
     from pgot.files import atomic_write_json
 
+    attempts = read_timings(plan.out)  # before running: a damaged file stops nothing half-way
     start = time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load0 = os.getloadavg()
     done: list[Result] = []
 
@@ -1068,7 +1146,8 @@ def _run(plan: Plan, jobs: int, threads: int | None, agent: bool) -> int:
         "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "commands": [dataclasses.asdict(r) for r in done],
     }  # fmt: skip
-    atomic_write_json(plan.out / "timings.json", record)
+    record = {"attempt": len(attempts) + 1, "started": started, **record}
+    atomic_write_json(plan.out / "timings.json", [*attempts, record])
     log.info("%d commands in %.0f s wall, %.0f s CPU (timings.json)", len(done), wall, record["cpu_s"])
     failed = [r for r in results.values() if r.rc != 0]
     for r in failed:

@@ -829,3 +829,41 @@ def test_key_echoed_by_the_endpoint_is_never_logged_or_saved(vlm, key, tmp_path,
     st.apply(second, checkpoint="step-000200", reverted_to=("step-000100", 100))
     assert leaks(json.dumps(st.to_dict())) == []
     assert "***" in (tmp_path / "step-000200" / "reply.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    ("reply", "strategy", "reason"),
+    [
+        (
+            "Analysis: Breakdown: quality 0.050 -> 0.020. No weak reward's signature matches it; continuing.\n"
+            "Action: Continue\nStrategy: offline",
+            "offline",
+            "continue (the agent reported: Breakdown: quality 0.050 -> 0.020.)",
+        ),
+        ("Action: Continue\nStrategy: offline", "offline", "continue (the reply gives no analysis)"),
+        (
+            '{"analysis": "Images are stable. Only strong rewards remain.", "action": "switch", "strategy": "online"}',
+            "offline",
+            "switch from the offline to the online strategy (the agent reported: Images are stable.)",
+        ),
+        (
+            "Analysis: Slight banding, below a breakdown.\nAction: Continue\nStrategy: online",
+            "online",
+            "continue with the online strategy (the agent reported: Slight banding, below a breakdown.)",
+        ),
+        (
+            "Analysis: Neon colours, the HPS signature. Remove it.\nAction: Remove HPS\nStrategy: offline",
+            "offline",
+            "remove hps and revert to the last approved checkpoint (the agent reported: Neon colours, the HPS "
+            "signature.)",
+        ),
+    ],
+)
+def test_decision_reason_reflects_the_reply(vlm, key, tmp_path, reply, strategy, reason):
+    """The logged reason never contradicts the reply: a reply that reports a breakdown and continues is logged with
+    its own words, not 'no breakdown detected'."""
+    vlm.answer((200, chat(reply), 0))
+    decision = decide(build_agent(openai_cfg(vlm), REWARDS), 300, state(strategy=strategy), tmp_path)
+    assert decision.error is None and decision.reason == reason
+    saved = json.loads((tmp_path / "step-000300" / "decision.json").read_text())
+    assert saved["decision"]["reason"] == reason

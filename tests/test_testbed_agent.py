@@ -109,3 +109,66 @@ def test_quality_breakdown_is_a_share_of_the_base_quality(monkeypatch, shape_now
     reply = _read(diagnose(base, current, PROMPTS, STRONG, proxies.STRENGTHS))
     assert reply.analysis.startswith("Breakdown") is breakdown, reply.analysis
     assert "0.050 (base)" in reply.analysis
+
+
+@pytest.mark.parametrize("thresholds", [{}, {"quality_tol": 0.0, "component_tol": 0.0}])
+def test_no_damage_is_no_breakdown_whatever_the_inputs(thresholds):
+    """Base quality exactly 0 and no component drop (the reported ZeroDivisionError): 0 >= 0.25 * 0 is no breakdown,
+    a breakdown needs a positive drop, even with zero thresholds."""
+    b = torch.zeros(1, 3, 32, 32)
+    strengths = {"saturation": "weak", "contrast": "weak", "tb_align": "strong", "tb_pref": "strong"}
+    reply = _read(diagnose(b, b.clone(), PROMPTS[:1], list(strengths), strengths, **thresholds))
+    assert reply.action == "continue" and reply.analysis.startswith("No breakdown"), reply.analysis
+
+
+def test_quality_breakdown_without_a_mean_component_drop_implicates_nobody(monkeypatch):
+    """The mean quality drops (1 -> 0 and 0 -> 0) while every component's mean stays 0.5: a breakdown whose positive
+    drops are all 0 matches no signature (no division by zero) and continues."""
+    from pgot.testbed import agent, judge
+
+    def fake_components(images, prompts):
+        base = float(images.max()) == 0
+        shape = torch.tensor([1.0, 0.0]) if base else torch.tensor([1.0, 0.0])
+        colour = torch.tensor([1.0, 0.0]) if base else torch.tensor([0.0, 1.0])
+        return {k: shape if k == "shape" else colour if k == "colour" else torch.ones(2) for k in judge.COMPONENTS}
+
+    monkeypatch.setattr(agent.judge, "components", fake_components)
+    base, current = torch.zeros(2, 3, 32, 32), torch.ones(2, 3, 32, 32)
+    reply = _read(diagnose(base, current, PROMPTS[:2], ALL, proxies.STRENGTHS))
+    assert reply.action == "continue"
+    assert reply.analysis.startswith("Breakdown") and "No active weak reward's collapse signature" in reply.analysis
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"quality_tol": -1}, "quality_tol must be a finite number >= 0, got -1 (default 0.25)."),
+        ({"quality_tol": float("nan")}, "quality_tol must be a finite number >= 0, got nan (default 0.25)."),
+        ({"quality_tol": 1.5}, "quality_tol must be at most 1 (a share of the base images' quality), got 1.5"),
+        ({"component_tol": float("inf")}, "component_tol must be a finite number >= 0, got inf (default 0.15)."),
+        ({"change_tol": -0.01}, "change_tol must be a finite number >= 0, got -0.01 (default 0.02)."),
+    ],
+)
+def test_thresholds_are_validated(kwargs, message):
+    base = _base()[:1]
+    with pytest.raises(ValueError) as err:
+        diagnose(base, base, PROMPTS[:1], ALL, proxies.STRENGTHS, **kwargs)
+    assert str(err.value).startswith(message)
+
+
+def test_inputs_are_named_exactly():
+    base = _base()[:2]
+    with pytest.raises(ValueError, match=r"^diagnose: got 3 prompts for 2 image pairs; pass one prompt per image"):
+        diagnose(base, base, PROMPTS[:3], ALL, proxies.STRENGTHS)
+    with pytest.raises(ValueError, match=r"^diagnose: previous_images holds 1 images but base_images 2"):
+        diagnose(base, base, PROMPTS[:2], ALL, proxies.STRENGTHS, previous_images=base[:1])
+    with pytest.raises(TypeError, match=r"^diagnose: prompts must be a list of prompts, got a single string"):
+        diagnose(base[:1], base[:1], PROMPTS[0], ALL, proxies.STRENGTHS)
+    with pytest.raises(TypeError, match=r"^diagnose: active_rewards must be a list of reward names"):
+        diagnose(base[:1], base[:1], PROMPTS[:1], "saturation", proxies.STRENGTHS)
+    with pytest.raises(ValueError, match=r"^diagnose: current_images must be float images in \[0, 1\], got dtype "):
+        diagnose(base, (base * 255).to(torch.uint8), PROMPTS[:2], ALL, proxies.STRENGTHS)
+    with pytest.raises(ValueError, match=r"^diagnose: base_images must lie in \[0, 1\]"):
+        diagnose(base * 255, base, PROMPTS[:2], ALL, proxies.STRENGTHS)
+    with pytest.raises(ValueError, match=r"^diagnose: no images to diagnose \(empty batch\)"):
+        diagnose(base[:0], base[:0], [], ALL, proxies.STRENGTHS)

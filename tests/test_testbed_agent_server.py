@@ -326,3 +326,74 @@ def test_thresholds_are_diagnose_defaults_everywhere():
         assert server.thresholds == THRESHOLDS
     args = agent_server._parser().parse_args([])
     assert {k: getattr(args, k) for k in THRESHOLDS} == THRESHOLDS
+
+
+def test_any_failure_answers_500_and_the_connection_survives(monkeypatch, caplog):
+    """A bug behind the endpoint (any exception, not only ValueError) answers HTTP 500 with an OpenAI-style error and
+    one log line; the server keeps serving. A Content-Length that is not a number answers 400."""
+    import http.client
+    import logging
+
+    from pgot.testbed import agent_server
+
+    base, prompts = _images(seed=0)
+    body = _body(_state(), base[:2], base[:2], prompts[:2])
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("float division by zero")
+
+    with start_server() as server:
+        monkeypatch.setattr(agent_server, "diagnose", broken)
+        with caplog.at_level(logging.ERROR, logger="pgot.testbed.agent_server"):
+            status, err = _post(server.base_url, body)
+        assert status == 500 and err["error"]["type"] == "server_error"
+        assert "ZeroDivisionError: float division by zero" in err["error"]["message"]
+        assert [r.getMessage() for r in caplog.records] == [
+            "agent server: 500: ZeroDivisionError: float division by zero"
+        ]
+        host, port = server.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("Content-Length", "abc")
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 400
+        assert (
+            json.loads(resp.read())["error"]["message"] == "Content-Length must be a whole number of bytes, got 'abc'."
+        )
+        conn.close()
+        monkeypatch.setattr(agent_server, "diagnose", diagnose)
+        status, reply = _post(server.base_url, body)  # still serving
+        assert status == 200 and reply["choices"][0]["message"]["content"].startswith("Analysis:")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--quality-tol", "-1"], "argument --quality-tol: must be a finite number >= 0, got -1.0"),
+        (["--quality-tol", "nan"], "argument --quality-tol: must be a finite number >= 0, got nan"),
+        (["--quality-tol", "1.5"], "argument --quality-tol: must be at most 1 (a share of the base images' quality)"),
+        (["--component-tol", "inf"], "argument --component-tol: must be a finite number >= 0, got inf"),
+        (["--change-tol", "x"], "argument --change-tol: must be a number, got 'x'"),
+        (["--port", "99999"], "argument --port: must be from 0 to 65535 (0: a free one), got 99999"),
+        (["--port", "-1"], "argument --port: must be from 0 to 65535"),
+        (["--log-level", "verbose"], "argument --log-level: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ],
+)
+def test_command_line_refuses_bad_options_with_one_error_line(argv, message, capsys):
+    from pgot.testbed import agent_server
+
+    with pytest.raises(SystemExit) as exit_:
+        agent_server.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_server_refuses_thresholds_diagnose_cannot_use():
+    from pgot.testbed import agent_server
+
+    with pytest.raises(ValueError, match=r"^component_tol must be a finite number >= 0, got -0.1 \(default 0.15\)\.$"):
+        agent_server.AgentServer(component_tol=-0.1)
+    assert agent_server._parser().parse_args(["--log-level", "debug"]).log_level == "DEBUG"

@@ -182,3 +182,24 @@ def test_input_errors():
         judge.quality(CLEAN[:2], PROMPTS[:1])
     with pytest.raises(ValueError, match="grammar"):
         judge.quality(CLEAN[:1], ["a cat"])
+
+
+def test_images_follow_the_rule_of_pgot_score():
+    """Float images in [0, 1] only: uint8 or 0-255 images are refused (they used to score 0, clamped to white)."""
+    x = CLEAN[:1]
+    with pytest.raises(ValueError, match=r"^judge: images must be float images in \[0, 1\], got dtype torch.uint8"):
+        judge.quality((x * 255).to(torch.uint8), PROMPTS[:1])
+    with pytest.raises(ValueError, match=r"^judge: images must lie in \[0, 1\] \(tolerance 0.001\), got values in"):
+        judge.components(x * 255, PROMPTS[:1])
+    with pytest.raises(ValueError, match=r"^judge: images hold NaN or infinite values"):
+        judge.quality(torch.full_like(x, float("nan")), PROMPTS[:1])
+    assert float(judge.quality(x.clamp(1e-4, 1) + 5e-4, PROMPTS[:1])[0]) > 0.9  # within the tolerance: clamped
+
+
+@pytest.mark.parametrize("fn", [judge.quality, judge.components])
+def test_empty_batch_and_bare_string(fn):
+    out = fn(torch.zeros(0, 3, 32, 32), [])
+    shapes = [tuple(v.shape) for v in out.values()] if isinstance(out, dict) else [tuple(out.shape)]
+    assert set(shapes) == {(0,)}
+    with pytest.raises(TypeError, match=r"^judge: prompts must be a list of prompts, got a single string"):
+        fn(CLEAN[:1], PROMPTS[0])

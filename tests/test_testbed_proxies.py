@@ -161,3 +161,26 @@ def test_shipped_preference_models_agree_with_the_judge_above_chance(name, base_
     agree_tiny = float(((tiny[:, i] - tiny[:, j]) * dq > 0)[keep].float().mean())
     assert agree >= 0.65, f"{name} agrees with the judge on {agree:.2f} of {int(keep.sum())} pairs"
     assert agree > agree_tiny
+
+
+def test_preference_models_refuse_a_bare_string_as_prompts():
+    from pgot.testbed.proxies import scene_planes
+
+    reward = build([RewardConfig(name="tb_align", path="tiny")])[0]
+    x = render(["a small red circle on a white background"])
+    with pytest.raises(TypeError, match=r"^reward 'tb_align': prompts must be a list of prompts, got a single string"):
+        reward.compute(x, "a small red circle on a white background")
+    with pytest.raises(TypeError, match=r"^scene_planes: scenes must be a list of prompts, got a single string"):
+        scene_planes("a small red circle on a white background")
+
+
+def test_build_log_says_where_each_rewards_weights_come_from(caplog):
+    with caplog.at_level("INFO", logger="pgot.rewards"):
+        build(
+            [RewardConfig(name="tb_align"), RewardConfig(name="saturation"), RewardConfig(name="tb_pref", path="tiny")]
+        )
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("building reward")] == [
+        "building reward tb_align from its shipped weights (pgot/testbed/preference/tb_align.safetensors)",
+        "building reward saturation from its formula (analytic, no weights)",
+        "building reward tb_pref from a random tiny build (tiny_seed=0)",
+    ]

@@ -136,3 +136,61 @@ def test_jitter_keeps_every_object_inside_the_image():
             x = render(p, offsets=corners)
             border = torch.cat([x[:, 0, 0], x[:, 0, -1], x[:, 0, :, 0], x[:, 0, :, -1]], dim=1)
             assert float(border.max()) == pytest.approx(COLOURS["black"][0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"offsets": [[float("nan"), 0.0]]},
+            "render: offsets must be finite numbers of pixels, got [nan, 0.0] for scene 0.",
+        ),
+        (
+            {"offsets": [[0.0, float("inf")]]},
+            "render: offsets must be finite numbers of pixels, got [0.0, inf] for scene 0.",
+        ),
+        (
+            {"seed": 0, "jitter": -5},
+            "render: jitter must be a finite number of pixels >= 0 (the largest offset), got -5",
+        ),
+        ({"seed": 0, "jitter": float("nan")}, "render: jitter must be a finite number of pixels >= 0"),
+        ({"resolution": 0}, "render: resolution must be a positive number of pixels, got 0."),
+    ],
+)
+def test_render_refuses_bad_geometry(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        render(["a small red circle on a white background"], **kwargs)
+    assert str(err.value).startswith(message)
+
+
+def test_render_refuses_a_bare_string_and_renders_an_empty_list():
+    with pytest.raises(TypeError, match=r"^render: scenes must be a list of prompts, got a single string"):
+        render("a small red circle on a white background")
+    assert tuple(render([]).shape) == (0, 3, 32, 32)
+
+
+def test_grammar_problems_state_the_grammar_once():
+    bad = ["a photo of a cat", "a photo of a dog", "a small purple circle on a white background", "a photo of a cat"]
+    message = scenes.grammar_problems([*bad, "a small red circle on a white background"], limit=2)
+    assert message.startswith(
+        "3 prompt(s) are outside the testbed grammar: prompt 'a photo of a cat' is outside the testbed grammar; "
+        "prompt 'a photo of a dog' is outside the testbed grammar (1 more). Testbed prompts read "
+    )
+    assert message.count("Testbed prompts read") == 1 and message.endswith("all_prompts() lists them all.")
+    assert scenes.grammar_problems(all_prompts()) is None
+    with pytest.raises(scenes.PromptError) as err:
+        parse_prompt("a small purple circle on a white background")
+    assert err.value.problem == (
+        "prompt 'a small purple circle on a white background': colour 'purple' is not in the testbed grammar "
+        "(red, green, blue, yellow, white, grey, black)."
+    )
+    assert str(err.value) == err.value.problem + " " + scenes.GRAMMAR_HINT
+
+
+@pytest.mark.parametrize("path", ["", "no/such/prompts.txt"])
+def test_missing_prompts_name_every_builtin_set(path):
+    from pgot.config import PromptsConfig
+    from pgot.prompts import load_prompts
+
+    with pytest.raises(ValueError, match=r"builtin prompt set \(builtin:demo, builtin:testbed\)\.$"):
+        load_prompts(PromptsConfig(path=path))

@@ -209,7 +209,8 @@ def test_quick_run_end_to_end(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     timings = json.loads((out / "timings.json").read_text())
-    assert [(c["name"], c["status"]) for c in timings["commands"]] == [
+    assert len(timings) == 1 and timings[0]["attempt"] == 1  # one record per attempt
+    assert [(c["name"], c["status"]) for c in timings[-1]["commands"]] == [
         ("precompute", "ok"), ("train-pgot_auto-seed0", "ok"), ("eval-seed0", "ok"),
     ]  # fmt: skip
     table = pd.read_csv(out / "table3.csv")
@@ -220,8 +221,54 @@ def test_quick_run_end_to_end(tmp_path):
         assert v["low"] <= v["value"] <= v["high"] and v["seeds"] == 1
     md = (out / "table3.md").read_text()
     assert "| PG-OT auto (agent) | 1 |" in md and "## Ground truth (the testbed judge)" in md
+    assert "on 4 held-out prompts x 1 sample (the same prompts" in md and "trained with seed 0." in md
     for name in ("fig4_ground_truth.png", "quality_vs_jdr4.png", "quality_vs_jdr2.png"):
         assert (out / "figures" / name).read_bytes().startswith(b"\x89PNG")
     rebuilt = subprocess.run([*cmd, "--table-only"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
     assert (out / "table3.md").read_text() == md
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seeds", "0", "0"], "error: --seeds repeats 0: each would be scheduled twice"),
+        (["--methods", "pgot_auto", "pgot_auto"], "error: --methods repeats pgot_auto: each would be scheduled twice"),
+        (["--jobs", "0"], "error: argument --jobs: must be a whole number >= 1, got 0"),
+        (["--threads", "0"], "error: argument --threads: must be a whole number >= 1, got 0"),
+        (["--seeds", "-1"], "error: argument --seeds: must be a whole number >= 0, got -1"),
+    ],
+)
+def test_bad_options_are_one_error_line(args, message):
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert out.returncode == 2 and len(errors) == 1 and message in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_rerun_appends_to_logs_and_keeps_every_timings_record(t3, tmp_path):
+    """Two attempts of the same plan: each job's log holds both attempts' output under a header line each, and
+    timings.json lists both attempts, the latest last; a first-format timings.json (one record) is kept as attempt 1."""
+    (tmp_path / "timings.json").write_text(json.dumps({"wall_s": 1.0, "commands": []}))
+    counter = tmp_path / "n"
+    script = f"import pathlib; p = pathlib.Path({str(counter)!r}); n = int(p.read_text()) + 1 if p.exists() else 1; "
+    script += "p.write_text(str(n)); print(f'decision of attempt {n}')"
+    job = t3.Job("train-x-seed0", "train", ["train.seed=0"], [sys.executable, "-c", script])
+    plan = t3.Plan(
+        setting="testbed", out=tmp_path, methods=[], seeds=[0], jobs=[job], soup=False, baseline="base",
+        reward_names=[], reward_sets={}, ground_truth=True, bootstrap=10, confidence=0.95,
+    )  # fmt: skip
+    assert t3._run(plan, 1, None, agent=False) == 0
+    assert t3._run(plan, 1, None, agent=False) == 0
+    text = (tmp_path / "logs" / "train-x-seed0.log").read_text()
+    assert text.count("===== train-x-seed0: attempt started ") == 2
+    assert text.index("decision of attempt 1") < text.index("decision of attempt 2")
+    attempts = t3.read_timings(tmp_path)
+    assert [a.get("attempt") for a in attempts] == [None, 2, 3] and attempts[0]["wall_s"] == 1.0
+    assert [c["name"] for c in attempts[-1]["commands"]] == ["train-x-seed0"]
+
+
+def test_table_header_counts_in_the_singular(t3):
+    assert t3._count(1, "sample") == "1 sample" and t3._count(4, "sample") == "4 samples"

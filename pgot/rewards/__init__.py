@@ -231,7 +231,7 @@ def build(
     for i, cfg in enumerate(configs):
         if cfg.name not in REWARDS:
             raise ValueError(unknown_reward(i, cfg.name, list(REWARDS)))
-        logger.info("building reward %s from %s", cfg.name, cfg.path or "(analytic)")
+        logger.info("building reward %s from %s", cfg.name, _source(cfg))
         try:
             rewards.append(REWARDS[cfg.name](cfg, device, dtype))
         except ValueError as exc:
@@ -243,6 +243,20 @@ def build(
                 "<your config>` downloads every checkpoint a config names."
             ) from None
     return rewards
+
+
+def _source(cfg: RewardConfig) -> str:
+    """Where a reward's weights come from, for the "building reward" log line: the path, a random tiny build, the
+    shipped weights of the testbed preference models (``path: ""``), or none for analytic rewards."""
+    if cfg.path == "tiny":
+        return f"a random tiny build (tiny_seed={cfg.tiny_seed})"
+    if cfg.path:
+        return cfg.path
+    if cfg.name in _ANALYTIC:
+        return "its formula (analytic, no weights)"
+    if REWARDS.get(cfg.name) is _testbed_preference:
+        return f"its shipped weights (pgot/testbed/preference/{cfg.name}.safetensors)"
+    return "(no path set)"
 
 
 def _with_index(message: str, i: int, cfg: RewardConfig) -> str:

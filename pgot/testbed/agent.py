@@ -10,13 +10,14 @@ components say what changed (:mod:`pgot.testbed.judge`), and :data:`~pgot.testbe
 
 1. **Breakdown detection.** With ``drop_k = mean_b(component_k(base_b) - component_k(current_b))`` over the paired
    images (positive: worse now) and ``quality_drop`` the same for the quality, a breakdown is
-   ``quality_drop >= quality_tol * mean_b quality(base_b)`` (a share of the base images' quality: the judge's quality
+   ``quality_drop > 0 and quality_drop >= quality_tol * mean_b quality(base_b)`` (a share of the base images' quality: the judge's quality
    is a product of eleven components, so its scale is the base model's, 0.04 to 0.06 for the shipped one) or
-   ``max_k drop_k >= component_tol`` (components are each in [0, 1]). Each active weak reward ``r`` is then
+   ``max_k drop_k > 0 and max_k drop_k >= component_tol`` (components are each in [0, 1]): a breakdown needs
+   damage, so images no worse than the base ones never are one, whatever the thresholds. Each active weak reward ``r`` is then
    implicated by how well the pattern of damage matches its signature: the cosine similarity
    ``s_r = <w_r, d+> / (|w_r| |d+|)`` between its signature weights ``w_r`` and the positive drops ``d+`` (the
    magnitude is what detected the breakdown; the pattern says whose it is). The most implicated one (largest
-   ``s_r > 0``) is removed (D.2: "remove the most severely affected reward model"). Strong rewards are never removed (pgot's agent removes weak ones only by default).
+   ``s_r > 0``; none when ``d+`` is all zeros, e.g. a quality drop spread thinly over the components) is removed (D.2: "remove the most severely affected reward model"). Strong rewards are never removed (pgot's agent removes weak ones only by default).
 2. **Strategy.** Without a breakdown: switch from offline to online when every active reward is strong and the
    images change little (mean absolute pixel change ``<= change_tol`` against ``previous_images``, or against the
    base images when none are given); otherwise continue.
@@ -37,18 +38,34 @@ import torch
 
 from pgot.testbed import judge
 from pgot.testbed.proxies import SIGNATURE_COMPONENTS, SIGNATURES
+from pgot.testbed.scenes import as_prompt_list
 
-__all__ = ["THRESHOLDS", "diagnose"]
+__all__ = ["THRESHOLDS", "check_thresholds", "diagnose"]
 
 THRESHOLDS: dict[str, float] = {"quality_tol": 0.25, "component_tol": 0.15, "change_tol": 0.02}
 """The default thresholds of :func:`diagnose` (the agent server's and its command line's too): the one place they are
 set."""
 
 
-def _check(name: str, images: torch.Tensor, n: int) -> None:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] != n:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"diagnose: {name} must be a (B={n}, 3, 32, 32) tensor (one image per prompt), got {got}.")
+def check_thresholds(quality_tol: float, component_tol: float, change_tol: float) -> None:
+    """Refuse thresholds :func:`diagnose` cannot use (its own, the agent server's and its command line's).
+
+    Args:
+        quality_tol: a share of the base images' quality, in [0, 1].
+        component_tol: a component drop, finite and >= 0.
+        change_tol: a mean absolute pixel change, finite and >= 0.
+
+    Raises:
+        ValueError: a threshold that is not a finite number >= 0, or ``quality_tol`` above 1 (the message names it).
+    """
+    for key, value in (("quality_tol", quality_tol), ("component_tol", component_tol), ("change_tol", change_tol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {value!r} (default {THRESHOLDS[key]}).")
+    if quality_tol > 1:
+        raise ValueError(
+            f"quality_tol must be at most 1 (a share of the base images' quality), got {quality_tol!r} "
+            f"(default {THRESHOLDS['quality_tol']})."
+        )
 
 
 def diagnose(
@@ -84,15 +101,39 @@ def diagnose(
         The reply: an ``Analysis:`` line, an ``Action:`` line and a ``Strategy:`` line.
 
     Raises:
-        ValueError: mismatched shapes or counts, an unknown strategy, or prompts outside the testbed grammar.
+        TypeError: ``prompts`` or ``active_rewards`` is a single string, not a list.
+        ValueError: images that are not (B, 3, 32, 32) float batches in [0, 1] (:func:`pgot.testbed.judge.check_images`;
+            the message names the argument: ``current_images`` or ``previous_images`` when their count differs from
+            ``base_images``', ``prompts`` when the prompt count differs from the images'), an empty batch (nothing to
+            diagnose), an unknown strategy, thresholds that :func:`check_thresholds` refuses, or prompts outside the
+            testbed grammar.
     """
-    n = len(prompts)
-    _check("base_images", base_images, n)
-    _check("current_images", current_images, n)
-    if previous_images is not None:
-        _check("previous_images", previous_images, n)
+    prompts = as_prompt_list(prompts, "diagnose")
+    if isinstance(active_rewards, str):
+        raise TypeError(f"diagnose: active_rewards must be a list of reward names, got the string {active_rewards!r}.")
+    check_thresholds(quality_tol, component_tol, change_tol)
     if strategy not in ("offline", "online"):
         raise ValueError(f"diagnose: strategy must be offline or online, got {strategy!r}.")
+    if not isinstance(base_images, torch.Tensor) or base_images.ndim != 4:
+        judge.check_images(base_images, len(prompts), where="diagnose", name="base_images")  # raises
+    b = base_images.shape[0]
+    for name, images in (("current_images", current_images), ("previous_images", previous_images)):
+        if images is not None and isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] != b:
+            raise ValueError(
+                f"diagnose: {name} holds {images.shape[0]} images but base_images {b}; pass the same prompts and seeds "
+                "in the same order (one image per prompt)."
+            )
+    if len(prompts) != b:
+        raise ValueError(
+            f"diagnose: got {len(prompts)} prompts for {b} image pairs; pass one prompt per image of base_images and "
+            "current_images."
+        )
+    if b == 0:
+        raise ValueError("diagnose: no images to diagnose (empty batch); pass at least one base / current image pair.")
+    for name, images in (("base_images", base_images), ("current_images", current_images)):
+        judge.check_images(images, b, where="diagnose", name=name)
+    if previous_images is not None:
+        judge.check_images(previous_images, b, where="diagnose", name="previous_images")
     base = judge.components(base_images, prompts)
     now = judge.components(current_images, prompts)
     q_base = torch.stack(list(base.values())).prod(0)
@@ -104,7 +145,9 @@ def diagnose(
         f"mean ground-truth quality {float(q_base.mean()):.3f} (base) -> {float(q_now.mean()):.3f} (now); "
         f"largest component drop: {worst} {drops[worst]:+.3f}"
     )
-    breakdown = quality_drop >= quality_tol * float(q_base.mean()) or drops[worst] >= component_tol
+    breakdown = (quality_drop > 0 and quality_drop >= quality_tol * float(q_base.mean())) or (
+        drops[worst] > 0 and drops[worst] >= component_tol
+    )
 
     if breakdown:
         positive = {k: max(v, 0.0) for k, v in drops.items()}
@@ -114,7 +157,7 @@ def diagnose(
             if strengths.get(name, "strong") != "weak":
                 continue
             weights = SIGNATURE_COMPONENTS.get(name, {})
-            if weights:
+            if weights and norm > 0:
                 dot = sum(w * positive[k] for k, w in weights.items())
                 scores[name] = dot / (math.sqrt(sum(w * w for w in weights.values())) * norm)
         damaged = ", ".join(f"{k} {v:+.3f}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1]) if v > 0.02)

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pgot.testbed.agent import THRESHOLDS, diagnose
+from pgot.testbed.agent import THRESHOLDS, check_thresholds, diagnose
 from pgot.testbed.scenes import RESOLUTION
 
 log = logging.getLogger(__name__)
@@ -317,14 +317,23 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server API
         path = self._path()
         if path not in ("/v1/chat/completions", "/chat/completions"):
+            self.close_connection = True  # the body is left unread
             self._error(404, f"no route POST {path}; this server answers POST /v1/chat/completions.", "not_found")
             return
         key = os.environ.get(self.server.api_key_env) if self.server.api_key_env else None
         if self.server.api_key_env and self.headers.get("Authorization", "") != f"Bearer {key}":
+            self.close_connection = True
             self._error(401, "missing or wrong API key (Authorization: Bearer ...).", "authentication_error")
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        raw_length = self.headers.get("Content-Length") or "0"
+        try:
+            length = int(raw_length)
+        except ValueError:
+            self.close_connection = True  # the body's end is unknown: the connection cannot be reused
+            self._error(400, f"Content-Length must be a whole number of bytes, got {raw_length[:40]!r}.")
+            return
         if not 0 < length <= _MAX_BODY:
+            self.close_connection = True
             self._error(
                 400 if length <= 0 else 413, f"the request body must hold 1 to {_MAX_BODY} bytes, got {length}."
             )
@@ -347,9 +356,13 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError as exc:
             self._error(400, f"the request body is not JSON: {exc}.")
             return
-        except ValueError as exc:  # RequestError, or diagnose's (a prompt outside the grammar, shapes)
+        except (ValueError, TypeError) as exc:  # RequestError, or diagnose's (a prompt outside the grammar, shapes)
             log.warning("agent server: 400: %s", exc)
             self._error(400, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug must answer 500, never drop the connection
+            log.error("agent server: 500: %s: %s", type(exc).__name__, exc)
+            self._error(500, f"the agent server failed on this request ({type(exc).__name__}: {exc}).", "server_error")
             return
         with self.server.lock:
             self.server.served += 1
@@ -386,6 +399,7 @@ class AgentServer(ThreadingHTTPServer):
         component_tol: float = THRESHOLDS["component_tol"],
         change_tol: float = THRESHOLDS["change_tol"],
     ):
+        check_thresholds(quality_tol, component_tol, change_tol)
         super().__init__((host, port), _Handler)
         self.memory = _Memory(stateless=stateless)
         self.api_key_env = api_key_env
@@ -438,6 +452,46 @@ def start_server(host: str = "127.0.0.1", port: int = 0, **options: Any) -> Agen
     return server
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _port(text: str) -> int:
+    """``--port``: a TCP port, 0 to 65535 (0: a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 65535, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535 (0: a free one), got {port}")
+    return port
+
+
+def _threshold(key: str):
+    """An argparse type for the threshold ``key`` of :func:`~pgot.testbed.agent.check_thresholds`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        values = dict(THRESHOLDS, **{key: value})
+        try:
+            check_thresholds(**values)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).split(" (default")[0].removeprefix(f"{key} ")) from None
+        return value
+
+    parse.__name__ = key  # argparse names the type in "invalid <name> value" messages
+    return parse
+
+
+def _log_level(text: str) -> str:
+    """``--log-level``: one of :data:`_LOG_LEVELS`, any case."""
+    if text.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(_LOG_LEVELS)} (any case), got {text!r}")
+    return text.upper()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pgot.testbed.agent_server",
@@ -445,35 +499,45 @@ def _parser() -> argparse.ArgumentParser:
         "agent.backend=openai (agent.base_url=http://HOST:PORT/v1, agent.api_key_env='').",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8011, help="TCP port (default 8011; 0: a free one, printed)")
+    parser.add_argument("--port", type=_port, default=8011, help="TCP port (default 8011; 0: a free one, printed)")
     parser.add_argument("--stateless", action="store_true", help="compare with the base images only (no memory)")
     parser.add_argument(
         "--api-key-env", default="", help="require 'Authorization: Bearer $VAR' with the key in this variable"
     )
     parser.add_argument(
         "--quality-tol",
-        type=float,
+        type=_threshold("quality_tol"),
         default=THRESHOLDS["quality_tol"],
         help="mean quality drop that is a breakdown, as a share of the base images' mean quality (default %(default)s)",
     )
     parser.add_argument(
         "--component-tol",
-        type=float,
+        type=_threshold("component_tol"),
         default=THRESHOLDS["component_tol"],
         help="mean drop of one judge component that is a breakdown (default %(default)s)",
     )
     parser.add_argument(
         "--change-tol",
-        type=float,
+        type=_threshold("change_tol"),
         default=THRESHOLDS["change_tol"],
         help="mean absolute pixel change below which images are stable (default %(default)s)",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO: one line per decision)")
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        default="INFO",
+        help="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO: one line per decision)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pgot.testbed.agent_server``: serve until interrupted (Ctrl-C)."""
+    """``python -m pgot.testbed.agent_server``: serve until interrupted (Ctrl-C).
+
+    Every option is checked before anything starts: a bad one prints one ``error:`` line (argparse's usage line
+    first) and exits 2 -- ``--port`` from 0 to 65535, thresholds as :func:`~pgot.testbed.agent.check_thresholds`
+    (finite, >= 0, ``--quality-tol`` at most 1), ``--log-level`` a logging level name.
+    """
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from pgot.testbed import MODEL_DIR  # defined in the package itself, so that importing it stays light
+from pgot.testbed.scenes import as_prompt_list
 
 __all__ = [
     "GUIDANCE_SCALE",
@@ -250,13 +251,17 @@ def encode_text(
     Args:
         text_encoders: the two ``CLIPTextModelWithProjection``.
         tokenizers: their tokenizers.
-        prompts: B texts.
+        prompts: a list of B texts.
         t5_length: number of zero rows standing for T5 (0 for none).
 
     Returns:
         ``(prompt_embeds (B, TEXT_LENGTH + t5_length, joint), pooled (B, 2 * projection))``; ``joint`` is the sum of
         the two encoders' widths (the testbed's joint attention width).
+
+    Raises:
+        TypeError: ``prompts`` is a single string, not a list.
     """
+    prompts = as_prompt_list(prompts, "encode_text")
     states, pooled = [], []
     for enc, tok in zip(text_encoders, tokenizers, strict=True):
         ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True)

@@ -73,9 +73,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pgot.testbed.scenes import RESOLUTION, SHAPES, Scene, coverage, parse_prompt
+from pgot.rewards.base import RANGE_TOLERANCE
+from pgot.testbed.scenes import RESOLUTION, SHAPES, Scene, as_prompt_list, coverage, parse_prompt
 
-__all__ = ["CLEANLINESS", "COMPONENTS", "FIDELITY", "TAUS", "components", "quality"]
+__all__ = ["CLEANLINESS", "COMPONENTS", "FIDELITY", "TAUS", "check_images", "components", "quality"]
 
 FIDELITY = ("shape", "colour", "size", "background")
 """Components that measure whether the image shows the prompt."""
@@ -283,17 +284,56 @@ def _as_scenes(prompts: Sequence[str | Scene]) -> list[Scene]:
     return [p if isinstance(p, Scene) else parse_prompt(p) for p in prompts]
 
 
-def _check(images: torch.Tensor, n: int) -> np.ndarray:
+def check_images(images: object, n: int, *, where: str = "judge", name: str = "images") -> None:
+    """Refuse what is not a batch of ``n`` testbed images: the rule of :func:`pgot.score`, at the testbed's size.
+
+    A batch is a float tensor of shape (n, 3, 32, 32) with finite values in [0, 1] (tolerance
+    :data:`pgot.rewards.base.RANGE_TOLERANCE`). uint8 or 0-255 images are refused, not clamped to a white image.
+    ``n = 0`` (an empty batch of the right shape) is allowed.
+
+    Args:
+        images: the batch.
+        n: the number of prompts it goes with.
+        where: the calling function, for the message.
+        name: the argument's name, for the message.
+
+    Raises:
+        ValueError: not a 4-d tensor of 3 channels, another size than 32 x 32, a non-float dtype, values outside [0, 1]
+            or not finite, or a batch size other than ``n``.
+    """
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"judge: images must be a (B, 3, {RESOLUTION}, {RESOLUTION}) tensor, got {got}.")
+        got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(
+            f"{where}: {name} must be a float tensor of shape (B, 3, {RESOLUTION}, {RESOLUTION}) with values in [0, 1], "
+            f"got {got}. Pass a batch of RGB images, e.g. images[None] for one (3, H, W) image."
+        )
     if tuple(images.shape[2:]) != (RESOLUTION, RESOLUTION):
         raise ValueError(
-            f"judge: the testbed world is {RESOLUTION} x {RESOLUTION} pixels, got images of {tuple(images.shape[2:])}. "
-            f"Sample the testbed model at model.resolution={RESOLUTION}."
+            f"{where}: the testbed world is {RESOLUTION} x {RESOLUTION} pixels, got {name} of "
+            f"{tuple(images.shape[2:])}. Sample the testbed model at model.resolution={RESOLUTION}."
+        )
+    if not images.is_floating_point():
+        raise ValueError(
+            f"{where}: {name} must be float images in [0, 1], got dtype {images.dtype}. Convert 0-255 images with "
+            "images.float() / 255."
         )
     if images.shape[0] != n:
-        raise ValueError(f"judge: got {n} prompts for {images.shape[0]} images; pass one prompt per image.")
+        raise ValueError(f"{where}: got {n} prompts for {images.shape[0]} {name}; pass one prompt per image.")
+    if n == 0:
+        return
+    x = images.detach()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{where}: {name} hold NaN or infinite values; images must be finite, in [0, 1].")
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        raise ValueError(
+            f"{where}: {name} must lie in [0, 1] (tolerance {RANGE_TOLERANCE}), got values in [{lo:.4g}, {hi:.4g}]. "
+            "Divide 0-255 images by 255; map a VAE output x in [-1, 1] with (x / 2 + 0.5).clamp(0, 1)."
+        )
+
+
+def _check(images: torch.Tensor, n: int) -> np.ndarray:
+    check_images(images, n)
     return images.detach().float().cpu().clamp(0, 1).numpy().astype(np.float64)
 
 
@@ -319,9 +359,11 @@ def _texture(x: np.ndarray, fit: dict, c_hat: np.ndarray, g_hat: np.ndarray):
 
 
 def _damages(images: torch.Tensor, prompts: Sequence[str | Scene]) -> dict[str, np.ndarray]:
-    """Damage ``d_k`` (B,) of every component (see the module docstring)."""
-    scenes = _as_scenes(prompts)
+    """Damage ``d_k`` (B,) of every component (see the module docstring); (0,) arrays for an empty batch."""
+    scenes = _as_scenes(as_prompt_list(prompts, "judge"))
     x = _check(images, len(scenes))
+    if not scenes:
+        return {k: np.zeros(0) for k in COMPONENTS}
     c = np.array([s.rgb for s in scenes])  # (B, 3)
     g = np.array([s.background_rgb for s in scenes])
     shapes = [s.shape for s in scenes]
@@ -388,15 +430,18 @@ def components(images: torch.Tensor, prompts: Sequence[str | Scene]) -> dict[str
     """Every component of the judge (see the module docstring), each ``exp(-(d / tau)^2)``.
 
     Args:
-        images: (B, 3, 32, 32) float images in [0, 1] (values outside are clamped).
-        prompts: B testbed prompts (or :class:`~pgot.testbed.scenes.Scene` objects).
+        images: (B, 3, 32, 32) float images in [0, 1] (the rule of :func:`check_images`; values within its tolerance
+            outside [0, 1] are clamped).
+        prompts: a list of B testbed prompts (or :class:`~pgot.testbed.scenes.Scene` objects).
 
     Returns:
-        Component name (:data:`COMPONENTS` order) -> (B,) float32 tensor in [0, 1]; 1 means undamaged.
+        Component name (:data:`COMPONENTS` order) -> (B,) float32 tensor in [0, 1]; 1 means undamaged. An empty batch
+        (B = 0, with no prompts) gives (0,) tensors.
 
     Raises:
-        ValueError: images of the wrong shape or size, a prompt count that differs from the image count, or a
-            prompt outside the grammar.
+        TypeError: ``prompts`` is a single string, not a list of prompts.
+        ValueError: images that break :func:`check_images` (shape, size, dtype, range), a prompt count that differs
+            from the image count, or a prompt outside the grammar.
     """
     d = _damages(images, prompts)
     return {k: torch.from_numpy(np.exp(-((d[k] / TAUS[k]) ** 2))).float() for k in COMPONENTS}
@@ -407,13 +452,13 @@ def quality(images: torch.Tensor, prompts: Sequence[str | Scene]) -> torch.Tenso
 
     Args:
         images: (B, 3, 32, 32) float images in [0, 1].
-        prompts: B testbed prompts (or scenes).
+        prompts: a list of B testbed prompts (or scenes).
 
     Returns:
-        (B,) float32 in [0, 1]; above 0.97 for exact renderings of the prompt.
+        (B,) float32 in [0, 1]; above 0.97 for exact renderings of the prompt; shape (0,) for an empty batch.
 
     Raises:
-        ValueError: as :func:`components`.
+        TypeError, ValueError: as :func:`components`.
     """
     comps = components(images, prompts)
     return torch.stack(list(comps.values())).prod(0)

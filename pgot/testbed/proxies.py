@@ -54,7 +54,7 @@ from pgot.config import RewardConfig
 from pgot.devices import resolve_dtype
 from pgot.rewards import STRENGTHS as DEFAULT_STRENGTHS
 from pgot.rewards.base import Reward, load_strict
-from pgot.testbed.scenes import RESOLUTION, SHAPES, SIZES, Scene, parse_prompt
+from pgot.testbed.scenes import RESOLUTION, SHAPES, SIZES, Scene, as_prompt_list, parse_prompt
 
 __all__ = [
     "PREFERENCE_DIR",
@@ -123,9 +123,15 @@ _PLANES = 3 + 3 + len(SHAPES) + len(SIZES)
 
 
 def scene_planes(scenes: Sequence[Scene], device: torch.device | str = "cpu") -> torch.Tensor:
-    """The prompt conditioning of a preference model: (B, 11) = object RGB, background RGB, one-hot shape, one-hot size."""
+    """The prompt conditioning of a preference model: (B, 11) = object RGB, background RGB, one-hot shape, one-hot size.
+
+    Raises:
+        TypeError: ``scenes`` is a single string or holds something else than :class:`Scene` objects.
+    """
     rows = []
-    for s in scenes:
+    for i, s in enumerate(as_prompt_list(scenes, "scene_planes", "scenes")):
+        if not isinstance(s, Scene):
+            raise TypeError(f"scene_planes: scenes[{i}] must be a Scene (pgot.testbed.scenes.parse_prompt), got str.")
         shape = [1.0 if s.shape == k else 0.0 for k in SHAPES]
         size = [1.0 if s.size == k else 0.0 for k in SIZES]
         rows.append([*s.rgb, *s.background_rgb, *shape, *size])
@@ -176,6 +182,13 @@ class PreferenceReward(Reward):
         self.net = net
 
     def compute(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Scores (B,) of images (B, 3, H, W) in [0, 1] for a list of B testbed prompts.
+
+        Raises:
+            TypeError: ``prompts`` is a single string, not a list.
+            ValueError: a prompt outside the testbed grammar.
+        """
+        prompts = as_prompt_list(prompts, f"reward {self.name!r}")
         try:
             scenes = [parse_prompt(p) for p in prompts]
         except ValueError as err:

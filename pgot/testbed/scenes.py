@@ -48,10 +48,13 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "SUPERSAMPLE",
+    "PromptError",
     "Scene",
     "all_prompts",
     "all_scenes",
+    "as_prompt_list",
     "coverage",
+    "grammar_problems",
     "parse_prompt",
     "render",
     "split",
@@ -173,13 +176,89 @@ def split(prompts: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
     ]
 
 
-def _unknown(kind: str, word: str, choices: Sequence[str], text: str) -> ValueError:
+def as_prompt_list(prompts: object, where: str, name: str = "prompts") -> list:
+    """The prompts of a testbed function as a list, refusing what is not a list of prompts.
+
+    Every testbed function that takes prompts (:func:`render`, :func:`pgot.testbed.judge.components` and
+    :func:`~pgot.testbed.judge.quality`, :func:`pgot.testbed.agent.diagnose`, the preference rewards) reads them
+    through this check: a bare string would otherwise be taken as a list of one-character prompts.
+
+    Args:
+        prompts: a sequence (list, tuple) of prompt texts or :class:`Scene` objects.
+        where: the calling function, for the message.
+        name: the argument's name, for the message.
+
+    Returns:
+        ``list(prompts)``.
+
+    Raises:
+        TypeError: ``prompts`` is a ``str`` (or bytes), or not a sequence; or an item is neither a ``str`` nor a
+            :class:`Scene`.
+    """
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(
+            f"{where}: {name} must be a list of prompts, got a single string {prompts[:60]!r}; "
+            f"pass [{name}] for one prompt."
+        )
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"{where}: {name} must be a list of prompts, got {type(prompts).__name__}.")
+    items = list(prompts)
+    for i, p in enumerate(items):
+        if not isinstance(p, (str, Scene)):
+            raise TypeError(f"{where}: {name}[{i}] must be a prompt string, got {type(p).__name__}.")
+    return items
+
+
+GRAMMAR_HINT = (
+    f"Testbed prompts read {_TEMPLATE!r} (sizes {', '.join(SIZES)}; colours {', '.join(COLOURS)}; shapes "
+    f"{', '.join(SHAPES)}; backgrounds {', '.join(BACKGROUNDS)}); pgot.testbed.scenes.all_prompts() lists them all."
+)
+"""The grammar, as error messages state it (once per message)."""
+
+
+class PromptError(ValueError):
+    """A prompt outside the testbed grammar: ``str(err)`` is the full message (the problem, then the grammar);
+    ``err.problem`` the problem alone, for messages that list several prompts and state the grammar once
+    (:func:`grammar_problems`)."""
+
+    def __init__(self, problem: str, hint: str = GRAMMAR_HINT):
+        super().__init__(f"{problem} {hint}" if hint else problem)
+        self.problem = problem
+
+
+def _unknown(kind: str, word: str, choices: Sequence[str], text: str) -> PromptError:
     hint = difflib.get_close_matches(word, list(choices), n=1)
     more = f" Did you mean {hint[0]!r}?" if hint else ""
-    return ValueError(
-        f"prompt {text!r}: {kind} {word!r} is not in the testbed grammar ({', '.join(choices)}).{more} "
-        f"Testbed prompts read {_TEMPLATE!r}; pgot.testbed.scenes.all_prompts() lists them all."
-    )
+    return PromptError(f"prompt {text!r}: {kind} {word!r} is not in the testbed grammar ({', '.join(choices)}).{more}")
+
+
+def grammar_problems(prompts: Sequence[str], limit: int = 5) -> str | None:
+    """One message for every prompt outside the grammar, the grammar stated once; None when every prompt is in it.
+
+    Args:
+        prompts: prompt texts (duplicates are reported once).
+        limit: most prompts quoted; the rest are counted.
+
+    Returns:
+        ``"<n> prompt(s) are outside the testbed grammar: <problem>; <problem> (<k> more). Testbed prompts read ..."``
+        or None.
+
+    Raises:
+        TypeError: ``prompts`` is a single string (:func:`as_prompt_list`).
+    """
+    problems = []
+    for text in dict.fromkeys(as_prompt_list(prompts, "grammar_problems")):
+        if isinstance(text, Scene):
+            continue
+        try:
+            parse_prompt(text)
+        except PromptError as exc:
+            problems.append(exc.problem)
+    if not problems:
+        return None
+    shown = "; ".join(p.rstrip(".") for p in problems[:limit])
+    more = f" ({len(problems) - limit} more)" if len(problems) > limit else ""
+    return f"{len(problems)} prompt(s) are outside the testbed grammar: {shown}{more}. {GRAMMAR_HINT}"
 
 
 def parse_prompt(text: str) -> Scene:
@@ -192,19 +271,15 @@ def parse_prompt(text: str) -> Scene:
         The :class:`Scene`.
 
     Raises:
-        ValueError: the text is not a sentence of the grammar (the message names the offending word and the
-            allowed ones) or the object has the background's colour.
+        PromptError: (a ValueError) the text is not a sentence of the grammar (the message names the offending word
+            and the allowed ones, then states the grammar) or the object has the background's colour.
     """
     if not isinstance(text, str):
-        raise ValueError(f"a testbed prompt must be a string, got {type(text).__name__}.")
+        raise PromptError(f"a testbed prompt must be a string, got {type(text).__name__}.", hint="")
     norm = " ".join(text.lower().split()).rstrip(".")
     m = _PROMPT_RE.match(norm)
     if m is None:
-        raise ValueError(
-            f"prompt {text!r} is outside the testbed grammar: testbed prompts read {_TEMPLATE!r} "
-            f"(sizes {', '.join(SIZES)}; colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; "
-            f"backgrounds {', '.join(BACKGROUNDS)}). pgot.testbed.scenes.all_prompts() lists them all."
-        )
+        raise PromptError(f"prompt {text!r} is outside the testbed grammar.")
     size, colour, shape, bg = m.groups()
     if size not in SIZES:
         raise _unknown("size", size, SIZES, text)
@@ -215,9 +290,10 @@ def parse_prompt(text: str) -> Scene:
     if bg not in BACKGROUNDS:
         raise _unknown("background", bg, BACKGROUNDS, text)
     if colour == bg:
-        raise ValueError(
+        raise PromptError(
             f"prompt {text!r}: a {colour} object on a {bg} background would be invisible, so the grammar excludes "
-            "it. Pick a background of another colour."
+            "it. Pick a background of another colour.",
+            hint="",
         )
     return Scene(shape, colour, size, bg)
 
@@ -291,21 +367,45 @@ def render(
         seed: when given, each object's offset from the centre is drawn uniformly in ``[-jitter, jitter]^2`` from
             ``numpy.random.default_rng(seed)`` (one (dx, dy) per image, in order); None: no jitter.
         jitter: largest offset in pixels when ``seed`` is given.
-        offsets: (B, 2) explicit offsets (dx, dy) in pixels; overrides ``seed``.
+        offsets: (B, 2) explicit offsets (dx, dy) in pixels; overrides ``seed``. Every offset must be finite.
         resolution: image side in pixels (shape scales are in pixels, so keep the default for the world's sizes).
 
     Returns:
-        (B, 3, resolution, resolution) float32 images in [0, 1].
+        (B, 3, resolution, resolution) float32 images in [0, 1]; an empty list of scenes gives (0, 3, resolution,
+        resolution).
 
     Raises:
-        ValueError: a prompt outside the grammar, or ``offsets`` of the wrong shape.
+        TypeError: ``scenes`` is a single string (or not a list of prompts / scenes).
+        ValueError: a prompt outside the grammar, ``offsets`` of the wrong shape or not finite, ``jitter`` negative or
+            not finite, or ``resolution`` not a positive integer.
     """
-    items = [parse_prompt(s) if isinstance(s, str) else s for s in scenes]
+    items = [parse_prompt(s) if isinstance(s, str) else s for s in as_prompt_list(scenes, "render", "scenes")]
     n = len(items)
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
+        raise ValueError(f"render: resolution must be a positive number of pixels, got {resolution!r}.")
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float, np.floating, np.integer)):
+        raise ValueError(f"render: jitter must be a number of pixels, got {jitter!r}.")
+    if not math.isfinite(jitter) or jitter < 0:
+        raise ValueError(
+            f"render: jitter must be a finite number of pixels >= 0 (the largest offset), got {jitter!r}; "
+            f"the training renderings use {JITTER}."
+        )
     if offsets is not None:
-        offsets = np.asarray(offsets, dtype=np.float64)
+        try:
+            offsets = np.asarray(offsets, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"render: offsets must be a ({n}, 2) array of numbers (dx, dy per scene), got {offsets!r}."
+            ) from None
         if offsets.shape != (n, 2):
             raise ValueError(f"render: offsets must have shape ({n}, 2) (dx, dy per scene), got {offsets.shape}.")
+        if not np.isfinite(offsets).all():
+            bad = [i for i in range(n) if not np.isfinite(offsets[i]).all()]
+            raise ValueError(
+                f"render: offsets must be finite numbers of pixels, got {offsets[bad[0]].tolist()} for scene {bad[0]}"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                + "."
+            )
     elif seed is not None:
         offsets = np.random.default_rng(seed).uniform(-jitter, jitter, size=(n, 2))
     else:
