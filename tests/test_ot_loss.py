@@ -7,6 +7,7 @@ Oracle: ``T = ot.sinkhorn(a, b, C, reg, method="sinkhorn_log")`` for each proble
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -251,3 +252,22 @@ def test_objectives_raise_the_same_errors_through_ot_loss(objective):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert math.isnan(fn(scores, front, mask, epsilon=EPS, max_iter=2000, tol=1e-6).item())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ot.epsilon=inf", "ot.epsilon must be finite, got inf."),
+        ("ot.tol=inf", "ot.tol must be finite, got inf."),
+        ("ot.tol=nan", "ot.tol must be > 0, got nan."),
+    ],
+)
+def test_config_refuses_what_ot_loss_refuses(override, message):
+    """The config check (pgot.config) applies ot_loss's knob rules before any model loads."""
+    from pathlib import Path
+
+    from pgot.config import load_config
+
+    debug = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(debug, [override], "train")
