@@ -34,9 +34,17 @@ behind :func:`win_rate`, :func:`jdr` and :func:`jcr`, which log a warning when t
 ``nonfinite`` columns of :func:`comparison_table`, and the per-reward ``*_nonfinite`` columns of
 :func:`mean_score_table`.
 
+**Empty inputs** are user errors, never NaN: every rate function (:func:`win_rate`, :func:`jdr`, :func:`jcr`,
+:func:`count_outcomes`, :func:`comparison_indicators`, :func:`comparison_nonfinite`, :func:`comparison_table` and the
+ground-truth functions) raises ``ValueError`` naming itself when there are no pairs (``B == 0``), as do
+:func:`mean_scores`, :func:`bootstrap_ci`, :func:`bootstrap_samples` and :func:`gaussian_kl` on an argument with no
+rows, :func:`mean_score_table` on a model without samples, and :func:`wilson_interval` for ``n < 1`` trials.
+
 Rates are reported with percentile bootstrap confidence intervals over **prompts** (the sampling
 unit of an evaluation set): prompts are resampled with replacement and all samples of a chosen prompt
-are kept (a cluster bootstrap), see :func:`bootstrap_ci`. Every interval contains its point estimate.
+are kept (a cluster bootstrap), see :func:`bootstrap_ci`. Every interval contains its point estimate. The public
+bootstrap functions refuse non-finite values (``ValueError`` naming the first); the tables skip them per column and
+count them.
 
 Callers select a reward subset by indexing columns first: ``jdr(cand[:, idx], base[:, idx])``.
 
