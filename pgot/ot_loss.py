@@ -102,7 +102,8 @@ def ot_loss(
       with mass on both sides) makes **that problem's cost NaN**, with a zero gradient; the problem is
       kept out of the solve, so the other problems are unaffected and no :class:`OTConvergenceWarning`
       is raised for it (the training loop counts non-finite losses; a ``ValueError`` there would stop
-      one rank of a distributed run and hang the others). Padding points may hold anything.
+      one rank of a distributed run and hang the others). The same holds for finite points so far apart
+      that a squared distance overflows the dtype. Padding points may hold anything.
 
     Solver: log-domain Sinkhorn (``ot.batch.solve_batch(method="log_sinkhorn")``), alternating
 
@@ -196,9 +197,13 @@ def ot_loss(
     # padding coordinates may hold anything: zero them so that 0 * garbage never becomes NaN
     x = torch.where(keep_x[..., None], x, 0.0)
     y = torch.where(keep_y[..., None], y, 0.0)
-    empty = torch.where(bad, torch.tensor(float("nan"), dtype=dtype, device=x.device), 0.0)  # (B,)
 
     cost = (x[:, :, None, :] - y[:, None, :, :]).square().sum(-1)  # (B, N, F), direct difference
+    # finite points far enough apart overflow the squared distance (float32: beyond ~1.8e19): NaN as well
+    overflow = (~torch.isfinite(cost)).flatten(1).any(-1) & solved  # (B,)
+    solved, bad = solved & ~overflow, bad | overflow
+    cost = torch.where(overflow[:, None, None], 0.0, cost)
+    empty = torch.where(bad, torch.tensor(float("nan"), dtype=dtype, device=x.device), 0.0)  # (B,)
     if n == 1 or f == 1:
         # One point on either side (the online strategy's single source): the only coupling with
         # these marginals is a b^T, exact without iterating, whatever epsilon.

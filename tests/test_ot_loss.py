@@ -271,3 +271,17 @@ def test_config_refuses_what_ot_loss_refuses(override, message):
     debug = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(debug, [override], "train")
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_overflowing_squared_distance_is_nan_without_the_sinkhorn_warning(n):
+    """float32 points 3e19 apart: |x - y|^2 overflows to inf; that problem is NaN, the others exact."""
+    x, y = _batch(torch.float32, torch.Generator().manual_seed(7), shape=(3, n, 2))
+    ref = ot_loss(x, y, epsilon=EPS, max_iter=3000, tol=1e-5)
+    x = x.detach().clone()
+    x[0, 0, 1] = 3e19
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = ot_loss(x, y, epsilon=EPS, max_iter=3000, tol=1e-5)
+    assert math.isnan(loss[0].item())
+    torch.testing.assert_close(loss[1:], ref[1:].detach())
