@@ -34,9 +34,17 @@ behind :func:`win_rate`, :func:`jdr` and :func:`jcr`, which log a warning when t
 ``nonfinite`` columns of :func:`comparison_table`, and the per-reward ``*_nonfinite`` columns of
 :func:`mean_score_table`.
 
+**Empty inputs** are user errors, never NaN: every rate function (:func:`win_rate`, :func:`jdr`, :func:`jcr`,
+:func:`count_outcomes`, :func:`comparison_indicators`, :func:`comparison_nonfinite`, :func:`comparison_table` and the
+ground-truth functions) raises ``ValueError`` naming itself when there are no pairs (``B == 0``), as do
+:func:`mean_scores`, :func:`bootstrap_ci`, :func:`bootstrap_samples` and :func:`gaussian_kl` on an argument with no
+rows, :func:`mean_score_table` on a model without samples, and :func:`wilson_interval` for ``n < 1`` trials.
+
 Rates are reported with percentile bootstrap confidence intervals over **prompts** (the sampling
 unit of an evaluation set): prompts are resampled with replacement and all samples of a chosen prompt
-are kept (a cluster bootstrap), see :func:`bootstrap_ci`. Every interval contains its point estimate.
+are kept (a cluster bootstrap), see :func:`bootstrap_ci`. Every interval contains its point estimate. The public
+bootstrap functions refuse non-finite values (``ValueError`` naming the first); the tables skip them per column and
+count them.
 
 Callers select a reward subset by indexing columns first: ``jdr(cand[:, idx], base[:, idx])``.
 
@@ -86,6 +94,7 @@ __all__ = [
     "count_ground_truth",
     "count_outcomes",
     "gaussian_kl",
+    "KL_VAR_FLOOR",
     "ground_truth_columns",
     "ground_truth_indicators",
     "ground_truth_table",
@@ -103,29 +112,60 @@ log = logging.getLogger(__name__)
 QUALITY = "quality"
 """Name of the ground-truth quality column (scores.parquet, the metric frames); never a reward."""
 
+KL_VAR_FLOOR = 1e-12
+"""Smallest variance of a Gaussian fit in :func:`gaussian_kl` (reward units squared): one sample or constant rewards
+give a defined KL instead of NaN."""
+
 QUALITY_TOL = 1e-3
 """Default tolerance of "quality improved / fell" (``eval.quality_tol``): qualities are in [0, 1], the judge's float32
 output and an 8-bit PNG round trip move them by far less, and a real change is larger."""
 
 
-def _check_pair(candidate: torch.Tensor, baseline: torch.Tensor) -> None:
+def _check_pair(candidate: torch.Tensor, baseline: torch.Tensor, fn: str) -> None:
+    """Shapes of a paired comparison: both ``(B, M)``, equal, ``B >= 1`` and ``M >= 1``; ``fn`` names the caller."""
     if candidate.shape != baseline.shape or candidate.dim() != 2:
         raise ValueError(
-            f"candidate and baseline must both be (B, M) with the same shape, got {tuple(candidate.shape)} and "
+            f"{fn}: candidate and baseline must both be (B, M) with the same shape, got {tuple(candidate.shape)} and "
             f"{tuple(baseline.shape)}. Pair rows by (prompt_id, seed, sample_index) before comparing."
+        )
+    if candidate.shape[0] == 0:
+        raise ValueError(
+            f"{fn}: candidate and baseline have no pairs (B = 0, shape {tuple(candidate.shape)}); a rate over no "
+            "pairs is undefined. Pass at least one pair of reward vectors (check the filter or join that built them)."
         )
     if candidate.shape[1] == 0:
         raise ValueError(
-            "candidate and baseline have no reward column (M = 0); a joint rate over no reward is undefined. "
+            f"{fn}: candidate and baseline have no reward column (M = 0); a joint rate over no reward is undefined. "
             "Select at least one reward column."
         )
 
 
+def _check_rows(values: torch.Tensor, fn: str, name: str) -> None:
+    """``values`` has at least one dimension and one row; else ValueError naming ``fn`` and the argument ``name``."""
+    if values.dim() == 0 or values.shape[0] == 0:
+        raise ValueError(
+            f"{fn}: {name} has no rows (shape {tuple(values.shape)}); a statistic of no samples is undefined. "
+            f"Pass at least one row of {name}."
+        )
+
+
+def _check_finite(values: torch.Tensor, fn: str, name: str) -> None:
+    """Every entry finite; else ValueError naming ``fn``, the argument and the first non-finite index."""
+    bad = ~torch.isfinite(values.detach()) if values.is_floating_point() else None
+    if bad is not None and bool(bad.any()):
+        i = tuple(int(k) for k in bad.nonzero()[0])
+        raise ValueError(
+            f"{fn}: {name}[{', '.join(map(str, i))}] = {values[i].item()} is not finite ({int(bad.sum())} of "
+            f"{values.numel()} entries are NaN or ±inf); the mean of such a column is undefined. Drop those rows, or "
+            "map them to a value first (e.g. 0 for a failed outcome); comparison_table and mean_score_table "
+            "skip and count them."
+        )
+
+
 def _rate(count: torch.Tensor | int, pairs: int) -> torch.Tensor:
-    """``count / pairs`` in float64 (one correctly rounded division); NaN when ``pairs == 0``."""
+    """``count / pairs`` in float64 (one correctly rounded division); ``pairs >= 1`` (the callers check it)."""
     count = torch.as_tensor(count)
-    if pairs == 0:
-        return torch.full(count.shape, float("nan"), dtype=torch.float64, device=count.device)
+    assert pairs > 0, "pairs are checked by _check_pair"
     return count.to(torch.float64) / pairs
 
 
@@ -156,7 +196,7 @@ class Outcomes:
     """Integer outcome counts of B paired comparisons on M rewards (one reward set).
 
     Attributes:
-        pairs: B, the denominator of every rate (non-finite pairs included).
+        pairs: B >= 1, the denominator of every rate (non-finite pairs included).
         wins: ``(M,)`` int64, pairs with ``candidate > baseline`` on that reward, both finite.
         losses: ``(M,)`` int64, pairs with a finite baseline and a candidate that is lower or non-finite.
         nonfinite_by_reward: ``(M,)`` int64, pairs with a non-finite value on that reward (either side).
@@ -179,17 +219,17 @@ class Outcomes:
 
     @property
     def win_rate(self) -> torch.Tensor:
-        """``(M,)`` float64 ``wins / pairs``; NaN when ``pairs == 0``."""
+        """``(M,)`` float64 ``wins / pairs``."""
         return _rate(self.wins, self.pairs)
 
     @property
     def jdr(self) -> torch.Tensor:
-        """0-dim float64 ``dominations / pairs`` (paper eq. 2); NaN when ``pairs == 0``."""
+        """0-dim float64 ``dominations / pairs`` (paper eq. 2)."""
         return _rate(self.dominations, self.pairs)
 
     @property
     def jcr(self) -> torch.Tensor:
-        """0-dim float64 ``collapses / pairs`` (paper eq. 3); NaN when ``pairs == 0``."""
+        """0-dim float64 ``collapses / pairs`` (paper eq. 3)."""
         return _rate(self.collapses, self.pairs)
 
 
@@ -214,9 +254,13 @@ def count_outcomes(candidate: torch.Tensor, baseline: torch.Tensor) -> Outcomes:
         :class:`Outcomes` (int64 counts on the device of the inputs; scalars as Python ints).
 
     Raises:
-        ValueError: shapes differ, are not (B, M), or M == 0.
+        ValueError: shapes differ, are not (B, M), B == 0 (no pairs) or M == 0.
     """
-    _check_pair(candidate, baseline)
+    return _count(candidate, baseline, "count_outcomes()")
+
+
+def _count(candidate: torch.Tensor, baseline: torch.Tensor, fn: str) -> Outcomes:
+    _check_pair(candidate, baseline, fn)
     candidate, baseline = candidate.detach(), baseline.detach()
     win, loss, bad_c, bad_b = _judge(candidate, baseline)
     domination, collapse, nonfinite, unjudged = _joint(win, bad_c, bad_b, candidate < baseline)
@@ -266,12 +310,12 @@ def win_rate(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
         baseline: ``(B, M)`` reward vectors of the baseline on the same prompts and noise.
 
     Returns:
-        ``(M,)`` float64 tensor in ``[0, 1]``, exactly ``wins / B`` correctly rounded; NaN when ``B == 0``.
+        ``(M,)`` float64 tensor in ``[0, 1]``, exactly ``wins / B`` correctly rounded.
 
     Raises:
-        ValueError: shapes differ, are not (B, M), or M == 0.
+        ValueError: shapes differ, are not (B, M), B == 0 (no pairs) or M == 0.
     """
-    out = count_outcomes(candidate, baseline)
+    out = _count(candidate, baseline, "win_rate()")
     _warn_nonfinite("win_rate", out)
     return out.win_rate
 
@@ -294,12 +338,12 @@ def jdr(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
         baseline: ``(B, M)``.
 
     Returns:
-        0-dim float64 tensor in ``[0, 1]``, exactly ``dominations / B``; NaN when ``B == 0``.
+        0-dim float64 tensor in ``[0, 1]``, exactly ``dominations / B``.
 
     Raises:
-        ValueError: shapes differ, are not (B, M), or M == 0.
+        ValueError: shapes differ, are not (B, M), B == 0 (no pairs) or M == 0.
     """
-    out = count_outcomes(candidate, baseline)
+    out = _count(candidate, baseline, "jdr()")
     _warn_nonfinite("jdr", out)
     return out.jdr
 
@@ -324,12 +368,12 @@ def jcr(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
         baseline: ``(B, M)``.
 
     Returns:
-        0-dim float64 tensor in ``[0, 1]``, exactly ``collapses / B``; NaN when ``B == 0``.
+        0-dim float64 tensor in ``[0, 1]``, exactly ``collapses / B``.
 
     Raises:
-        ValueError: shapes differ, are not (B, M), or M == 0.
+        ValueError: shapes differ, are not (B, M), B == 0 (no pairs) or M == 0.
     """
-    out = count_outcomes(candidate, baseline)
+    out = _count(candidate, baseline, "jcr()")
     _warn_nonfinite("jcr", out)
     return out.jcr
 
@@ -346,7 +390,11 @@ def mean_scores(scores: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(M,)`` float64; NaN for a column with no finite entry.
+
+    Raises:
+        ValueError: ``scores`` has no rows (B == 0).
     """
+    _check_rows(scores, "mean_scores()", "scores")
     s = scores.detach().to(torch.float64)
     finite = torch.isfinite(s)
     total = torch.where(finite, s, torch.zeros_like(s)).sum(dim=0)
@@ -397,9 +445,10 @@ def _outcome_columns(
     baseline: torch.Tensor,
     reward_names: Sequence[str],
     reward_sets: Mapping[str, Sequence[str]],
+    fn: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indicators, nonfinite), both ``(B, K)`` bool in the column order of :func:`rate_columns`."""
-    _check_pair(candidate, baseline)
+    _check_pair(candidate, baseline, fn)
     if len(reward_names) != candidate.shape[1]:
         raise ValueError(
             f"reward_names has {len(reward_names)} names for {candidate.shape[1]} reward columns; "
@@ -442,9 +491,11 @@ def comparison_indicators(
         ``(B, M + 2 * len(reward_sets))`` float64 tensor of 0/1 (never NaN).
 
     Raises:
-        ValueError: a set names a reward that is not a column, or bad shapes.
+        ValueError: a set names a reward that is not a column, or bad shapes (including no pairs, B == 0).
     """
-    return _outcome_columns(candidate, baseline, reward_names, reward_sets)[0].to(torch.float64)
+    return _outcome_columns(candidate, baseline, reward_names, reward_sets, "comparison_indicators()")[0].to(
+        torch.float64
+    )
 
 
 @accepts_numpy
@@ -473,7 +524,7 @@ def comparison_nonfinite(
     Raises:
         ValueError: as :func:`comparison_indicators`.
     """
-    return _outcome_columns(candidate, baseline, reward_names, reward_sets)[1]
+    return _outcome_columns(candidate, baseline, reward_names, reward_sets, "comparison_nonfinite()")[1]
 
 
 def _group_sums(values: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -504,10 +555,15 @@ def bootstrap_samples(
 
     Each replicate draws P prompts with replacement out of the P distinct ``groups`` and keeps every row
     of every drawn prompt (a prompt drawn twice counts twice); the replicate is the mean over those rows
-    of each column, skipping non-finite entries (NaN, ±inf) per column. With ``w_p`` the number of
-    times prompt ``p`` was drawn, ``S_p`` and ``n_p`` its column sums and finite-row counts:
-    ``stat = sum_p w_p S_p / sum_p w_p n_p``, in float64 (exact sums for 0/1 outcomes, so a replicate
-    is a correctly rounded fraction; NaN when the drawn prompts have no finite entry in the column).
+    of each column. With ``w_p`` the number of times prompt ``p`` was drawn, ``S_p`` and ``n_p`` its
+    column sums and row counts: ``stat = sum_p w_p S_p / sum_p w_p n_p``, in float64 (exact sums for 0/1
+    outcomes, so a replicate is a correctly rounded fraction).
+
+    **Inputs.** ``values`` must have at least one row and only finite entries: an empty input or a NaN /
+    ±inf entry raises ``ValueError`` naming the first bad index (a mean that silently skipped it would
+    report an interval of fewer rows than the caller passed). The tables (:func:`comparison_table`,
+    :func:`mean_score_table`, :func:`ground_truth_table`) skip non-finite values per column and count them
+    in their ``*_nonfinite`` columns instead.
 
     Example: prompt 0 has rows (1, 1, 1), prompt 1 has row (0); the P=2 draws {0,0}, {0,1}, {1,0},
     {1,1} give 1, 3/4, 3/4, 0, so replicates take these values with probabilities 1/4, 1/2, 1/4.
@@ -519,11 +575,18 @@ def bootstrap_samples(
         seed: seed of the resampling generator (deterministic).
 
     Returns:
-        ``(R, K)`` float64 replicates (``K = 1`` for 1-D ``values``).
+        ``(R, K)`` float64 replicates (``K = 1`` for 1-D ``values``); ``(0, K)`` when ``num_resamples <= 0``.
 
     Raises:
-        ValueError: ``groups`` is not ``(B,)``.
+        ValueError: ``values`` has no rows or a non-finite entry, or ``groups`` is not ``(B,)``.
     """
+    _check_rows(values, "bootstrap_samples()", "values")
+    _check_finite(values, "bootstrap_samples()", "values")
+    return _bootstrap_samples(values, groups, num_resamples, seed)
+
+
+def _bootstrap_samples(values: torch.Tensor, groups: torch.Tensor, num_resamples: int, seed: int) -> torch.Tensor:
+    """:func:`bootstrap_samples` without the input checks, skipping non-finite entries per column (the tables)."""
     sums, counts = _group_sums(values, groups)
     if sums.shape[0] == 0 or num_resamples <= 0:
         return torch.zeros(0, sums.shape[1], dtype=torch.float64)
@@ -551,8 +614,13 @@ def bootstrap_ci(
     :func:`bootstrap_samples` replicates, widened where needed to contain the point estimate (the
     float64 mean of the finite entries of each column, ``count / n`` exactly for 0/1 outcomes): a
     percentile interval can miss it by rounding or, with few prompts, by skew, and a reported
-    interval that excludes its own estimate is a bug. So ``low <= point <= high`` for every column
-    with a finite point. Deterministic for a ``seed``.
+    interval that excludes its own estimate is a bug. So ``low <= point <= high`` for every column.
+    Deterministic for a ``seed``.
+
+    **Inputs.** At least one row, and every entry finite: an empty ``values`` or a NaN / ±inf entry raises
+    ``ValueError`` naming the first bad index (the rule of :func:`bootstrap_samples`). Before, a NaN was
+    skipped silently (``bootstrap_ci([1, nan])`` read ``(1, 1)``). To bootstrap a rate whose failures are
+    non-finite, map them to an outcome first (0 for a failure); the tables skip and count them.
 
     Args:
         values: ``(B,)`` or ``(B, K)`` per-row values (0/1 outcomes for rates, or scores).
@@ -562,12 +630,14 @@ def bootstrap_ci(
         seed: seed of the resampling generator.
 
     Returns:
-        ``(low, high)``, each ``(K,)`` (or 0-dim for 1-D ``values``), float64; NaN for a column without
-        finite entries.
+        ``(low, high)``, each ``(K,)`` (or 0-dim for 1-D ``values``), float64.
 
     Raises:
-        ValueError: ``confidence`` outside ``(0, 1)`` (``eval.confidence``), or ``groups`` not ``(B,)``.
+        ValueError: ``values`` has no rows or a non-finite entry, ``confidence`` outside ``(0, 1)``
+            (``eval.confidence``), or ``groups`` not ``(B,)``.
     """
+    _check_rows(values, "bootstrap_ci()", "values")
+    _check_finite(values, "bootstrap_ci()", "values")
     squeeze = values.dim() == 1
     sums, counts = _group_sums(values, groups)
     point = sums.sum(dim=0) / counts.sum(dim=0)  # (K,); NaN where no finite entry
@@ -584,7 +654,7 @@ def _interval(
     replicates round differently (a sum over rows and a sum over prompt sums can differ in the last bit)."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"eval.confidence must be in (0, 1), got {confidence}.")
-    stats = bootstrap_samples(values, groups, num_resamples=num_resamples, seed=seed)  # (R, K)
+    stats = _bootstrap_samples(values, groups, num_resamples, seed)  # (R, K), non-finite entries skipped
     if stats.shape[0] == 0:
         nan = torch.full((stats.shape[1],), float("nan"), dtype=torch.float64)
         return nan, nan.clone()
@@ -609,18 +679,19 @@ def wilson_interval(successes: float, n: float, confidence: float = 0.95) -> tup
     Example: k=8, n=10, 95%: (0.490, 0.943).
 
     Returns:
-        ``(low, high)`` Python floats; ``(nan, nan)`` when ``n == 0``.
+        ``(low, high)`` Python floats.
 
     Raises:
-        ValueError: ``n < 0``, ``successes`` outside ``[0, n]`` or not finite, or ``confidence`` outside ``(0, 1)``.
+        ValueError: ``n < 1`` (no trials: a proportion of nothing is undefined), ``successes`` outside ``[0, n]``
+            or not finite, or ``confidence`` outside ``(0, 1)``.
     """
     k, n = float(successes), float(n)
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
-    if not (math.isfinite(n) and n >= 0):
-        raise ValueError(f"wilson_interval needs a number of trials n >= 0, got {n}.")
-    if n == 0:
-        return float("nan"), float("nan")
+    if not (math.isfinite(n) and n >= 1):
+        raise ValueError(
+            f"wilson_interval(): n must be a number of trials >= 1, got {n:g}; a proportion of no trials is undefined."
+        )
     if not (math.isfinite(k) and 0.0 <= k <= n):
         raise ValueError(
             f"wilson_interval needs 0 <= successes <= n = {n:g}, got {k}. Count successes out of the n trials."
@@ -668,7 +739,7 @@ def comparison_table(
         pairs with a non-finite value on any of the M rewards).
 
     Raises:
-        ValueError: unknown ``baseline``, a set naming an unknown reward, or shapes that differ.
+        ValueError: unknown ``baseline``, a set naming an unknown reward, shapes that differ, or no pairs (B == 0).
     """
     if baseline not in scores:
         raise ValueError(f"eval.baseline {baseline!r} has no scores; models scored: {', '.join(scores)}.")
@@ -676,7 +747,8 @@ def comparison_table(
     base = scores[baseline]
     rows = []
     for model, cand in scores.items():
-        ind, bad = _outcome_columns(cand, base, reward_names, reward_sets)  # (B, K) bool each
+        fn = f"comparison_table() for model {model!r}"
+        ind, bad = _outcome_columns(cand, base, reward_names, reward_sets, fn)  # (B, K) bool each
         pairs = int(ind.shape[0])
         count, nonfinite = ind.sum(dim=0).cpu(), bad.sum(dim=0).cpu()  # (K,) int64
         point = _rate(count, pairs)
@@ -722,15 +794,15 @@ def mean_score_table(
         reward) and ``nan``, the same number under its former name.
 
     Raises:
-        ValueError: a model's scores are not ``(B, M)`` with one column per reward name, or its groups
-            are not ``(B,)``.
+        ValueError: a model's scores are not ``(B, M)`` with one column per reward name and ``B >= 1``, or its
+            groups are not ``(B,)``.
     """
     rows = []
     for model, s in scores.items():
-        if s.dim() != 2 or s.shape[1] != len(reward_names):
+        if s.dim() != 2 or s.shape[1] != len(reward_names) or s.shape[0] == 0:
             raise ValueError(
-                f"scores of {model!r} must be (B, {len(reward_names)}) (one column per reward name), "
-                f"got {tuple(s.shape)}."
+                f"mean_score_table(): scores of {model!r} must be (B, {len(reward_names)}) with B >= 1 (one column "
+                f"per reward name, at least one sample), got {tuple(s.shape)}."
             )
         mean = mean_scores(s)
         low, high = _interval(s, groups[model], mean, num_resamples, confidence, seed)
@@ -751,19 +823,41 @@ def mean_score_table(
 def gaussian_kl(scores: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """Per-reward KL divergence of Gaussian fits, ``KL(N(m_t, s_t^2) || N(m_0, s_0^2))`` (paper appendix D.4).
 
-    ``KL = log(s_0 / s_t) + (s_t^2 + (m_t - m_0)^2) / (2 s_0^2) - 1/2`` with population standard deviations.
+    The closed form for two univariate normals (e.g. Bishop, *Pattern Recognition and Machine Learning*,
+    2006, eq. 1.113 specialised to one dimension, or Kullback 1959):
+    ``KL = log(s_0 / s_t) + (s_t^2 + (m_t - m_0)^2) / (2 s_0^2) - 1/2``, with population (biased) standard
+    deviations in float64.
+
+    **Variance floor.** Each variance is floored at :data:`KL_VAR_FLOOR` (``1e-12``, a standard deviation of
+    ``1e-6`` reward units): ``s^2 <- max(s^2, 1e-12)``, in the spirit of scikit-learn's ``var_smoothing`` of
+    ``GaussianNB``. So one sample or constant scores give a defined, finite value instead of NaN: two
+    identical point masses give exactly 0, and a current distribution collapsed to a point (reward hacking's
+    signature) gives a large KL, ``log(s_0 / 1e-6) + ...`` (about 14 for ``s_0 = 1``), as the divergence of a
+    point mass should be large. Rewards spread by less than ``1e-6`` are treated as constant.
 
     Args:
-        scores: (B, M) reward vectors now.
-        base: (B0, M) reward vectors of the reference (the step-0 model).
+        scores: (B, M) reward vectors now, B >= 1.
+        base: (B0, M) reward vectors of the reference (the step-0 model), B0 >= 1.
 
     Returns:
-        (M,) float64; non-finite where a spread is zero or a value is non-finite.
+        (M,) float64; non-finite (NaN or inf) where a value of that reward is non-finite (the probe logs None).
+
+    Raises:
+        ValueError: ``scores`` or ``base`` is not 2-D, has no rows, or their reward counts M differ.
     """
-    s, b = scores.double(), base.double()
-    m1, s1 = s.mean(0), s.std(0, unbiased=False)
-    m0, s0 = b.mean(0), b.std(0, unbiased=False)
-    return torch.log(s0 / s1) + (s1**2 + (m1 - m0) ** 2) / (2 * s0**2) - 0.5
+    for name, x in (("scores", scores), ("base", base)):
+        if x.dim() != 2:
+            raise ValueError(f"gaussian_kl(): {name} must be (B, M) reward vectors, got shape {tuple(x.shape)}.")
+        _check_rows(x, "gaussian_kl()", name)
+    if scores.shape[1] != base.shape[1]:
+        raise ValueError(
+            f"gaussian_kl(): scores and base must have the same rewards M, got {tuple(scores.shape)} and "
+            f"{tuple(base.shape)}. Select the same reward columns of both."
+        )
+    s, b = scores.detach().double(), base.detach().double()
+    m1, v1 = s.mean(0), s.var(0, unbiased=False).clamp_min(KL_VAR_FLOOR)
+    m0, v0 = b.mean(0), b.var(0, unbiased=False).clamp_min(KL_VAR_FLOOR)
+    return 0.5 * torch.log(v0 / v1) + (v1 + (m1 - m0) ** 2) / (2 * v0) - 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -771,12 +865,14 @@ def gaussian_kl(scores: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_quality(candidate: torch.Tensor, baseline: torch.Tensor, cq: torch.Tensor, bq: torch.Tensor, tol: float):
-    _check_pair(candidate, baseline)
+def _check_quality(
+    candidate: torch.Tensor, baseline: torch.Tensor, cq: torch.Tensor, bq: torch.Tensor, tol: float, fn: str
+) -> None:
+    _check_pair(candidate, baseline, fn)
     b = candidate.shape[0]
     if cq.shape != (b,) or bq.shape != (b,):
         raise ValueError(
-            f"candidate_quality and baseline_quality must be (B,)=({b},), one ground-truth quality per pair, got "
+            f"{fn}: candidate_quality and baseline_quality must be (B,)=({b},), one ground-truth quality per pair, got "
             f"{tuple(cq.shape)} and {tuple(bq.shape)}."
         )
     if not (math.isfinite(tol) and tol >= 0):
@@ -808,7 +904,7 @@ class GroundTruthCounts:
     """Integer ground-truth outcome counts of B paired comparisons (see the module docstring for the rules).
 
     Attributes:
-        pairs: B, the denominator of every rate (pairs with a non-finite quality included).
+        pairs: B >= 1, the denominator of every rate (pairs with a non-finite quality included).
         improved: pairs whose quality rose by more than the tolerance, both finite.
         fell: pairs whose quality dropped by more than the tolerance, or whose candidate quality is non-finite
             while the baseline's is finite.
@@ -824,7 +920,7 @@ class GroundTruthCounts:
     hacked: dict[str, int]
 
     def rate(self, count: int) -> float:
-        """``count / pairs`` as a float64 Python float (NaN when there are no pairs)."""
+        """``count / pairs`` as a float64 Python float (``pairs >= 1``: no pairs is a ``ValueError`` upstream)."""
         return float(_rate(count, self.pairs))
 
 
@@ -836,9 +932,10 @@ def _ground_truth_columns(
     reward_names: Sequence[str],
     reward_sets: Mapping[str, Sequence[str]],
     tol: float,
+    fn: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indicators (B, 2 + S) bool, nonfinite (B,) bool)`` in the column order of :func:`ground_truth_columns`."""
-    _check_quality(candidate, baseline, candidate_quality, baseline_quality, tol)
+    _check_quality(candidate, baseline, candidate_quality, baseline_quality, tol, fn)
     if len(reward_names) != candidate.shape[1]:
         raise ValueError(
             f"reward_names has {len(reward_names)} names for {candidate.shape[1]} reward columns; "
@@ -884,10 +981,18 @@ def ground_truth_indicators(
         ``(B, 2 + len(reward_sets))`` float64 tensor of 0/1 on the CPU, column order :func:`ground_truth_columns`.
 
     Raises:
-        ValueError: shapes that do not match, a set naming an unknown reward, or a negative ``tol``.
+        ValueError: shapes that do not match, no pairs (B == 0), a set naming an unknown reward, or a negative
+            ``tol``.
     """
     ind, _ = _ground_truth_columns(
-        candidate, baseline, candidate_quality, baseline_quality, reward_names, reward_sets, tol
+        candidate,
+        baseline,
+        candidate_quality,
+        baseline_quality,
+        reward_names,
+        reward_sets,
+        tol,
+        "ground_truth_indicators()",
     )
     return ind.to(torch.float64)
 
@@ -926,7 +1031,7 @@ def count_ground_truth(
         ValueError: as :func:`ground_truth_indicators`.
     """
     ind, nonfinite = _ground_truth_columns(
-        candidate, baseline, candidate_quality, baseline_quality, reward_names, reward_sets, tol
+        candidate, baseline, candidate_quality, baseline_quality, reward_names, reward_sets, tol, "count_ground_truth()"
     )
     counts = [int(x) for x in ind.sum(dim=0)]
     return GroundTruthCounts(
@@ -976,7 +1081,7 @@ def ground_truth_table(
         ``attrs["quality_tol"]`` holds ``tol``.
 
     Raises:
-        ValueError: unknown ``baseline``, a model without quality, shapes that do not match, a set naming an unknown
+        ValueError: unknown ``baseline``, a model without quality, shapes that do not match, no pairs, a set naming an unknown
             reward, or a negative ``tol``.
     """
     if baseline not in scores:
@@ -989,7 +1094,8 @@ def ground_truth_table(
     rows = []
     for model, cand in scores.items():
         cand_q = quality[model]
-        ind, nonfinite = _ground_truth_columns(cand, base, cand_q, base_q, reward_names, reward_sets, tol)
+        fn = f"ground_truth_table() for model {model!r}"
+        ind, nonfinite = _ground_truth_columns(cand, base, cand_q, base_q, reward_names, reward_sets, tol, fn)
         pairs = int(ind.shape[0])
         count = ind.sum(dim=0)  # (K,) int64
         point = _rate(count, pairs)

@@ -175,11 +175,73 @@ def test_indicator_columns_match_the_functions():
         metrics.comparison_indicators(c, b, names, {"bad": ["a", "zz"]})
 
 
-def test_empty_reward_set_is_an_error_and_empty_batch_is_nan():
-    with pytest.raises(ValueError, match="no reward column"):
+def test_empty_reward_set_is_an_error():
+    with pytest.raises(ValueError, match=r"^jdr\(\): candidate and baseline have no reward column"):
         metrics.jdr(torch.zeros(3, 0), torch.zeros(3, 0))
-    assert math.isnan(metrics.jdr(torch.zeros(0, 2), torch.zeros(0, 2)).item())
-    assert metrics.count_outcomes(torch.zeros(0, 2), torch.zeros(0, 2)).pairs == 0
+
+
+EMPTY = torch.zeros(0, 2)
+NAMES, SETS = ["x", "y"], {"all": ["x", "y"]}
+Q0 = torch.zeros(0)
+
+
+@pytest.mark.parametrize(
+    ("fn", "call"),
+    [
+        ("win_rate", lambda: metrics.win_rate(EMPTY, EMPTY)),
+        ("jdr", lambda: metrics.jdr(EMPTY, EMPTY)),
+        ("jcr", lambda: metrics.jcr(EMPTY, EMPTY)),
+        ("count_outcomes", lambda: metrics.count_outcomes(EMPTY, EMPTY)),
+        ("comparison_indicators", lambda: metrics.comparison_indicators(EMPTY, EMPTY, NAMES, SETS)),
+        ("comparison_nonfinite", lambda: metrics.comparison_nonfinite(EMPTY, EMPTY, NAMES, SETS)),
+        ("comparison_table", lambda: metrics.comparison_table({"a": EMPTY, "b": EMPTY}, Q0, "b", NAMES, SETS)),
+        ("count_ground_truth", lambda: metrics.count_ground_truth(EMPTY, EMPTY, Q0, Q0, NAMES, SETS)),
+        ("ground_truth_indicators", lambda: metrics.ground_truth_indicators(EMPTY, EMPTY, Q0, Q0, NAMES, SETS)),
+        (
+            "ground_truth_table",
+            lambda: metrics.ground_truth_table({"a": EMPTY, "b": EMPTY}, {"a": Q0, "b": Q0}, Q0, "b", NAMES, SETS),
+        ),
+    ],
+)
+def test_every_rate_function_refuses_no_pairs(fn, call):
+    """Before: NaN with no message. A rate over no pairs is undefined: ValueError naming the function."""
+    with pytest.raises(
+        ValueError, match=r"^" + fn + r"\(\)( for model 'a')?: candidate and baseline have no pairs \(B = 0"
+    ):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("fn", "arg", "call"),
+    [
+        ("mean_scores", "scores", lambda: metrics.mean_scores(EMPTY)),
+        ("bootstrap_ci", "values", lambda: metrics.bootstrap_ci(torch.zeros(0), torch.zeros(0, dtype=torch.long))),
+        ("bootstrap_samples", "values", lambda: metrics.bootstrap_samples(EMPTY, torch.zeros(0, dtype=torch.long))),
+        ("gaussian_kl", "scores", lambda: metrics.gaussian_kl(EMPTY, torch.ones(3, 2))),
+        ("gaussian_kl", "base", lambda: metrics.gaussian_kl(torch.ones(3, 2), EMPTY)),
+    ],
+)
+def test_every_statistic_refuses_no_rows(fn, arg, call):
+    """Before: bootstrap_ci raised torch's 'cannot reshape tensor of 0 elements'; the others returned NaN."""
+    with pytest.raises(ValueError, match=rf"^{fn}\(\): {arg} has no rows \(shape \(0"):
+        call()
+
+
+def test_mean_score_table_refuses_a_model_without_samples():
+    with pytest.raises(ValueError, match=r"^mean_score_table\(\): scores of 'a' must be \(B, 2\) with B >= 1"):
+        metrics.mean_score_table({"a": EMPTY}, {"a": Q0}, NAMES)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("fn", ["bootstrap_ci", "bootstrap_samples"])
+def test_bootstrap_refuses_non_finite_values_naming_the_first(bad, fn):
+    """Before: bootstrap_ci([1, nan]) read (1, 1), the NaN skipped silently."""
+    with pytest.raises(ValueError, match=rf"^{fn}\(\): values\[1\] = {bad} is not finite \(1 of 2 entries"):
+        getattr(metrics, fn)(torch.tensor([1.0, bad]), torch.tensor([0, 1]))
+    values = torch.ones(4, 3)
+    values[2, 1] = values[3, 0] = bad
+    with pytest.raises(ValueError, match=rf"values\[2, 1\] = {bad} is not finite \(2 of 12 entries"):
+        getattr(metrics, fn)(values, torch.tensor([0, 0, 1, 1]))
 
 
 def test_mean_scores_skip_nonfinite_in_float64():
@@ -322,7 +384,8 @@ def test_wilson_interval_against_closed_form():
     assert lo == pytest.approx(0.4901624715, abs=1e-6) and hi == pytest.approx(0.9433178485, abs=1e-6)
     lo, hi = metrics.wilson_interval(0, 10, 0.95)
     assert lo == 0.0 and 0.25 < hi < 0.35
-    assert all(math.isnan(v) for v in metrics.wilson_interval(0, 0))
+    with pytest.raises(ValueError, match=r"^wilson_interval\(\): n must be a number of trials >= 1, got 0;"):
+        metrics.wilson_interval(0, 0)
 
 
 def test_wilson_interval_is_float64_and_contains_the_proportion():
@@ -339,7 +402,7 @@ def test_wilson_interval_is_float64_and_contains_the_proportion():
         metrics.wilson_interval(11, 10)
     with pytest.raises(ValueError, match="0 <= successes <= n"):
         metrics.wilson_interval(float("nan"), 10)
-    with pytest.raises(ValueError, match="n >= 0"):
+    with pytest.raises(ValueError, match="n must be a number of trials >= 1, got -1"):
         metrics.wilson_interval(0, -1)
     with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
         metrics.wilson_interval(1, 2, 1.0)
@@ -364,3 +427,42 @@ def test_tables():
     assert t.loc["b", "JDR2_count"] == 2 and t.loc["b", "JCR2_count"] == 1 and t.loc["b", "nonfinite"] == 0
     with pytest.raises(ValueError, match=r"must be \(B, 2\)"):
         metrics.mean_score_table({"a": a[:, :1]}, {"a": groups}, ["x", "y"])
+
+
+def test_gaussian_kl_matches_the_closed_form():
+    """Oracle: KL(N(m1, v1) || N(m0, v0)) = 0.5 log(v0 / v1) + (v1 + (m1 - m0)^2) / (2 v0) - 1/2, population variances."""
+    now = torch.tensor([[1.0, 0.0], [3.0, 4.0]])  # means 2, 2; variances 1, 4
+    base = torch.tensor([[0.0, 1.0], [2.0, 3.0], [1.0, 2.0]])  # means 1, 2; variances 2/3, 2/3
+    want = [0.5 * math.log((2 / 3) / v1) + (v1 + dm**2) / (2 * 2 / 3) - 0.5 for v1, dm in ((1.0, 1.0), (4.0, 0.0))]
+    got = metrics.gaussian_kl(now, base)
+    assert got.dtype == F64
+    assert_close(got, torch.tensor(want, dtype=F64), atol=1e-12, rtol=0)
+    assert_close(metrics.gaussian_kl(base, base), torch.zeros(2, dtype=F64), atol=1e-15, rtol=0)
+
+
+def test_gaussian_kl_floors_the_variance_for_one_sample_or_constant_rewards():
+    """Before: NaN. With s^2 <- max(s^2, 1e-12): point masses give defined values."""
+    floor = metrics.KL_VAR_FLOOR
+    assert floor == 1e-12
+    same = metrics.gaussian_kl(torch.ones(1, 2), torch.ones(1, 2))  # one sample each, equal: 0
+    assert same.tolist() == [0.0, 0.0]
+    assert metrics.gaussian_kl(torch.full((4, 1), 2.0), torch.full((3, 1), 2.0)).item() == 0.0
+    # a collapsed current distribution against a unit-variance base: 0.5 log(1 / floor) + (floor + 0) / 2 - 1/2
+    base = torch.tensor([[-1.0], [1.0]])  # mean 0, variance 1
+    got = metrics.gaussian_kl(torch.zeros(5, 1), base).item()
+    assert got == pytest.approx(0.5 * math.log(1 / floor) + floor / 2 - 0.5, rel=1e-12)
+    assert 13.0 < got < 14.0
+    # a constant base and a moving current: finite and large, (v1 + dm^2) / (2 floor) dominates
+    got = metrics.gaussian_kl(base, torch.zeros(3, 1)).item()
+    assert got == pytest.approx(0.5 * math.log(floor / 1.0) + 1.0 / (2 * floor) - 0.5, rel=1e-12)
+    # non-finite rewards stay non-finite (the probe logs None)
+    assert not math.isfinite(metrics.gaussian_kl(torch.tensor([[float("nan")], [1.0]]), base).item())
+
+
+def test_gaussian_kl_checks_shapes():
+    with pytest.raises(
+        ValueError, match=r"^gaussian_kl\(\): scores and base must have the same rewards M, got \(2, 2\) and \(2, 3\)"
+    ):
+        metrics.gaussian_kl(torch.ones(2, 2), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"^gaussian_kl\(\): base must be \(B, M\) reward vectors, got shape \(3,\)"):
+        metrics.gaussian_kl(torch.ones(2, 2), torch.ones(3))

@@ -6,6 +6,8 @@ Oracle: ``T = ot.sinkhorn(a, b, C, reg, method="sinkhorn_log")`` for each proble
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
 
 import pytest
@@ -141,6 +143,74 @@ def test_bad_arguments_raise():
         ot_loss(x, y, None, torch.ones(2, 3), epsilon=1.0, max_iter=10, tol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("weights", "where"),
+    [
+        (torch.full((2, 3), -1.0), r"source_weights\[0, 0\] = -1\.0"),
+        (torch.full((2, 3), float("nan")), r"source_weights\[0, 0\] = nan"),
+        (torch.tensor([1.0, -0.5, 1.0]), r"source_weights\[1\] = -0\.5"),
+        (torch.tensor([1.0, float("inf"), 1.0]), r"source_weights\[1\] = inf"),
+        (torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, float("-inf")]]), r"source_weights\[1, 2\] = -inf"),
+    ],
+)
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_weights_must_be_finite_and_non_negative(weights, where, side):
+    """Before: all -1 or all NaN gave 0 silently, a mixed or infinite weight gave NaN."""
+    x, y = torch.randn(2, 3, 2), torch.randn(2, 3, 2)
+    kw = {f"{side}_weights": weights}
+    with pytest.raises(
+        ValueError, match=r"^" + side + r"_weights must be finite and >= 0 .*" + where.replace("source", side)
+    ):
+        ot_loss(x, y, **kw, epsilon=EPS, max_iter=10, tol=1e-6)
+    ok = torch.tensor([0.0, 2.0, 0.5])  # zeros (padding) and unnormalised weights stay accepted
+    assert torch.isfinite(ot_loss(x, y, **{f"{side}_weights": ok}, epsilon=EPS, max_iter=500, tol=1e-6)).all()
+
+
+@pytest.mark.parametrize("key", ["epsilon", "tol"])
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf")])
+def test_epsilon_and_tol_must_be_finite_and_positive(key, bad):
+    kw = {"epsilon": EPS, "max_iter": 10, "tol": 1e-6, key: bad}
+    with pytest.raises(ValueError, match=rf"^ot\.{key} must be a finite number > 0, got {bad}\."):
+        ot_loss(torch.zeros(2, 3, 2), torch.zeros(2, 3, 2), **kw)
+
+
+def test_max_iter_must_be_at_least_one():
+    with pytest.raises(ValueError, match=r"^ot\.max_iter must be >= 1, got 0\."):
+        ot_loss(torch.zeros(2, 3, 2), torch.zeros(2, 3, 2), epsilon=EPS, max_iter=0, tol=1e-6)
+
+
+def test_batch_shapes_that_do_not_broadcast_name_every_shape():
+    """Before: torch's RuntimeError 'Attempting to broadcast'."""
+    with pytest.raises(ValueError, match=r"do not broadcast: source \(2, 3, 2\), target \(3, 4, 2\) "):
+        ot_loss(torch.zeros(2, 3, 2), torch.zeros(3, 4, 2), epsilon=EPS, max_iter=10, tol=1e-6)
+    with pytest.raises(ValueError, match=r"source \(2, 3, 2\), target \(2, 4, 2\), target_weights \(5, 4\)"):
+        ot_loss(torch.zeros(2, 3, 2), torch.zeros(2, 4, 2), None, torch.ones(5, 4), epsilon=EPS, max_iter=10, tol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(("side", "n"), [("source", 4), ("target", 4), ("source", 1), ("target", 1)])
+def test_non_finite_point_makes_its_problem_nan_without_the_sinkhorn_warning(bad, side, n):
+    """Before: the misleading 'did not reach its marginal tolerance ... Raise ot.max_iter' warning."""
+    x, y = _batch(torch.float64, torch.Generator().manual_seed(6), shape=(3, n, 3))
+    x = x.detach().clone()
+    ref = ot_loss(x, y, epsilon=EPS, max_iter=3000, tol=1e-9)
+    (x if side == "source" else y)[1, 0, 2] = bad
+    x.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = ot_loss(x, y, epsilon=EPS, max_iter=3000, tol=1e-9)
+    assert math.isnan(loss[1].item())
+    torch.testing.assert_close(loss[[0, 2]], ref[[0, 2]], atol=1e-10, rtol=0)  # the other problems are unaffected
+    loss[[0, 2]].sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[1] == 0).all()
+    # the same point as padding (weight 0) is ignored
+    w = torch.ones(3, x.shape[-2] if side == "source" else y.shape[-2], dtype=torch.float64)
+    w[1, 0] = 0.0
+    kw = {f"{side}_weights": w}
+    if w.shape[-1] > 1:
+        assert torch.isfinite(ot_loss(x, y, **kw, epsilon=EPS, max_iter=3000, tol=1e-9)).all()
+
+
 @pytest.mark.parametrize("side", ["source", "target"])
 def test_single_point_side_is_exact_without_iterating(side):
     """With one point on a side the only coupling is a b^T; POT converged agrees, and max_iter=1 does not warn."""
@@ -164,3 +234,54 @@ def test_single_point_side_is_exact_without_iterating(side):
         value, grad = _pot_reference(x[i], y[i], a=a, b=b, reg=1e-3)
         torch.testing.assert_close(loss[i], value, atol=1e-8, rtol=0)
         torch.testing.assert_close(x.grad[i], grad, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("objective", ["pgot_offline", "pgot_online"])
+def test_objectives_raise_the_same_errors_through_ot_loss(objective):
+    from pgot import objectives
+
+    scores = torch.randn(2, 3, 2)
+    front, mask = torch.randn(2, 4, 2) + 3.0, torch.ones(2, 4, dtype=torch.bool)
+    fn = getattr(objectives, objective)
+    with pytest.raises(ValueError, match=r"^ot\.tol must be a finite number > 0, got -1\.0\."):
+        fn(scores, front, mask, epsilon=EPS, max_iter=10, tol=-1.0)
+    with pytest.raises(ValueError, match=r"^ot\.epsilon must be a finite number > 0, got nan\."):
+        fn(scores, front, mask, epsilon=float("nan"), max_iter=10, tol=1e-6)
+    # a -inf sample is dominated by the whole front: its problem is NaN, with no Sinkhorn warning
+    scores[0, 0, 0] = float("-inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(fn(scores, front, mask, epsilon=EPS, max_iter=2000, tol=1e-6).item())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ot.epsilon=inf", "ot.epsilon must be finite, got inf."),
+        ("ot.tol=inf", "ot.tol must be finite, got inf."),
+        ("ot.tol=nan", "ot.tol must be > 0, got nan."),
+    ],
+)
+def test_config_refuses_what_ot_loss_refuses(override, message):
+    """The config check (pgot.config) applies ot_loss's knob rules before any model loads."""
+    from pathlib import Path
+
+    from pgot.config import load_config
+
+    debug = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(debug, [override], "train")
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_overflowing_squared_distance_is_nan_without_the_sinkhorn_warning(n):
+    """float32 points 3e19 apart: |x - y|^2 overflows to inf; that problem is NaN, the others exact."""
+    x, y = _batch(torch.float32, torch.Generator().manual_seed(7), shape=(3, n, 2))
+    ref = ot_loss(x, y, epsilon=EPS, max_iter=3000, tol=1e-5)
+    x = x.detach().clone()
+    x[0, 0, 1] = 3e19
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = ot_loss(x, y, epsilon=EPS, max_iter=3000, tol=1e-5)
+    assert math.isnan(loss[0].item())
+    torch.testing.assert_close(loss[1:], ref[1:].detach())
