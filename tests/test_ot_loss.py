@@ -257,9 +257,9 @@ def test_objectives_raise_the_same_errors_through_ot_loss(objective):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("ot.epsilon=inf", "ot.epsilon must be finite, got inf."),
-        ("ot.tol=inf", "ot.tol must be finite, got inf."),
-        ("ot.tol=nan", "ot.tol must be > 0, got nan."),
+        ("ot.epsilon=inf", "ot.epsilon must be a finite number, got inf."),
+        ("ot.tol=inf", "ot.tol must be a finite number, got inf."),
+        ("ot.tol=nan", "ot.tol must be a finite number, got nan."),
     ],
 )
 def test_config_refuses_what_ot_loss_refuses(override, message):
