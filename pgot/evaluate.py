@@ -66,7 +66,7 @@ import torch
 import yaml
 
 from pgot import human_eval, metrics, plots, tables
-from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet, hold_folder, source_hash
+from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet, hold_folder, source_hash, table_tensor
 from pgot.images import load_image, save_png
 from pgot.model import check_lora_file, load_lora, load_lora_soup, load_model, resolve_lora_file
 from pgot.prompts import SAMPLE_KEY, find_table, read_table
@@ -387,8 +387,8 @@ def _generate_batch(cfg: Config, model: Any, rewards: list, chunk: pd.DataFrame)
         images = generate(
             model,
             chunk["prompt"].tolist(),
-            torch.tensor(chunk["prompt_id"].to_numpy()),
-            torch.tensor(chunk["sample_index"].to_numpy()),
+            table_tensor(chunk["prompt_id"].to_numpy()),
+            table_tensor(chunk["sample_index"].to_numpy()),
             cfg.eval.seed,
             **dataclasses.asdict(cfg.draft) | {"k": 0},
             cache_dir=cfg.model.embedding_cache or None,
@@ -400,7 +400,7 @@ def _generate_batch(cfg: Config, model: Any, rewards: list, chunk: pd.DataFrame)
 def _determinism_check(cfg: Config, model: Any, rewards: list, name: str, first: pd.DataFrame, out: Path) -> None:
     """Generate the baseline's first batch again and compare: the 0/0 sanity check of seeds and batch layout."""
     _, again = _generate_batch(cfg, model, rewards, first)
-    before = torch.tensor(first[cfg.reward_names].to_numpy(dtype="float64"))
+    before = table_tensor(first[cfg.reward_names].to_numpy(), "float64")
     diff = (again - before).abs()
     report = {
         "model": name,
@@ -669,8 +669,8 @@ def _paired(
     out = {}
     for m in models:
         rows = common.merge(df[df["model"] == m], on=KEY, how="left")
-        out[m] = torch.tensor(rows[list(reward_names)].to_numpy(dtype="float64"))
-    return out, torch.tensor(common["prompt_id"].to_numpy(dtype="int64"))
+        out[m] = table_tensor(rows[list(reward_names)].to_numpy(), "float64")
+    return out, table_tensor(common["prompt_id"].to_numpy(), "int64")
 
 
 # --------------------------------------------------------------------------------------------
@@ -949,8 +949,8 @@ def _run(cfg: Config) -> Path:
         )
     per_model = {m: scores[scores["model"] == m] for m in ordered}
     means = metrics.mean_score_table(
-        {m: torch.tensor(d[columns].to_numpy(dtype="float64")) for m, d in per_model.items()},
-        {m: torch.tensor(d["prompt_id"].to_numpy(dtype="int64")) for m, d in per_model.items()},
+        {m: table_tensor(d[columns].to_numpy(), "float64") for m, d in per_model.items()},
+        {m: table_tensor(d["prompt_id"].to_numpy(), "int64") for m, d in per_model.items()},
         columns,
         **boot,
     )
