@@ -135,9 +135,9 @@ def other_stage_problems(folder: str | Path, key: str, stage: str) -> list[str]:
         return []
     other, items = found
     return [
-        f"{key}={folder} holds {STAGE_OUTPUTS[other][0]} ({', '.join(items)}), the output of "
-        f"{_OUTPUT_KEYS[other]}, not of pgot-{stage}; writing there would overwrite or mix with it. Set {key} to "
-        "a folder of its own (a new one, or one pgot-" + stage + " wrote)."
+        f"{key}={folder} holds {STAGE_OUTPUTS[other][0]} ({', '.join(items)}; written as {_OUTPUT_KEYS[other]}), not "
+        f"the output of pgot-{stage}: writing there would overwrite or mix with it. Set {key} to a folder of its own (a "
+        f"new one, or one pgot-{stage} wrote)."
     ]
 
 
