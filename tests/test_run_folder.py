@@ -64,3 +64,17 @@ def test_folder_stage_reads_what_each_stage_leaves(tmp_path):
         "of pgot-train: writing there would overwrite or mix with it. Set train.output_dir to a folder of its own (a "
         "new one, or one pgot-train wrote)."
     ]
+
+
+def test_refused_training_leaves_no_trace_in_the_folder_it_created(tmp_path, monkeypatch):
+    """A run refused after it took its folder (here: the preflight bypassed, a resume naming no checkpoint) removes
+    the folder and the parents it created: no .pgot.lock, no config.yaml."""
+    import pytest
+
+    import pgot.train
+
+    monkeypatch.setattr(pgot.train, "preflight", lambda cfg, stage: None)
+    cfg = _cfg(tmp_path / "new" / "run", f"train.resume={tmp_path / 'nowhere'}", "train.strategy=online")
+    with pytest.raises(ValueError, match="train.resume"):
+        pgot.train.run(cfg)
+    assert not (tmp_path / "new").exists()
