@@ -66,7 +66,8 @@ import torch
 import yaml
 
 from pgot import human_eval, metrics, plots, tables
-from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet, hold_folder, source_hash, table_tensor
+from pgot.arrays import table_tensor
+from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet, hold_folder, source_hash
 from pgot.images import load_image, save_png
 from pgot.model import check_lora_file, load_lora, load_lora_soup, load_model, resolve_lora_file
 from pgot.prompts import SAMPLE_KEY, find_table, read_table

@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import filelock
-import numpy as np
-import torch
 from accelerate.utils import broadcast_object_list
 
 if TYPE_CHECKING:
@@ -61,7 +59,6 @@ __all__ = [
     "read_holder",
     "remove_temporaries",
     "source_hash",
-    "table_tensor",
     "temporary_name",
 ]
 
@@ -439,22 +436,3 @@ def _share(accelerator: Accelerator | None, status: tuple[str, str]) -> tuple[st
     box = [list(status)]
     broadcast_object_list(box, from_process=0)
     return box[0][0], box[0][1]
-
-
-def table_tensor(values: Any, dtype: Any = None) -> torch.Tensor:
-    """A tensor holding a copy of ``values`` (a numpy array, or what ``DataFrame.to_numpy()`` /
-    ``Series.to_numpy()`` returns), whatever the array's memory layout.
-
-    The one way pgot turns table columns into tensors: ``to_numpy()`` may return a view of the frame's blocks
-    whose layout depends on how the frame was built (transposed, or with negative strides after a reversal),
-    and ``torch.tensor`` / ``torch.from_numpy`` refuse negative strides. The array is made C-contiguous first
-    (``np.ascontiguousarray``), so the tensor never shares memory with the frame.
-
-    Args:
-        values: an array-like of any shape, e.g. ``(N, M)`` score columns or ``(N,)`` ids.
-        dtype: the numpy dtype to convert to (``"float64"``, ``np.float32``, ...); default: keep the array's.
-
-    Returns:
-        A tensor of the same shape, on the CPU.
-    """
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(values, dtype=dtype)).copy())

@@ -42,7 +42,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pgot.files import atomic_write_parquet, atomic_write_text, table_tensor
+from pgot.arrays import table_tensor
+from pgot.files import atomic_write_parquet, atomic_write_text
 from pgot.pareto import pareto_mask
 
 if TYPE_CHECKING:

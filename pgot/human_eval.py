@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 from pgot import metrics
-from pgot.files import atomic_write_json, atomic_write_text, source_hash, table_tensor
+from pgot.arrays import table_tensor
+from pgot.files import atomic_write_json, atomic_write_text, source_hash
 from pgot.images import load_image
 from pgot.prompts import SAMPLE_KEY as KEY
 from pgot.prompts import find_table, read_table

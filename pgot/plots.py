@@ -33,7 +33,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from pgot import metrics
-from pgot.files import table_tensor
+from pgot.arrays import table_tensor
 
 __all__ = [
     "curve_title",

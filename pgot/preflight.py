@@ -5,7 +5,10 @@
 config's own rules (:func:`pgot.config.check`) everything that needs a file, a folder or the environment, but no
 weights:
 
-* all stages: the prompt file parses (``prompts.path``); the base model folder has ``model_index.json`` and its
+* all stages: ``model.device`` exists on this machine (:func:`pgot.devices.device_problems`); the output folder
+  (``precompute.store``, ``train.output_dir``, ``eval.output_dir``) can be created and written (tried, then
+  removed: :func:`output_folder`) and holds no other stage's output (:func:`pgot.run_folder.other_stage_problems`);
+  the prompt file parses (``prompts.path``); the base model folder has ``model_index.json`` and its
   subfolders, or a hub id is complete in the local hub cache (``model.path``); ``model.lora_path`` is a diffusers
   LoRA file; each learned reward's checkpoint exists with the files its loader reads, and its architecture takes
   224 px images (``rewards.<i>.path`` / ``arch``; the loaders' own path logic, :func:`pgot.rewards.check`);
@@ -15,8 +18,13 @@ weights:
   names a checkpoint; the frontier store exists (or ``train.precompute_if_missing``), was built with the same
   settings and holds every training prompt; the trackers of ``train.log_with`` are installed; the agent has its
   key (``$agent.api_key_env``), its script and its reference images;
-* ``eval``: ``eval.output_dir`` can be written; the LoRA files of ``eval.models`` (and soups); the manifest and
-  the images it names; the preference data; the vote files and the study they belong to; ``eval.runs``.
+* ``eval``: the run's own checks before it loads weights, called, not copied: :func:`pgot.evaluate.generation_problems`
+  (the LoRA files of ``eval.models`` and soups and their base model, distinct model names, the prompts
+  ``eval.ground_truth`` must judge, ``eval.baseline``) or :func:`pgot.evaluate.manifest_models` (the manifest, the
+  images it names, its models); the preference data; the vote files and the study they belong to; ``eval.runs``.
+
+Rule: whatever a run checks before loading weights is checked here, by the same function, so ``--check`` passes
+exactly the configs the run starts.
 
 Each problem is one line that names the config key as typed on the command line (``rewards.2.path``).
 """
@@ -57,7 +65,8 @@ _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 def preflight(cfg: Config, stage: str) -> None:
     """Check ``cfg`` for ``stage`` (config rules and every input) and raise one error listing every problem.
 
-    Nothing is loaded, written or created: no weights, no folders.
+    Nothing is loaded or left behind: no weights; an output folder is created only to see that it can be, and
+    removed again.
 
     Args:
         cfg: the config.

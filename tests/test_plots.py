@@ -289,7 +289,7 @@ def test_pareto_scatter_of_one_model_whatever_the_frame_layout(tmp_path):
 def test_table_tensor_copies_any_layout():
     import numpy as np
 
-    from pgot.files import table_tensor
+    from pgot.arrays import table_tensor
 
     df = _negative_stride_scores()
     t = table_tensor(df[["r1", "r2"]].to_numpy(), "float64")
@@ -301,3 +301,14 @@ def test_table_tensor_copies_any_layout():
     before = t.clone()
     df.loc[0, "r1"] = -1.0
     assert torch.equal(t, before)
+
+
+def test_maths_functions_take_numpy_of_any_layout():
+    """The NumPy inputs of the maths functions (pgot.arrays) go through the same copy: a reversed view works."""
+    import numpy as np
+
+    from pgot.pareto import pareto_mask
+
+    points = np.array([[1.0, 2.0], [2.0, 1.0], [0.0, 0.0]])[::-1, ::-1]  # negative strides on both axes
+    assert pareto_mask(points).tolist() == [False, True, True]
+    assert plots.pareto_front_2d(torch.tensor([[1.0, 2.0], [2.0, 1.0]])).tolist() == [[1.0, 2.0], [2.0, 1.0]]
