@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-__all__ = ["accepts_numpy"]
+__all__ = ["accepts_numpy", "table_tensor"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,6 +46,26 @@ class _Spec:
         self.describe = describe
         self.check = check
         self.plural = plural or describe
+
+
+def table_tensor(values: Any, dtype: Any = None) -> torch.Tensor:
+    """A tensor holding a copy of ``values`` (a numpy array, or what ``DataFrame.to_numpy()`` /
+    ``Series.to_numpy()`` returns), whatever the array's memory layout.
+
+    The one way pgot turns table columns into tensors: ``to_numpy()`` may return a view of the frame's blocks
+    whose layout depends on how the frame was built (transposed, or with negative strides after a reversal),
+    and ``torch.tensor`` / ``torch.from_numpy`` refuse negative strides. The values are copied into a new
+    C-ordered array first (``np.array(..., order="C", copy=True)``; a 0-dim array stays 0-dim), so the tensor never
+    shares memory with the frame.
+
+    Args:
+        values: an array-like of any shape, e.g. ``(N, M)`` score columns or ``(N,)`` ids.
+        dtype: the numpy dtype to convert to (``"float64"``, ``np.float32``, ...); default: keep the array's.
+
+    Returns:
+        A tensor of the same shape, on the CPU.
+    """
+    return torch.from_numpy(np.array(values, dtype=dtype, order="C", copy=True))
 
 
 def _ok(value: Any) -> tuple[bool, Any, bool, bool]:
@@ -61,7 +81,7 @@ def _tensor_check(value: Any) -> tuple[bool, Any, bool, bool]:
     if isinstance(value, (np.ndarray, np.generic)) and not isinstance(value, (np.str_, np.bytes_)):
         if value.dtype.kind not in "biuf":  # bool, int, unsigned, float
             return False, value, False, False
-        return True, torch.tensor(np.asarray(value)), True, False
+        return True, table_tensor(value), True, False  # any memory layout (a reversed or transposed view)
     return False, value, False, False
 
 

@@ -629,12 +629,6 @@ def _check_ranges(cfg: Config) -> list[str]:
             n in names or (typo and n in known),
             f"train.active_rewards names {n!r}, which is not in rewards ({', '.join(names) or 'none'}).{_did_you_mean(n, names)}",
         )
-    for set_name, members in t.reward_sets.items():
-        for n in members:
-            need(
-                n in names or (typo and n in known),
-                f"train.reward_sets.{set_name} names {n!r}, which is not in rewards ({', '.join(names) or 'none'}).{_did_you_mean(n, names)}",
-            )
     model_names = [mm.resolved_name(i) for i, mm in enumerate(e.models)]
     if e.baseline and model_names and not e.manifest:  # with a manifest, the models come from its model column
         need(
@@ -1032,6 +1026,7 @@ def check(cfg: Config, stage: str | None = None) -> list[str]:
     problems = _check_finite(cfg)
     nonfinite = [q.split(" ", 1)[0] for q in problems]  # their range lines would only repeat the same key
     problems += [q for q in _check_ranges(cfg) if not any(_about(q, k) for k in nonfinite)]
+    problems += check_reward_sets(cfg, stage)
     if stage is None:
         return problems
     if stage not in STAGES:
@@ -1056,6 +1051,43 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     problems = check(cfg, stage)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
+
+
+def check_reward_sets(cfg: Config, stage: str) -> list[str]:
+    """The reward sets JDR/JCR are computed on: ``train.reward_sets`` (probes and the end-of-training table; checked
+    in every stage, as the config's own rule) and, in ``eval``, ``eval.reward_sets``.
+
+    Rule: each set is non-empty (a joint rate over no reward is undefined: the probes and the tables would fail
+    after training) and names only configured rewards (a name a mistyped ``rewards.<i>.name`` meant is that typo's
+    line, not one more). ``train.reward_sets={}`` means every reward as ``all``.
+
+    Args:
+        cfg: the config.
+        stage: ``precompute``, ``train``, ``eval`` or None (the section rules only).
+
+    Returns:
+        One line per problem, naming the key as typed on the command line (``train.reward_sets.X``).
+    """
+    names, known, p = cfg.reward_names, known_reward_names(), []
+    typo = any(n and n not in known for n in names)  # then a known name here is that typo's line, not one more
+    sets = [("train", cfg.train.reward_sets)] + ([("eval", cfg.eval.reward_sets)] if stage == "eval" else [])
+    for section, set_name, members in [(sec, k, v) for sec, rs in sets for k, v in rs.items()]:
+        key = f"{section}.reward_sets.{set_name}"
+        if not members:
+            p.append(
+                f"{key} is empty: a joint rate over no reward is undefined. List at least one reward "
+                f"(e.g. {key}=[{', '.join(names[:2])}]), or remove the set."
+            )
+        for n in members:
+            if n not in names and not (typo and n in known):
+                listed = ", ".join(names) or "none"
+                p.append(
+                    f"{key} names {n!r}, which is not a scored reward ({listed}). Add it to rewards, or set "
+                    f"eval.reward_sets, e.g. eval.reward_sets='{{all: [{', '.join(names)}]}}'."
+                    if section == "eval"
+                    else f"{key} names {n!r}, which is not in rewards ({listed}).{_did_you_mean(n, names)}"
+                )
+    return p
 
 
 def known_reward_names() -> list[str]:
@@ -1127,17 +1159,6 @@ def _check_train(cfg: Config) -> list[str]:
 
 def _check_eval(cfg: Config) -> list[str]:
     e, names, p = cfg.eval, cfg.reward_names, []
-    known = known_reward_names()
-    typo = any(n and n not in known for n in names)  # then a known name here is that typo's line, not one more
-    for set_name, members in e.reward_sets.items():
-        if not members:
-            p.append(f"eval.reward_sets.{set_name} is empty; list at least one reward.")
-        for n in members:
-            if n not in names and not (typo and n in known):
-                p.append(
-                    f"eval.reward_sets.{set_name} names {n!r}, which is not a scored reward ({', '.join(names) or 'none'}). "
-                    f"Add it to rewards, or set eval.reward_sets, e.g. eval.reward_sets='{{all: [{', '.join(names)}]}}'."
-                )
     sr = e.scatter_rewards
     if sr and (len(sr) != 2 or any(n not in names for n in sr)):
         p.append(f"eval.scatter_rewards must name two scored rewards ({', '.join(names)}), got {sr}.")

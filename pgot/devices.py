@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DTYPES", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "device_problems", "resolve_device", "resolve_dtype"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Dtype names accepted by the ``dtype`` config keys."""
@@ -19,6 +19,41 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def device_problems(device: str | None, key: str = "model.device") -> list[str]:
+    """Why the device setting ``device`` (config key ``key``) cannot be used on this machine; empty when it can.
+
+    Rule: a device that is named must exist here, in every stage (pgot-train would otherwise run on the CPU
+    behind the user's back, pgot-eval would stop with a driver traceback). ``auto`` always can; ``cuda:<i>`` needs
+    more than ``i`` CUDA devices; ``mps`` and other accelerators need their backend to say it is available.
+
+    Returns:
+        One line naming ``key`` as typed on the command line, or nothing.
+    """
+    if device is None or str(device) == "auto":
+        return []
+    fix = f"Set {key}=auto (CUDA when there is one, else the CPU) or {key}=cpu, or run where that device exists."
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        return [f"{key}={device!r} is not a device name. Use auto, cpu, cuda or cuda:<index>."]
+    if dev.type == "cpu":
+        return []
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return [
+                f"{key}={device} but this machine has no usable CUDA device (torch.cuda.is_available() is False). {fix}"
+            ]
+        if dev.index is not None and dev.index >= count:
+            return [f"{key}={device} but this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}). {fix}"]
+        return []
+    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        return [f"{key}={device} but this machine has no {dev.type} device. {fix}"]
+    return []
 
 
 def resolve_dtype(

@@ -56,7 +56,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +66,7 @@ import torch
 import yaml
 
 from pgot import human_eval, metrics, plots, tables
+from pgot.arrays import table_tensor
 from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet, hold_folder, source_hash
 from pgot.images import load_image, save_png
 from pgot.model import check_lora_file, load_lora, load_lora_soup, load_model, resolve_lora_file
@@ -80,8 +81,10 @@ __all__ = [
     "KEY",
     "ModelSpec",
     "check_bases",
+    "generation_problems",
     "ground_truth_problems",
     "ground_truth_quality",
+    "manifest_models",
     "model_specs",
     "read_manifest",
     "read_scores",
@@ -122,14 +125,21 @@ class ModelSpec:
         return list(self.soup) if self.soup else ([self.lora] if self.lora is not None else [])
 
 
-def model_specs(models: Sequence[EvalModelConfig]) -> list[ModelSpec]:
+def model_specs(models: Sequence[EvalModelConfig], fingerprint: str | None = None) -> list[ModelSpec]:
     """Resolve ``eval.models`` (default: the base model alone) into :class:`ModelSpec` with checked LoRA files.
 
     Every LoRA file is checked from its header (:func:`pgot.model.check_lora_file`: a LoRA of the SD3 transformer
     in a naming pgot reads, complete), before any model loads; every problem of every model is reported at once.
+    The preflight (``--check``) calls this same function, so it refuses what the run refuses.
+
+    Args:
+        models: ``eval.models``.
+        fingerprint: the base model's fingerprint, when known without loading it (the preflight): each LoRA that
+            records another base is refused too (as :func:`check_bases`, unless ``allow_lora_transfer``).
 
     Raises:
-        ValueError: a LoRA path that does not exist or is not a usable LoRA file, or two models with the same name.
+        ValueError: a LoRA path that does not exist or is not a usable LoRA file, or two models with the same name
+            (one line per problem).
     """
     if not models:
         return [ModelSpec(name="base")]
@@ -146,7 +156,8 @@ def model_specs(models: Sequence[EvalModelConfig]) -> list[ModelSpec]:
             except ValueError as exc:
                 problems.append(str(exc))
                 continue
-            problems += check_lora_file(files[-1], key=spec.key)
+            base = None if m.allow_lora_transfer else fingerprint
+            problems += check_lora_file(files[-1], key=spec.key, fingerprint=base)
         if len(files) == len(paths):
             if m.soup:
                 spec.soup = {f: float(w) for f, w in zip(files, m.soup.values(), strict=True)}
@@ -387,8 +398,8 @@ def _generate_batch(cfg: Config, model: Any, rewards: list, chunk: pd.DataFrame)
         images = generate(
             model,
             chunk["prompt"].tolist(),
-            torch.tensor(chunk["prompt_id"].to_numpy()),
-            torch.tensor(chunk["sample_index"].to_numpy()),
+            table_tensor(chunk["prompt_id"].to_numpy()),
+            table_tensor(chunk["sample_index"].to_numpy()),
             cfg.eval.seed,
             **dataclasses.asdict(cfg.draft) | {"k": 0},
             cache_dir=cfg.model.embedding_cache or None,
@@ -400,7 +411,7 @@ def _generate_batch(cfg: Config, model: Any, rewards: list, chunk: pd.DataFrame)
 def _determinism_check(cfg: Config, model: Any, rewards: list, name: str, first: pd.DataFrame, out: Path) -> None:
     """Generate the baseline's first batch again and compare: the 0/0 sanity check of seeds and batch layout."""
     _, again = _generate_batch(cfg, model, rewards, first)
-    before = torch.tensor(first[cfg.reward_names].to_numpy(dtype="float64"))
+    before = table_tensor(first[cfg.reward_names].to_numpy(), "float64")
     diff = (again - before).abs()
     report = {
         "model": name,
@@ -669,8 +680,8 @@ def _paired(
     out = {}
     for m in models:
         rows = common.merge(df[df["model"] == m], on=KEY, how="left")
-        out[m] = torch.tensor(rows[list(reward_names)].to_numpy(dtype="float64"))
-    return out, torch.tensor(common["prompt_id"].to_numpy(dtype="int64"))
+        out[m] = table_tensor(rows[list(reward_names)].to_numpy(), "float64")
+    return out, table_tensor(common["prompt_id"].to_numpy(), "int64")
 
 
 # --------------------------------------------------------------------------------------------
@@ -815,16 +826,15 @@ def _rewards_factory(cfg: Config) -> Any:
     return build
 
 
-def _score_manifest(cfg: Config, scores_path: Path, factory: Any) -> tuple[pd.DataFrame, list[str]]:
-    e = cfg.eval
-    try:
-        from pgot.prompts import load_prompts
+def manifest_models(cfg: Config, manifest: pd.DataFrame) -> list[str]:
+    """The models of ``eval.manifest`` to rescore (``eval.models``' names, default: every model of the manifest),
+    checked before anything is scored; the preflight calls this same function.
 
-        ps = load_prompts(cfg.prompts)
-        prompt_texts = dict(zip(ps.ids, ps.prompts, strict=True))
-    except (ValueError, FileNotFoundError):
-        prompt_texts = None
-    manifest = read_manifest(e.manifest, default_seed=e.seed, prompt_texts=prompt_texts)
+    Raises:
+        ValueError: ``eval.models`` names a model the manifest lacks; ``eval.ground_truth`` cannot judge the
+            manifest's prompts (:func:`ground_truth_problems`); ``eval.baseline`` is not among the models.
+    """
+    e = cfg.eval
     in_manifest = list(dict.fromkeys(manifest["model"]))
     models = [m.name for m in e.models if m.name] or in_manifest
     unknown = [m for m in models if m not in in_manifest]
@@ -838,18 +848,62 @@ def _score_manifest(cfg: Config, scores_path: Path, factory: Any) -> tuple[pd.Da
         raise ValueError(
             "\n".join(p.replace(f"prompts.path={cfg.prompts.path}", f"eval.manifest={e.manifest}") for p in problems)
         )
+    _baseline(cfg, models)
+    return models
+
+
+def generation_problems(cfg: Config, prompts: Sequence[str], fingerprint: str | None = None) -> list[str]:
+    """Everything :func:`run` checks before it loads weights to generate: ``eval.models`` (:func:`model_specs`:
+    LoRA files, distinct names, and the base of each LoRA when ``fingerprint`` is given), the ground truth's
+    prompts (:func:`ground_truth_problems` on ``prompts``, the eval prompts) and ``eval.baseline``.
+
+    Returns:
+        One line per problem (empty when generation may start); the preflight reports these with ``--check``.
+    """
+    problems: list[str] = []
+    specs: list[ModelSpec] = []
+    try:
+        specs = model_specs(cfg.eval.models, fingerprint)
+    except ValueError as exc:
+        problems += str(exc).splitlines()
+    problems += ground_truth_problems(cfg, prompts)
+    if specs:
+        try:
+            _baseline(cfg, [s.name for s in specs])
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _score_manifest(
+    cfg: Config, scores_path: Path, factory: Any, started: Callable[[], None]
+) -> tuple[pd.DataFrame, list[str]]:
+    e = cfg.eval
+    try:
+        from pgot.prompts import load_prompts
+
+        ps = load_prompts(cfg.prompts)
+        prompt_texts = dict(zip(ps.ids, ps.prompts, strict=True))
+    except (ValueError, FileNotFoundError):
+        prompt_texts = None
+    manifest = read_manifest(e.manifest, default_seed=e.seed, prompt_texts=prompt_texts)
+    models = manifest_models(cfg, manifest)
+    started()
     _rescore(cfg, models, manifest, scores_path, factory)
     keys = manifest.loc[manifest["model"].isin(models), ["model", *KEY]]
     return read_scores(scores_path).merge(keys, on=["model", *KEY]), models
 
 
-def _score_generated(cfg: Config, out: Path, scores_path: Path, factory: Any) -> tuple[pd.DataFrame, list[str]]:
+def _score_generated(
+    cfg: Config, out: Path, scores_path: Path, factory: Any, started: Callable[[], None]
+) -> tuple[pd.DataFrame, list[str]]:
     e = cfg.eval
-    specs = model_specs(e.models)
-    models = [s.name for s in specs]
-    problems = ground_truth_problems(cfg, _eval_prompts(cfg)[0])  # before any weight loads
+    problems = generation_problems(cfg, _eval_prompts(cfg)[0])  # before any weight loads
     if problems:
         raise ValueError("\n".join(problems))
+    specs = model_specs(e.models)
+    models = [s.name for s in specs]
+    started()
     _generate_and_score(cfg, specs, _baseline(cfg, models), scores_path, out, factory)
     _, ids = _eval_prompts(cfg)
     scores = read_scores(scores_path)
@@ -916,7 +970,8 @@ def run(cfg: Config) -> Path:
             "every process would evaluate every model into the same eval.output_dir. Start it as a plain command: "
             "pgot-eval --config ..."
         )
-    with hold_folder(cfg.eval.output_dir, key="eval.output_dir", what="pgot-eval"):
+    # a refusal before any score is written leaves no trace (config.yaml, the lock, a folder this run created)
+    with hold_folder(cfg.eval.output_dir, key="eval.output_dir", what="pgot-eval", scratch=("config.yaml",)):
         return _run(cfg)
 
 
@@ -926,13 +981,16 @@ def _run(cfg: Config) -> Path:
     e = cfg.eval
     names = cfg.reward_names
     out = Path(e.output_dir)
-    atomic_write(out / "config.yaml", lambda tmp: save_config(cfg, tmp))
+
+    def started() -> None:  # written once the run's own checks pass: a refused run leaves an old config.yaml as is
+        atomic_write(out / "config.yaml", lambda tmp: save_config(cfg, tmp))
+
     scores_path = out / "scores.parquet"
     factory = _rewards_factory(cfg)
     if e.manifest:
-        scores, models = _score_manifest(cfg, scores_path, factory)
+        scores, models = _score_manifest(cfg, scores_path, factory, started)
     else:
-        scores, models = _score_generated(cfg, out, scores_path, factory)
+        scores, models = _score_generated(cfg, out, scores_path, factory, started)
     baseline = _baseline(cfg, models)
     ordered = [baseline] + [m for m in models if m != baseline]
 
@@ -949,8 +1007,8 @@ def _run(cfg: Config) -> Path:
         )
     per_model = {m: scores[scores["model"] == m] for m in ordered}
     means = metrics.mean_score_table(
-        {m: torch.tensor(d[columns].to_numpy(dtype="float64")) for m, d in per_model.items()},
-        {m: torch.tensor(d["prompt_id"].to_numpy(dtype="int64")) for m, d in per_model.items()},
+        {m: table_tensor(d[columns].to_numpy(), "float64") for m, d in per_model.items()},
+        {m: table_tensor(d["prompt_id"].to_numpy(), "int64") for m, d in per_model.items()},
         columns,
         **boot,
     )

@@ -24,9 +24,10 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -324,11 +325,19 @@ def hold_folder(
     what: str,
     accelerator: Accelerator | None = None,
     wait: bool = False,
+    scratch: Sequence[str] = (),
 ) -> Iterator[FolderLock | None]:
     """Hold ``folder``'s :class:`FolderLock` for the duration of the block; a collective under accelerate.
 
     Only the main process takes the lock. Every process leaves the call together, after the main process has
     taken the lock (a broadcast: nobody races ahead into the folder), or with the same error when it could not.
+
+    **A refused run leaves no trace.** When the block raises a ``ValueError`` (a user mistake found after the
+    folder was taken) and the run wrote nothing but ``scratch`` (what it writes before any result, e.g. its
+    ``config.yaml``), the main process removes what this call and the block created: the new ``scratch`` entries
+    and temporaries, and, in a folder this call created, the lock files, the folder and the parents it created. A
+    folder's entries that existed before are never touched, and a run that wrote a result (scores, a
+    checkpoint, anything outside ``scratch``) keeps everything: nothing is lost.
 
     Args:
         folder: the output folder.
@@ -336,6 +345,7 @@ def hold_folder(
         what: what the holder does there (``a pgot-train run``), for the messages.
         accelerator: the run's accelerator when several processes share the folder; None for one process.
         wait: wait (reporting the holder every few seconds) instead of failing when another process holds it.
+        scratch: names (in ``folder``) the run writes before any result, removed again when it is refused.
 
     Yields:
         The held lock on the main process, None on the others.
@@ -346,6 +356,7 @@ def hold_folder(
     """
     main = accelerator is None or accelerator.is_main_process
     lock = FolderLock(folder, key=key, what=what) if main else None
+    before = _entries(folder) if main else None
     told = False
     while True:
         status: tuple[str, str] = ("ok", "")
@@ -366,11 +377,56 @@ def hold_folder(
         raise FolderLockedError(status[1])
     if status[0] == "error":
         raise ValueError(status[1])
+    refused = False
     try:
         yield lock
+    except ValueError:
+        refused = True
+        raise
     finally:
         if lock is not None:
             lock.release()
+            if refused and before is not None:
+                _undo(Path(folder), before, scratch)
+
+
+def _entries(folder: str | Path) -> tuple[list[Path], set[str]] | None:
+    """(the missing folders from ``folder`` up, its entries) before a run; the missing list is empty when it
+    exists."""
+    path = Path(folder).expanduser().absolute()
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing, (set(os.listdir(path)) if not missing and path.is_dir() else set())
+
+
+def _undo(folder: Path, before: tuple[list[Path], set[str]], scratch: Sequence[str]) -> None:
+    """Remove what a refused run created in ``folder`` (see :func:`hold_folder`); keep everything when it wrote a
+    result."""
+    missing, old = before
+    created = bool(missing)
+    if not folder.is_dir():
+        return
+    new = set(os.listdir(folder)) - old
+    ours = set(scratch) | ({LOCK_FILE, LOCK_RECORD} if created else set())
+    temporary = {n for n in new if n.startswith(".") and n.endswith(".tmp")}
+    if new - ours - temporary:
+        return  # a result (or something another process wrote): nothing is removed
+    for name in sorted(new):
+        path = folder / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove %s after the refused run: %s", path, exc)
+    for path in missing:  # the folder first, then the parents this run created
+        try:
+            path.rmdir()
+        except OSError:
+            break  # not empty (or gone): what is left is not ours
 
 
 def _share(accelerator: Accelerator | None, status: tuple[str, str]) -> tuple[str, str]:

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pgot.arrays import table_tensor
 from pgot.files import atomic_write_parquet, atomic_write_text
 from pgot.pareto import pareto_mask
 
@@ -371,7 +372,7 @@ def merge_shards(store: str | Path, reward_names: Sequence[str], samples_per_pro
     complete = df["prompt_id"].isin(counts.index[counts == samples_per_prompt])
     merged, unfinished = df[complete].reset_index(drop=True), df[~complete]
     if len(merged):  # rows are sorted by (prompt_id, sample_index): (P * N, M) -> (P, N, M)
-        scores = torch.from_numpy(merged[list(reward_names)].to_numpy(dtype=np.float32, copy=True))
+        scores = table_tensor(merged[list(reward_names)].to_numpy(), np.float32)
         mask = pareto_mask(scores.view(-1, samples_per_prompt, len(reward_names)))
         merged["on_frontier"] = mask.reshape(-1).numpy()
     atomic_write_parquet(merged, store / SAMPLES_FILE)
@@ -531,7 +532,7 @@ class Frontier:
             n = int(self.meta.get("precompute", {}).get("samples_per_prompt", 0)) or int(
                 samples.groupby("prompt_id").size().max()
             )
-            scores = torch.tensor(samples[names].to_numpy(dtype=np.float32, copy=True)).reshape(-1, n, len(names))
+            scores = table_tensor(samples[names].to_numpy(), np.float32).reshape(-1, n, len(names))
             samples["on_frontier"] = pareto_mask(scores).reshape(-1).numpy()
         perm = [self.reward_names.index(n) for n in names]
         stats = RewardStats(*(getattr(self.stats, k)[perm] for k in ("mean", "std", "min", "max")))
@@ -543,7 +544,7 @@ def _frontier_from(
     samples: pd.DataFrame, reward_names: list[str], meta: dict, stats: RewardStats, path: Path
 ) -> Frontier:
     on = samples[samples["on_frontier"]]
-    values = torch.tensor(on[reward_names].to_numpy(dtype=np.float32, copy=True))  # (rows on a front, M)
+    values = table_tensor(on[reward_names].to_numpy(), np.float32)  # (rows on a front, M)
     pids = on["prompt_id"].to_numpy()
     prompt_ids = sorted(int(p) for p in samples["prompt_id"].unique())
     m = len(reward_names)

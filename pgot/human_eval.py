@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from pgot import metrics
+from pgot.arrays import table_tensor
 from pgot.files import atomic_write_json, atomic_write_text, source_hash
 from pgot.images import load_image
 from pgot.prompts import SAMPLE_KEY as KEY
@@ -162,7 +163,7 @@ def preference_accuracy(
         s1_parts.append(score_images(rewards, [load_image(v) for v in part["image_1"]], prompts, batch_size, device))
     k = len(data)
     s0, s1 = torch.cat(s0_parts), torch.cat(s1_parts)  # (K, M) each
-    label = torch.tensor(data["label"].to_numpy(), dtype=torch.long)[:, None]  # (K, 1)
+    label = table_tensor(data["label"].to_numpy(), "int64")[:, None]  # (K, 1)
     right = torch.where(label == 0, (s0 > s1).double(), (s1 > s0).double()) + 0.5 * (s0 == s1).double()  # (K, M)
     groups = torch.tensor(pd.factorize(data["prompt"])[0])
     low, high = metrics.bootstrap_ci(right, groups, num_resamples=num_resamples, confidence=confidence, seed=seed)

@@ -33,6 +33,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from pgot import metrics
+from pgot.arrays import table_tensor
 
 __all__ = [
     "curve_title",
@@ -122,7 +123,7 @@ def pareto_scatter(
     for ax, pid in zip(axes, prompt_ids, strict=True):
         sub = scores[scores["prompt_id"] == pid]
         for model, color in zip(models, colors, strict=True):
-            pts = torch.tensor(sub.loc[sub["model"] == model, [x, y]].to_numpy(dtype="float64"))
+            pts = table_tensor(sub.loc[sub["model"] == model, [x, y]].to_numpy(), "float64")
             if pts.shape[0] == 0:
                 continue
             ax.scatter(pts[:, 0], pts[:, 1], s=14, alpha=0.45, color=color, label=model)

@@ -5,7 +5,10 @@
 config's own rules (:func:`pgot.config.check`) everything that needs a file, a folder or the environment, but no
 weights:
 
-* all stages: the prompt file parses (``prompts.path``); the base model folder has ``model_index.json`` and its
+* all stages: ``model.device`` exists on this machine (:func:`pgot.devices.device_problems`); the output folder
+  (``precompute.store``, ``train.output_dir``, ``eval.output_dir``) can be created and written (tried, then
+  removed: :func:`output_folder`) and holds no other stage's output (:func:`pgot.run_folder.other_stage_problems`);
+  the prompt file parses (``prompts.path``); the base model folder has ``model_index.json`` and its
   subfolders, or a hub id is complete in the local hub cache (``model.path``); ``model.lora_path`` is a diffusers
   LoRA file; each learned reward's checkpoint exists with the files its loader reads, and its architecture takes
   224 px images (``rewards.<i>.path`` / ``arch``; the loaders' own path logic, :func:`pgot.rewards.check`);
@@ -15,8 +18,13 @@ weights:
   names a checkpoint; the frontier store exists (or ``train.precompute_if_missing``), was built with the same
   settings and holds every training prompt; the trackers of ``train.log_with`` are installed; the agent has its
   key (``$agent.api_key_env``), its script and its reference images;
-* ``eval``: ``eval.output_dir`` can be written; the LoRA files of ``eval.models`` (and soups); the manifest and
-  the images it names; the preference data; the vote files and the study they belong to; ``eval.runs``.
+* ``eval``: the run's own checks before it loads weights, called, not copied: :func:`pgot.evaluate.generation_problems`
+  (the LoRA files of ``eval.models`` and soups and their base model, distinct model names, the prompts
+  ``eval.ground_truth`` must judge, ``eval.baseline``) or :func:`pgot.evaluate.manifest_models` (the manifest, the
+  images it names, its models); the preference data; the vote files and the study they belong to; ``eval.runs``.
+
+Rule: whatever a run checks before loading weights is checked here, by the same function, so ``--check`` passes
+exactly the configs the run starts.
 
 Each problem is one line that names the config key as typed on the command line (``rewards.2.path``).
 """
@@ -27,6 +35,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -39,7 +48,7 @@ from pgot import frontier as store_io
 from pgot import rewards as reward_models
 from pgot.agent import load_script
 from pgot.config import STAGES, Config, ConfigError, check
-from pgot.devices import resolve_device, resolve_dtype
+from pgot.devices import device_problems, resolve_device, resolve_dtype
 from pgot.files import folder_in_use
 from pgot.model import check_lora_file, check_model_folder, folder_fingerprint
 from pgot.prompts import PromptSet, load_prompts, split
@@ -56,7 +65,8 @@ _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 def preflight(cfg: Config, stage: str) -> None:
     """Check ``cfg`` for ``stage`` (config rules and every input) and raise one error listing every problem.
 
-    Nothing is loaded, written or created: no weights, no folders.
+    Nothing is loaded or left behind: no weights; an output folder is created only to see that it can be, and
+    removed again.
 
     Args:
         cfg: the config.
@@ -86,6 +96,8 @@ def check_inputs(cfg: Config, stage: str, skip: Sequence[str] = ()) -> list[str]
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}.")
     c = _Checks(cfg, skip)
+    if not c.named("model.device"):  # every stage: a named device must exist here (pgot.devices.device_problems)
+        c.add(device_problems(cfg.model.device))
     if stage == "eval":
         checks = [c.eval]
     else:
@@ -110,25 +122,25 @@ def _line(err: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def output_folder(path: str, key: str) -> list[str]:
-    """Whether the folder ``path`` (config key ``key``) exists or can be created, and can be written to.
+def output_folder(path: str, key: str, stage: str | None = None) -> list[str]:
+    """Whether the folder ``path`` (config key ``key``) exists or can be created, and can be written to, and (with
+    ``stage``) holds no other stage's output (:func:`pgot.run_folder.other_stage_problems`).
 
-    Uses the permissions of the nearest existing folder (``os.access``), so nothing is created. As root,
-    permission bits do not stop writes; a path under a file or on a read-only file system is still refused.
+    Rule: the check does what the run will do: it creates the missing folders (and a file in the folder), as
+    :func:`pgot.files.hold_folder` will, then removes exactly what it created, so a place the operating system
+    refuses (``/proc``, a read-only mount, a folder of another user, a path under a file) is found here, whatever
+    the permission bits say. A folder that existed keeps its files.
 
     Returns:
-        One line when the folder is a file, lies under a file, or is not writable; else nothing.
+        One line when the folder is a file, lies under a file, cannot be created or written to, or holds another
+        stage's output; else nothing.
     """
     if not str(path).strip():
         return [f"{key} is empty. Set {key} to a folder (it is created when missing)."]
     p = Path(path).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            return [f"{key}={str(path)!r} is a file, not a folder. Point {key} at a folder, or move the file away."]
-        if not os.access(p, os.W_OK | os.X_OK):
-            return [f"{key}={str(path)!r} is a folder this user cannot write to. Point {key} at a writable folder."]
-        return []
-    parent = p.absolute().parent
+    if p.exists() and not p.is_dir():
+        return [f"{key}={str(path)!r} is a file, not a folder. Point {key} at a folder, or move the file away."]
+    parent = p.absolute()
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
@@ -136,12 +148,41 @@ def output_folder(path: str, key: str) -> list[str]:
             f"{key}={str(path)!r} cannot be created: {parent} is a file, not a folder. Point {key} at a folder "
             "under a folder."
         ]
-    if not os.access(parent, os.W_OK | os.X_OK):
+    err = _try_write(p)
+    if err is not None:
+        verb = "cannot be written to" if p.is_dir() else "cannot be created"
         return [
-            f"{key}={str(path)!r} cannot be created: this user cannot write to {parent}. Point {key} at a writable "
+            f"{key}={str(path)!r} {verb}: {err.strerror or err} ({type(err).__name__}). Point {key} at a writable "
             "place, or fix the permissions of that folder."
         ]
-    return []
+    return run_folder.other_stage_problems(p, key, stage) if stage else []
+
+
+def _try_write(folder: Path) -> OSError | None:
+    """Create ``folder`` (with its missing parents) and a file in it, then remove what was created; the error the
+    operating system gave, or None."""
+    created: list[Path] = []
+    try:
+        missing = []
+        q = folder.absolute()
+        while not q.exists():
+            missing.append(q)
+            q = q.parent
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".pgot-check-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        return err
+    finally:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # something else wrote there meanwhile: not ours to remove
+    return None
 
 
 class _Checks:
@@ -260,7 +301,7 @@ class _Checks:
     def precompute(self) -> None:
         pc = self.cfg.precompute
         store = Path(pc.store)
-        if self.named("precompute.store") or not self.add(output_folder(pc.store, "precompute.store")):
+        if self.named("precompute.store") or not self.add(output_folder(pc.store, "precompute.store", "precompute")):
             return
         before = len(self.problems)
         meta = self.store(store, "precompute.store", extend=True)
@@ -280,7 +321,7 @@ class _Checks:
         t = self.cfg.train
         run_dir = Path(t.output_dir)
         self.prompts_per_step()
-        if not self.named("train.output_dir") and self.add(output_folder(t.output_dir, "train.output_dir")):
+        if not self.named("train.output_dir") and self.add(output_folder(t.output_dir, "train.output_dir", "train")):
             in_use = folder_in_use(run_dir, key="train.output_dir", what="a pgot-train run")
             if in_use:
                 self.add([in_use])
@@ -329,7 +370,7 @@ class _Checks:
         complete = (path / store_io.META_FILE).is_file() and (path / store_io.SAMPLES_FILE).is_file()
         if not complete:
             if t.precompute_if_missing:  # built (or finished) first with this config: as a resumed precompute
-                if self.add(output_folder(str(path), key)):
+                if self.add(output_folder(str(path), key, "precompute")):
                     self.store(path, key, extend=True)
                 return
             try:
@@ -408,7 +449,7 @@ class _Checks:
         e = self.cfg.eval
         out = Path(e.output_dir)
         if not self.named("eval.output_dir"):
-            self.add(output_folder(e.output_dir, "eval.output_dir"))
+            self.add(output_folder(e.output_dir, "eval.output_dir", "eval"))
         if e.manifest:  # rescoring images on disk: no base model, no LoRA
             texts = None
             try:
@@ -417,21 +458,29 @@ class _Checks:
             except ValueError:
                 pass  # a manifest with prompt texts needs no prompt file
             if not self.named("eval.manifest"):
-                try:
-                    evaluate.read_manifest(e.manifest, default_seed=e.seed, prompt_texts=texts)
+                try:  # the run's own checks: the manifest, its models, the ground truth's prompts, the baseline
+                    evaluate.manifest_models(
+                        self.cfg, evaluate.read_manifest(e.manifest, default_seed=e.seed, prompt_texts=texts)
+                    )
                 except ValueError as err:
-                    self.add([str(err)])
+                    self.add(str(err).splitlines())
         else:
             self.prompts("eval")
             self.model()
+            prompts = self.prompt_set.prompts if self.prompt_set is not None else []
             shifted = any(re.match(r"eval\.models\.\d+ must be", line) for line in self.skip)
-            for i, m in enumerate([] if shifted else e.models):  # (shifted: a dropped item; indices would lie)
-                if any(f"eval.models.{i}." in line for line in self.skip):
-                    continue
-                key = f"eval.models.{i}.soup" if m.soup else f"eval.models.{i}.lora"
-                base = None if m.allow_lora_transfer else self.fingerprint()[0]
-                for path in m.soup or ([m.lora] if m.lora else []):  # every LoRA of a soup
-                    self.add(check_lora_file(path, key=key, fingerprint=base))
+            if shifted:  # an item that is not a model was dropped: the indices no longer match what was typed
+                self.add(evaluate.ground_truth_problems(self.cfg, prompts))
+                return self.eval_rest(out)
+            # the run's own checks before it loads weights (LoRA files and bases, distinct names, ground truth)
+            named = [f"eval.models.{i}." for i in range(len(e.models)) if self.named(f"eval.models.{i}.")]
+            lines = evaluate.generation_problems(self.cfg, prompts, self.fingerprint()[0])
+            self.add([line for line in lines if not any(k in line for k in named)])
+        self.eval_rest(out)
+
+    def eval_rest(self, out: Path) -> None:
+        """The eval inputs that do not depend on how the images are obtained (rewards, human data, runs)."""
+        e = self.cfg.eval
         self.rewards()
         if e.preference_data and not self.named("eval.preference_data"):
             try:

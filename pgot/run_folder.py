@@ -27,7 +27,18 @@ from pgot.model import LORA_WEIGHT_NAME
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RESUMABLE_KEYS", "RUN_ITEMS", "Start", "config_changes", "discard", "folder_problems", "prepare"]
+__all__ = [
+    "RESUMABLE_KEYS",
+    "RUN_ITEMS",
+    "STAGE_OUTPUTS",
+    "Start",
+    "config_changes",
+    "discard",
+    "folder_problems",
+    "folder_stage",
+    "other_stage_problems",
+    "prepare",
+]
 
 RUN_ITEMS = ("config.yaml", "sigmas.json", "metrics.jsonl", "probes", "agent", "logs", "final", "checkpoints")
 """What pgot-train writes in a run folder (an attempt that stopped before its first checkpoint leaves some)."""
@@ -83,6 +94,51 @@ length, budget). Entries are config keys as typed on the command line; ``*`` sta
 entry also covers the keys below it (``eval`` covers ``eval.models.0.lora``). Listed in the README's
 "Resume and crashes".
 """
+
+
+STAGE_OUTPUTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "train": ("a pgot-train run", ("config.yaml",), ("metrics.jsonl", "checkpoints", "final")),
+    "eval": ("a pgot-eval evaluation", (), ("scores.parquet", "results.md", "results.csv", "results.tex")),
+    "precompute": ("a pgot-precompute frontier store", (), ("meta.json", "samples.parquet", "shards")),
+}
+"""What marks a folder as a stage's output: (description, every one of these, and at least one of these)."""
+
+_OUTPUT_KEYS = {"train": "train.output_dir", "eval": "eval.output_dir", "precompute": "precompute.store"}
+
+
+def folder_stage(folder: str | Path) -> tuple[str, list[str]] | None:
+    """Which stage's output ``folder`` holds: ``(stage, the marking items found)``, or None (missing, empty or
+    unknown content). The marks are :data:`STAGE_OUTPUTS` (a training run: ``config.yaml`` with ``metrics.jsonl``,
+    ``checkpoints`` or ``final``; an evaluation: ``scores.parquet`` or ``results.*``; a frontier store:
+    ``meta.json``, ``samples.parquet`` or ``shards``)."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        return None
+    for stage, (_, required, any_of) in STAGE_OUTPUTS.items():
+        found = [n for n in any_of if (path / n).exists()]
+        if found and all((path / n).exists() for n in required):
+            return stage, [*required, *found]
+    return None
+
+
+def other_stage_problems(folder: str | Path, key: str, stage: str) -> list[str]:
+    """Rule: a folder that holds another stage's output is refused as the output of ``stage`` (``key``, as typed):
+    writing there would overwrite or mix with that output (pgot-eval would replace a run's ``config.yaml``, and the
+    run could no longer be resumed; a resumed training would delete an evaluation's files).
+
+    Returns:
+        One line naming ``key``, what the folder holds and what to do; empty when the folder holds no other
+        stage's output.
+    """
+    found = folder_stage(folder)
+    if found is None or found[0] == stage:
+        return []
+    other, items = found
+    return [
+        f"{key}={folder} holds {STAGE_OUTPUTS[other][0]} ({', '.join(items)}; written as {_OUTPUT_KEYS[other]}), not "
+        f"the output of pgot-{stage}: writing there would overwrite or mix with it. Set {key} to a folder of its own (a "
+        f"new one, or one pgot-{stage} wrote)."
+    ]
 
 
 @dataclass

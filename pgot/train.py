@@ -195,8 +195,12 @@ def fit(cfg: Config) -> tuple[Path, SD3Model]:
     preflight(cfg, "train")  # every input checked before any weight loads
     accelerator = _accelerator(cfg)
     try:
-        with hold_folder(
-            cfg.train.output_dir, key="train.output_dir", what="a pgot-train run", accelerator=accelerator
+        with hold_folder(  # a run refused before its first record leaves no trace (files.hold_folder)
+            cfg.train.output_dir,
+            key="train.output_dir",
+            what="a pgot-train run",
+            accelerator=accelerator,
+            scratch=("config.yaml", "sigmas.json"),
         ):
             try:
                 r = setup(cfg, accelerator)

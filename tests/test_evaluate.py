@@ -532,3 +532,59 @@ def test_preference_data_empty_cells(tmp_path, fmt):
     first = {"json": 2, "parquet": 2, "jsonl": 2}.get(fmt, 3)
     assert "eval.preference_data=" in msg
     assert re.search(rf"{unit} {first}\b.*'image_1'", msg) and re.search(rf"{unit} {first + 1}\b.*'label'", msg), msg
+
+
+# --------------------------------------------------------------------------------------------
+# Fix round pfe: the base model alone; a refused run leaves no trace
+# --------------------------------------------------------------------------------------------
+
+
+def test_base_model_alone_writes_tables_and_figures(tmp_path):
+    """The first --help example (eval.models empty: the base model alone) writes every figure."""
+    out = tmp_path / "one"
+    assert evaluate.run(_cfg(out, "prompts.limit=2", "eval.samples_per_prompt=2", "eval.bootstrap=0")) == out
+    assert (out / "results.md").is_file()
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["pareto_colorfulness_contrast.png", "prompt_boxplots.png"]
+    assert set(pd.read_parquet(out / "scores.parquet")["model"]) == {"base"}
+
+
+def _refused_after_the_folder_is_taken(monkeypatch, out: Path):
+    """An eval refused inside the run (the preflight bypassed: a check only the run makes)."""
+    import pgot.preflight
+
+    monkeypatch.setattr(pgot.preflight, "preflight", lambda cfg, stage: None)
+    cfg = _cfg(out, "eval.models=[{name: x}, {name: x}]")
+    with pytest.raises(ValueError, match="eval.models has several models named 'x'"):
+        evaluate.run(cfg)
+
+
+def test_refused_eval_removes_the_folder_it_created(tmp_path, monkeypatch):
+    out = tmp_path / "new" / "eval"
+    _refused_after_the_folder_is_taken(monkeypatch, out)
+    assert not (tmp_path / "new").exists()  # the folder and the parent it created: no config.yaml, no .pgot.lock
+
+
+def test_refused_eval_leaves_a_folder_that_existed_as_it_was(tmp_path, monkeypatch):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "config.yaml").write_text("an older config\n")
+    _refused_after_the_folder_is_taken(monkeypatch, out)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".pgot.lock")) == ["config.yaml", "notes.txt"]
+    assert (out / "config.yaml").read_text() == "an older config\n" and (out / "notes.txt").read_text() == "mine"
+    assert not (out / ".pgot.lock.json").exists()
+
+
+def test_refused_eval_keeps_scores_already_written(tmp_path, monkeypatch):
+    """A refusal after scores were written keeps them (nothing lost): only a run with no result is undone."""
+    import pgot.preflight
+
+    monkeypatch.setattr(pgot.preflight, "preflight", lambda cfg, stage: None)
+    out = tmp_path / "partial"
+    votes = tmp_path / "votes.json"
+    votes.write_text("[]")
+    cfg = _cfg(out, "prompts.limit=1", "eval.samples_per_prompt=1", "eval.bootstrap=0", f"eval.votes=[{votes}]")
+    with pytest.raises(ValueError, match="eval.votes is set but"):  # refused after scoring: no study key
+        evaluate.run(cfg)
+    assert len(pd.read_parquet(out / "scores.parquet")) == 1 and (out / "config.yaml").is_file()

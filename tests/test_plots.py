@@ -260,3 +260,55 @@ def test_many_methods_get_distinct_colours():
     fig = plots.quality_vs_jdr(points)
     colours = {tuple(c.get_facecolor()[0][:3]) for c in fig.axes[0].collections if not c.get_label().endswith("seeds")}
     assert len(colours) == 13
+
+
+def _negative_stride_scores() -> pd.DataFrame:
+    """Scores whose ``to_numpy()`` is a view with negative strides (a frame built on a reversed array)."""
+    import numpy as np
+
+    values = np.arange(24, dtype="float64").reshape(3, 8)[::-1].T  # columns r1, r2, prompt_id: strides (8, -64)
+    df = pd.DataFrame(values, columns=["r1", "r2", "prompt_id"], copy=False)
+    assert df[["r1", "r2"]].to_numpy().strides[1] < 0  # the layout this test is about
+    df["prompt_id"] = 0
+    df["model"] = "base"
+    df["prompt"] = "a prompt"
+    return df
+
+
+def test_pareto_scatter_of_one_model_whatever_the_frame_layout(tmp_path):
+    """A one-model eval (the base model alone) whose score frame is a negative-stride view draws its front."""
+    df = _negative_stride_scores()
+    fig = plots.pareto_scatter(df, "r1", "r2", [0], ["base"])
+    ax = fig.axes[0]
+    assert len(ax.lines) == 1  # the staircase of the one model
+    points = ax.collections[0].get_offsets()
+    assert sorted(map(tuple, points.tolist())) == sorted(zip(df["r1"], df["r2"], strict=True))
+    _saved(fig, tmp_path / "one.png")
+
+
+def test_table_tensor_copies_any_layout():
+    import numpy as np
+
+    from pgot.arrays import table_tensor
+
+    df = _negative_stride_scores()
+    t = table_tensor(df[["r1", "r2"]].to_numpy(), "float64")
+    assert t.dtype == torch.float64 and t.is_contiguous()
+    assert t.tolist() == df[["r1", "r2"]].to_numpy().tolist()
+    ids = table_tensor(np.arange(5)[::-1], "int64")
+    assert ids.tolist() == [4, 3, 2, 1, 0]
+    # a copy: changing the frame afterwards does not change the tensor
+    before = t.clone()
+    df.loc[0, "r1"] = -1.0
+    assert torch.equal(t, before)
+
+
+def test_maths_functions_take_numpy_of_any_layout():
+    """The NumPy inputs of the maths functions (pgot.arrays) go through the same copy: a reversed view works."""
+    import numpy as np
+
+    from pgot.pareto import pareto_mask
+
+    points = np.array([[1.0, 2.0], [2.0, 1.0], [0.0, 0.0]])[::-1, ::-1]  # negative strides on both axes
+    assert pareto_mask(points).tolist() == [False, True, True]
+    assert plots.pareto_front_2d(torch.tensor([[1.0, 2.0], [2.0, 1.0]])).tolist() == [[1.0, 2.0], [2.0, 1.0]]

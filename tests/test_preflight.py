@@ -174,7 +174,7 @@ def test_output_folder_without_permission(tmp_path, capsys, no_weights):
         args = ["--config", DEBUG, *TINY, "train.strategy=online", f"train.output_dir={locked / 'run'}"]
         assert cli.train_main(args) == 2
         (line,) = _errors(capsys)
-        assert line.startswith(f"train.output_dir={str(locked / 'run')!r} cannot be created: this user cannot write")
+        assert line.startswith(f"train.output_dir={str(locked / 'run')!r} cannot be created: Permission denied")
     finally:
         locked.chmod(0o700)
 
@@ -433,3 +433,139 @@ def test_more_prompts_per_step_than_training_prompts(tmp_path, capsys, no_weight
         f"train.prompts_per_step to at most {count}, or give more prompts (prompts.path, prompts.limit)."
     ]
     assert cli.train_main([*args, f"train.prompts_per_step={count}", "--check"]) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Completeness: what a run refuses before loading weights, --check refuses (fix round pfe)
+# --------------------------------------------------------------------------------------------
+
+EVAL_DEBUG = str(ROOT / "configs" / "eval_debug.yaml")  # the README's eval example: ground truth on testbed prompts
+
+
+def _stage_args(main, tmp_path: Path) -> list[str]:
+    config = EVAL if main is cli.eval_main else DEBUG
+    base = ["--config", config, *TINY, "train.strategy=online", f"precompute.store={tmp_path / 's'}"]
+    return [*base, f"train.output_dir={tmp_path / 'run'}", f"eval.output_dir={tmp_path / 'eval'}"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where nothing can be created")
+@pytest.mark.parametrize("main, key", _OUTPUTS, ids=[k for _, k in _OUTPUTS])
+def test_output_folder_the_system_refuses(main, key, tmp_path, capsys, no_weights):
+    """/proc/nope passes os.access (as root) but cannot be created: the check tries to create it, as the run does."""
+    assert main([*_stage_args(main, tmp_path), f"{key}=/proc/nope/run", "--check"]) == 2
+    assert _errors(capsys) == [
+        f"{key}='/proc/nope/run' cannot be created: No such file or directory (FileNotFoundError). Point {key} at a "
+        "writable place, or fix the permissions of that folder."
+    ]
+
+
+@pytest.mark.parametrize("main, key", _OUTPUTS, ids=[k for _, k in _OUTPUTS])
+def test_output_folder_check_creates_nothing(main, key, tmp_path, capsys):
+    """The trial creation removes what it created: a --check that passes leaves no folder behind."""
+    args = [*_stage_args(main, tmp_path), f"{key}={tmp_path / 'deep' / 'er' / 'out'}", "--check"]
+    main(args)
+    capsys.readouterr()
+    assert not (tmp_path / "deep").exists()
+
+
+@pytest.mark.parametrize(
+    "main", [cli.precompute_main, cli.train_main, cli.eval_main], ids=["precompute", "train", "eval"]
+)
+@pytest.mark.parametrize("device", ["cuda", "cuda:7"])
+def test_unavailable_device_is_refused_in_every_stage(main, device, tmp_path, capsys, monkeypatch, no_weights):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*_stage_args(main, tmp_path), f"model.device={device}", "--check"]) == 2
+    assert _errors(capsys) == [
+        f"model.device={device} but this machine has no usable CUDA device (torch.cuda.is_available() is False). "
+        "Set model.device=auto (CUDA when there is one, else the CPU) or model.device=cpu, or run where that device "
+        "exists."
+    ]
+
+
+def test_device_rules(monkeypatch):
+    from pgot.devices import device_problems
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_problems("auto") == device_problems("cpu") == device_problems("cuda:1") == []
+    (line,) = device_problems("cuda:2")
+    assert line.startswith("model.device=cuda:2 but this machine has 2 CUDA device(s) (cuda:0 to cuda:1).")
+    assert device_problems("gpu0") == ["model.device='gpu0' is not a device name. Use auto, cpu, cuda or cuda:<index>."]
+
+
+@pytest.mark.parametrize("key", ["train.reward_sets", "eval.reward_sets"])
+def test_empty_reward_set_is_a_config_error(key, tmp_path, capsys, no_weights):
+    main = cli.eval_main if key.startswith("eval") else cli.train_main
+    args = [*_stage_args(main, tmp_path), f"{key}={{X: [], Y: [contrast]}}", "train.probe_every=1", "--check"]
+    assert main(args) == 2
+    assert _errors(capsys) == [
+        f"{key}.X is empty: a joint rate over no reward is undefined. List at least one reward (e.g. "
+        f"{key}.X=[colorfulness, contrast]), or remove the set."
+    ]
+
+
+def test_eval_check_refuses_prompts_the_ground_truth_cannot_judge(tmp_path, capsys, no_weights):
+    args = ["--config", EVAL_DEBUG, "prompts.path=builtin:demo", f"eval.output_dir={tmp_path / 'e'}", "--check"]
+    assert cli.eval_main(args) == 2
+    (line,) = _errors(capsys)
+    assert line.startswith(
+        "eval.ground_truth=testbed judges prompts of the testbed grammar only, but 4 prompt(s) of "
+        "prompts.path=builtin:demo are outside it: prompt 'a red fox sitting in a snowy forest at dawn' is outside"
+    )
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_check_refuses_two_models_of_one_name(tmp_path, capsys, no_weights):
+    args = [*_stage_args(cli.eval_main, tmp_path), "eval.models=[{name: x}, {name: x}, {name: y}]", "--check"]
+    assert cli.eval_main(args) == 2
+    assert _errors(capsys) == ["eval.models has several models named 'x'; give each a distinct eval.models.<i>.name."]
+
+
+def test_eval_check_refuses_manifest_models_it_lacks(tmp_path, capsys, no_weights):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("model,prompt,seed,path\nm,a cat,0,a.png\n")
+    args = [*_stage_args(cli.eval_main, tmp_path), f"eval.manifest={manifest}", "eval.models=[{name: z}]", "--check"]
+    assert cli.eval_main(args) == 2
+    assert _errors(capsys) == [
+        "eval.models names 'z', which eval.manifest does not have (it has m). Name models as in the manifest's model "
+        "column, or leave eval.models empty."
+    ]
+
+
+_MARKS = {  # what each stage leaves in its output folder
+    "train": ["config.yaml", "metrics.jsonl", "checkpoints/"],
+    "eval": ["config.yaml", "scores.parquet", "results.md"],
+    "precompute": ["meta.json", "samples.parquet"],
+}
+_STAGE_OF = {cli.train_main: "train", cli.precompute_main: "precompute", cli.eval_main: "eval"}
+_DESCRIBED = {
+    "train": ("a pgot-train run (config.yaml, metrics.jsonl, checkpoints; written as train.output_dir)"),
+    "eval": ("a pgot-eval evaluation (scores.parquet, results.md; written as eval.output_dir)"),
+    "precompute": ("a pgot-precompute frontier store (meta.json, samples.parquet; written as precompute.store)"),
+}
+
+
+_CROSS = [(main, key, other) for main, key in _OUTPUTS for other in _MARKS if other != _STAGE_OF[main]]
+
+
+@pytest.mark.parametrize("main, key, other", _CROSS, ids=[f"{k}-{o}" for _, k, o in _CROSS])
+def test_output_folder_of_another_stage_is_refused(main, key, other, tmp_path, capsys, no_weights):
+    stage = _STAGE_OF[main]
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    for mark in _MARKS[other]:
+        if mark.endswith("/"):
+            (folder / mark).mkdir()
+        else:
+            (folder / mark).write_text("x")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    resume = ["train.resume=latest"] if stage == "train" else []  # even a resume does not adopt it
+    assert main([*_stage_args(main, tmp_path), f"{key}={folder}", *resume, "--check"]) == 2
+    assert _errors(capsys) == [
+        f"{key}={folder} holds {_DESCRIBED[other]}, not the output of pgot-{stage}: writing there would overwrite or "
+        f"mix with it. Set {key} to a folder of its own (a new one, or one pgot-{stage} wrote)."
+    ]
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before

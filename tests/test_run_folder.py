@@ -38,3 +38,43 @@ def test_config_changes_names_keys_as_typed(tmp_path: Path) -> None:
     more = _cfg(tmp_path, "rewards=[{name: contrast}]")
     assert "rewards.1.name: (not set) here, contrast in the run" in run_folder.config_changes(more, saved)
     assert "no config.yaml" in run_folder.config_changes(base, tmp_path / "nope" / "config.yaml")[0]
+
+
+def test_folder_stage_reads_what_each_stage_leaves(tmp_path):
+    from pgot.run_folder import folder_stage, other_stage_problems
+
+    assert folder_stage(tmp_path / "missing") is None and folder_stage(tmp_path) is None
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    assert folder_stage(run) is None  # final/ without config.yaml: not a run pgot-train wrote
+    (run / "config.yaml").write_text("{}")
+    assert folder_stage(run) == ("train", ["config.yaml", "final"])
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "config.yaml").write_text("{}")
+    assert folder_stage(ev) is None  # a config.yaml alone marks no stage
+    (ev / "results.csv").write_text("")
+    assert folder_stage(ev) == ("eval", ["results.csv"])
+    store = tmp_path / "store"
+    (store / "shards").mkdir(parents=True)
+    assert folder_stage(store) == ("precompute", ["shards"])
+    assert other_stage_problems(store, "precompute.store", "precompute") == []
+    assert other_stage_problems(ev, "train.output_dir", "train") == [
+        f"train.output_dir={ev} holds a pgot-eval evaluation (results.csv; written as eval.output_dir), not the output "
+        "of pgot-train: writing there would overwrite or mix with it. Set train.output_dir to a folder of its own (a "
+        "new one, or one pgot-train wrote)."
+    ]
+
+
+def test_refused_training_leaves_no_trace_in_the_folder_it_created(tmp_path, monkeypatch):
+    """A run refused after it took its folder (here: the preflight bypassed, a resume naming no checkpoint) removes
+    the folder and the parents it created: no .pgot.lock, no config.yaml."""
+    import pytest
+
+    import pgot.train
+
+    monkeypatch.setattr(pgot.train, "preflight", lambda cfg, stage: None)
+    cfg = _cfg(tmp_path / "new" / "run", f"train.resume={tmp_path / 'nowhere'}", "train.strategy=online")
+    with pytest.raises(ValueError, match="train.resume"):
+        pgot.train.run(cfg)
+    assert not (tmp_path / "new").exists()
