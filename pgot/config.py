@@ -114,7 +114,8 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype of the frozen model: ``auto`` is bfloat16 on CUDA and float32 on CPU."""
     device: str = "auto"
-    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda[:i]``; accelerate picks the device in training."""
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda[:i]``; a named device must exist on this machine
+    (the preflight refuses it otherwise). In training, accelerate places each process on its own device."""
     resolution: int = 1024
     """Image height and width in pixels (a multiple of 16)."""
     use_t5: bool = True

@@ -320,26 +320,19 @@ def ground_truth_problems(cfg: Config, prompts: Sequence[str] | None = None) -> 
     if cfg.eval.ground_truth == "none":
         return []
     from pgot.prompts import load_prompts
-    from pgot.testbed.scenes import parse_prompt
+    from pgot.testbed.scenes import grammar_problems
 
     if prompts is None:
         try:
             prompts = load_prompts(cfg.prompts).prompts
         except ValueError:
             return []  # the prompt file's own problems are reported by the preflight
-    bad = []
-    for text in dict.fromkeys(prompts):
-        try:
-            parse_prompt(text)
-        except ValueError as exc:
-            bad.append(str(exc))
-    if not bad:
+    problem = grammar_problems(list(prompts))  # the grammar stated once, at most 5 prompts quoted
+    if problem is None:
         return []
-    shown = " ".join(bad[:5]) + (f" ({len(bad) - 5} more.)" if len(bad) > 5 else "")
     return [
-        f"eval.ground_truth=testbed judges prompts of the testbed grammar only, but {len(bad)} prompt(s) of "
-        f"prompts.path={cfg.prompts.path} are outside it: {shown} Use prompts.path=builtin:testbed (or a file of such "
-        "prompts), or set eval.ground_truth=none."
+        f"eval.ground_truth=testbed judges prompts of the testbed grammar only; prompts.path={cfg.prompts.path}: "
+        f"{problem} Use prompts.path=builtin:testbed (or a file of such prompts), or set eval.ground_truth=none."
     ]
 
 

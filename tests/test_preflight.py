@@ -509,9 +509,10 @@ def test_eval_check_refuses_prompts_the_ground_truth_cannot_judge(tmp_path, caps
     assert cli.eval_main(args) == 2
     (line,) = _errors(capsys)
     assert line.startswith(
-        "eval.ground_truth=testbed judges prompts of the testbed grammar only, but 4 prompt(s) of "
-        "prompts.path=builtin:demo are outside it: prompt 'a red fox sitting in a snowy forest at dawn' is outside"
+        "eval.ground_truth=testbed judges prompts of the testbed grammar only; prompts.path=builtin:demo: 4 prompt(s) "
+        "are outside the testbed grammar: prompt 'a red fox sitting in a snowy forest at dawn' is outside"
     )
+    assert line.count("Testbed prompts read") == 1  # the grammar stated once, not once per prompt
     assert not (tmp_path / "e").exists()
 
 

@@ -116,7 +116,8 @@ def test_final_table_without_a_readable_world_warns_and_keeps_the_rest(tmp_path,
     printed = capsys.readouterr().out
     assert "JDR_all (%)" in printed and "quality" not in printed
     (warning,) = [r.getMessage() for r in caplog.records if "eval.ground_truth=testbed" in r.getMessage()]
-    assert "outside it" in warning and "has no ground-truth lines" in warning
+    assert "outside the testbed grammar" in warning and "has no ground-truth lines" in warning
+    assert warning.count("Testbed prompts read") == 1
 
 
 def test_the_testbed_configs_share_their_world():
