@@ -211,8 +211,20 @@ def test_two_processes_give_the_same_store(reference, tmp_path):
 
 
 def _slow_child(store: Path, *extra: str) -> None:  # pragma: no cover - runs in the forked child
-    """Precompute with a sleep per batch, so that the parent can kill it between two shards."""
+    """Precompute with a sleep per batch, so that the parent can kill it between two shards.
+
+    tqdm's write lock is a multiprocessing lock shared with the parent across fork: a child SIGKILLed while drawing its
+    bar would keep it held and the parent's next bar would wait forever. The child draws with a lock of its own."""
+    import threading
+
+    import tqdm.auto
+    import tqdm.std
+
     from pgot import precompute
+
+    own = threading.RLock()
+    for bar in (tqdm.std.tqdm, tqdm.auto.tqdm):  # each class keeps the lock it first made
+        bar.set_lock(own)
 
     real = precompute.generate
 
