@@ -504,24 +504,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--api-key-env", default="", help="require 'Authorization: Bearer $VAR' with the key in this variable"
     )
-    parser.add_argument(
-        "--quality-tol",
-        type=_threshold("quality_tol"),
-        default=THRESHOLDS["quality_tol"],
-        help="mean quality drop that is a breakdown, as a share of the base images' mean quality (default %(default)s)",
-    )
-    parser.add_argument(
-        "--component-tol",
-        type=_threshold("component_tol"),
-        default=THRESHOLDS["component_tol"],
-        help="mean drop of one judge component that is a breakdown (default %(default)s)",
-    )
-    parser.add_argument(
-        "--change-tol",
-        type=_threshold("change_tol"),
-        default=THRESHOLDS["change_tol"],
-        help="mean absolute pixel change below which images are stable (default %(default)s)",
-    )
+    helps = {
+        "quality_tol": "mean quality drop that is a breakdown, as a share of the base images' mean quality",
+        "component_tol": "mean drop of one judge component that is a breakdown",
+        "change_tol": "mean absolute pixel change below which images are stable",
+    }
+    for key, default in THRESHOLDS.items():
+        flag = "--" + key.replace("_", "-")
+        parser.add_argument(flag, type=_threshold(key), default=default, help=f"{helps[key]} (default %(default)s)")
     parser.add_argument(
         "--log-level",
         type=_log_level,
