@@ -227,6 +227,8 @@ def _guard(work: Callable[[], int | None]) -> int:
             raise
         log.debug("the error below, with its traceback", exc_info=True)
         code = 2 if getattr(exc, "user_error", True) else 1
+        if getattr(exc, "quiet", False):  # the same error on every process of a launch: one machine's copy is shown
+            return code
         if problems:
             return _fail(problems, code)
         if isinstance(exc, OSError):

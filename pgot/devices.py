@@ -7,8 +7,9 @@ bfloat16 on CUDA, float32 elsewhere.
 from __future__ import annotations
 
 import torch
+from accelerate import PartialState
 
-__all__ = ["DTYPES", "device_problems", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "device_problems", "on_cpu", "processes", "resolve_device", "resolve_dtype"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Dtype names accepted by the ``dtype`` config keys."""
@@ -19,6 +20,19 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def on_cpu(device: str | None) -> bool:
+    """Whether a run with ``model.device=device`` works on the CPU (gloo between processes) rather than on CUDA
+    (NCCL): no CUDA here, or ``cpu`` named."""
+    return not torch.cuda.is_available() or str(device) == "cpu"
+
+
+def processes(device: str | None) -> PartialState:
+    """The processes of this run: this one alone, or those ``accelerate launch`` started (accelerate's
+    ``PartialState``, on the CPU or CUDA as :func:`on_cpu` says; the run's ``Accelerator`` then shares it).
+    Nothing is loaded: what :func:`pgot.preflight.preflight` needs to check as a collective."""
+    return PartialState(cpu=on_cpu(device))
 
 
 def device_problems(device: str | None, key: str = "model.device") -> list[str]:

@@ -144,6 +144,9 @@ LOCK_FILE = ".pgot.lock"
 LOCK_RECORD = ".pgot.lock.json"
 """The holder record next to it: written once the lock is held, removed when it is released."""
 _WAIT_POLL_S = 10.0  # a waiting main process reports to the other processes this often (collectives never time out)
+GRACE_S = 2.0
+"""How long a lock found taken is waited for before it counts as held: :func:`folder_in_use` (a preflight) takes
+it for an instant to look, and that instant, stretched by a busy machine, must not pass for a run holding it."""
 
 
 class FolderLockedError(ValueError):
@@ -220,7 +223,8 @@ class FolderLock:
         return self.holder is not None
 
     def acquire(self, timeout: float = 0) -> FolderLock:
-        """Take the lock, waiting at most ``timeout`` seconds (0: fail at once when it is taken).
+        """Take the lock, waiting at most ``timeout`` seconds, and at least :data:`GRACE_S` (0: fail when it is
+        still taken after the grace).
 
         Returns:
             self.
@@ -233,7 +237,7 @@ class FolderLock:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._lock = filelock.FileLock(str(self.folder / LOCK_FILE))
-            self._lock.acquire(timeout=timeout)
+            self._lock.acquire(timeout=max(timeout, GRACE_S))
         except filelock.Timeout:
             raise FolderLockedError(self._locked_message()) from None
         except (FileExistsError, NotADirectoryError) as exc:
@@ -298,7 +302,10 @@ class FolderLock:
 
 
 def folder_in_use(folder: str | Path, *, key: str, what: str) -> str | None:
-    """Whether another process holds ``folder``'s lock now (a check for the preflight; it takes nothing).
+    """Whether another process holds ``folder``'s lock now (a check for the preflight).
+
+    It takes the lock for an instant to look (flock has no test-only call); a lock found taken is waited for
+    :data:`GRACE_S` first, so that two processes looking at once do not see each other as holders.
 
     Returns:
         The message :class:`FolderLock` would raise, naming the holder; None when the folder is free or absent.
@@ -308,7 +315,7 @@ def folder_in_use(folder: str | Path, *, key: str, what: str) -> str | None:
         return None
     probe = filelock.FileLock(str(folder / LOCK_FILE))
     try:
-        probe.acquire(timeout=0)
+        probe.acquire(timeout=GRACE_S)
     except filelock.Timeout:
         return FolderLock(folder, key=key, what=what)._locked_message()
     except OSError:
@@ -373,10 +380,10 @@ def hold_folder(
         if main and not told:
             log.info("waiting for the lock: %s", status[1])
             told = True
-    if status[0] == "locked":
-        raise FolderLockedError(status[1])
-    if status[0] == "error":
-        raise ValueError(status[1])
+    if status[0] in ("locked", "error"):
+        error = (FolderLockedError if status[0] == "locked" else ValueError)(status[1])
+        error.quiet = accelerator is not None and not accelerator.is_local_main_process  # one copy per machine
+        raise error
     refused = False
     try:
         yield lock

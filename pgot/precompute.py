@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 import pgot
 from pgot import frontier as store_io
 from pgot.config import Config, ConfigError
+from pgot.devices import on_cpu, processes
 from pgot.files import hold_folder
 from pgot.generate import generate, sigmas
 from pgot.images import save_png
@@ -137,8 +138,9 @@ def run(cfg: Config) -> Path:
     Raises:
         ValueError: no rewards configured, or the store was built with other settings or prompts.
     """
-    preflight(cfg, "precompute")  # every input checked before any weight loads
-    accelerator = Accelerator(cpu=not torch.cuda.is_available() or cfg.model.device == "cpu")  # gloo / NCCL
+    # every input checked before any weight loads (a collective under accelerate launch)
+    preflight(cfg, "precompute", processes(cfg.model.device))
+    accelerator = Accelerator(cpu=on_cpu(cfg.model.device))  # gloo / NCCL
     try:
         return build_store(cfg, accelerator)
     finally:

@@ -26,6 +26,13 @@ weights:
 Rule: whatever a run checks before loading weights is checked here, by the same function, so ``--check`` passes
 exactly the configs the run starts.
 
+Several processes (``accelerate launch``): the preflight is a collective (:func:`preflight` with ``processes``).
+The output folder is the main process's, the one that takes its lock (:func:`pgot.files.hold_folder`): only it
+tries to write there, looks for a holder of its lock and reads the run it holds; every process checks the rest
+(a file missing on one node is found). No process leaves before every one has checked, and each raises the same
+error, so the main process never takes the lock while another still looks at the folder, and no process is left
+waiting in a collective for one that stopped.
+
 Each problem is one line that names the config key as typed on the command line (``rewards.2.path``).
 """
 
@@ -40,7 +47,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
-from accelerate.utils import is_tensorboard_available, is_wandb_available
+from accelerate import PartialState
+from accelerate.utils import gather_object, is_tensorboard_available, is_wandb_available
 from PIL import Image
 
 from pgot import evaluate, human_eval, objectives, run_folder
@@ -62,7 +70,7 @@ _TRACKERS: dict[str, Callable[[], bool]] = {"tensorboard": is_tensorboard_availa
 _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
-def preflight(cfg: Config, stage: str) -> None:
+def preflight(cfg: Config, stage: str, processes: PartialState | None = None) -> None:
     """Check ``cfg`` for ``stage`` (config rules and every input) and raise one error listing every problem.
 
     Nothing is loaded or left behind: no weights; an output folder is created only to see that it can be, and
@@ -71,17 +79,35 @@ def preflight(cfg: Config, stage: str) -> None:
     Args:
         cfg: the config.
         stage: ``precompute``, ``train`` or ``eval``.
+        processes: the processes of an ``accelerate launch`` run (accelerate's ``PartialState``): then every
+            process must call this (a collective; see the module's docstring); None: this process alone.
 
     Raises:
-        ConfigError: (a ``ValueError``) listing every problem, one line each.
+        ConfigError: (a ``ValueError``) listing every problem, one line each; under several processes, on every
+            process, the same lines (a line only another process found names it: ``process 3: ...``).
     """
+    several = processes is not None and processes.num_processes > 1
+    main = not several or processes.is_main_process
     problems = check(cfg, stage)
-    problems += check_inputs(cfg, stage, skip=problems)
+    problems += check_inputs(cfg, stage, skip=problems, folders=main)
+    if several:
+        problems = _everyones(problems)
     if problems:
-        raise ConfigError(list(dict.fromkeys(problems)), config=cfg)
+        error = ConfigError(list(dict.fromkeys(problems)), config=cfg)
+        error.quiet = several and not processes.is_local_main_process  # one copy per machine on the terminal
+        raise error
 
 
-def check_inputs(cfg: Config, stage: str, skip: Sequence[str] = ()) -> list[str]:
+def _everyones(problems: list[str]) -> list[str]:
+    """The problems every process found (a collective): the main process's, then each other process's own."""
+    found = gather_object([problems])  # one list per process, in rank order
+    lines = list(found[0])
+    for rank, theirs in enumerate(found[1:], start=1):
+        lines += [f"process {rank}: {line}" for line in theirs if line not in found[0]]
+    return lines
+
+
+def check_inputs(cfg: Config, stage: str, skip: Sequence[str] = (), folders: bool = True) -> list[str]:
     """Every problem with the files, folders and environment ``stage`` needs, one line each.
 
     Args:
@@ -89,13 +115,15 @@ def check_inputs(cfg: Config, stage: str, skip: Sequence[str] = ()) -> list[str]
         stage: ``precompute``, ``train`` or ``eval``.
         skip: problems already found (the config's): an input whose key one of them names is not checked again,
             so a wrong value gives one line, not two.
+        folders: check the output folder (write it, look for its lock's holder and the run it holds); False on
+            the processes of a launch other than the main one (see the module's docstring).
 
     Returns:
         One line per problem; empty when every input is in place.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}.")
-    c = _Checks(cfg, skip)
+    c = _Checks(cfg, skip, folders)
     if not c.named("model.device"):  # every stage: a named device must exist here (pgot.devices.device_problems)
         c.add(device_problems(cfg.model.device))
     if stage == "eval":
@@ -188,9 +216,10 @@ def _try_write(folder: Path) -> OSError | None:
 class _Checks:
     """The checks of one config; ``problems`` collects their lines."""
 
-    def __init__(self, cfg: Config, skip: Sequence[str]):
+    def __init__(self, cfg: Config, skip: Sequence[str], folders: bool = True):
         self.cfg = cfg
         self.skip = list(skip)
+        self.folders = folders
         self.problems: list[str] = []
         self.prompt_set: PromptSet | None = None
         self.model_ok = False
@@ -202,6 +231,18 @@ class _Checks:
     def add(self, lines: Sequence[str]) -> bool:
         self.problems.extend(lines)
         return not lines
+
+    def output_folder(self, path: str, key: str, stage: str, holder: str = "") -> bool:
+        """:func:`output_folder`'s check and, with ``holder`` (what the run that takes the folder is called), that no
+        other process holds the folder's lock (:func:`pgot.files.folder_in_use`); whether they passed. Without
+        ``folders`` nothing is checked (another process's folder)."""
+        if not self.folders:
+            return True
+        lines = output_folder(path, key, stage)
+        if not lines and holder:
+            in_use = folder_in_use(path, key=key, what=holder)
+            lines = [in_use] if in_use else []
+        return self.add(lines)
 
     # ---- prompts, model, LoRA, rewards ------------------------------------------------------
 
@@ -299,9 +340,12 @@ class _Checks:
     # ---- stages -------------------------------------------------------------------------------
 
     def precompute(self) -> None:
+        """``precompute.store``, the output folder: written, not held, and a store already there extends."""
         pc = self.cfg.precompute
         store = Path(pc.store)
-        if self.named("precompute.store") or not self.add(output_folder(pc.store, "precompute.store", "precompute")):
+        if not self.folders or self.named("precompute.store"):
+            return
+        if not self.output_folder(pc.store, "precompute.store", "precompute", "pgot-precompute"):
             return
         before = len(self.problems)
         meta = self.store(store, "precompute.store", extend=True)
@@ -319,14 +363,14 @@ class _Checks:
 
     def train(self) -> None:
         t = self.cfg.train
-        run_dir = Path(t.output_dir)
         self.prompts_per_step()
-        if not self.named("train.output_dir") and self.add(output_folder(t.output_dir, "train.output_dir", "train")):
-            in_use = folder_in_use(run_dir, key="train.output_dir", what="a pgot-train run")
-            if in_use:
-                self.add([in_use])
-            elif not self.named("train.resume"):
-                self.add(run_folder.folder_problems(self.cfg))  # the run-folder rules training applies (resume, config)
+        if (
+            not self.named("train.output_dir")
+            and self.folders
+            and self.output_folder(t.output_dir, "train.output_dir", "train", "a pgot-train run")
+            and not self.named("train.resume")
+        ):
+            self.add(run_folder.folder_problems(self.cfg))  # the run-folder rules training applies (resume, config)
         self.train_store()
         for tracker in t.log_with:
             available = _TRACKERS.get(tracker)
@@ -370,7 +414,7 @@ class _Checks:
         complete = (path / store_io.META_FILE).is_file() and (path / store_io.SAMPLES_FILE).is_file()
         if not complete:
             if t.precompute_if_missing:  # built (or finished) first with this config: as a resumed precompute
-                if self.add(output_folder(str(path), key, "precompute")):
+                if self.output_folder(str(path), key, "precompute"):
                     self.store(path, key, extend=True)
                 return
             try:
@@ -449,7 +493,7 @@ class _Checks:
         e = self.cfg.eval
         out = Path(e.output_dir)
         if not self.named("eval.output_dir"):
-            self.add(output_folder(e.output_dir, "eval.output_dir", "eval"))
+            self.output_folder(e.output_dir, "eval.output_dir", "eval", "pgot-eval")
         if e.manifest:  # rescoring images on disk: no base model, no LoRA
             texts = None
             try:

@@ -104,6 +104,7 @@ from pgot import checkpoints, metrics, objectives, precompute, probes, rewards, 
 from pgot.agent import Agent, AgentState, Decision, build_agent
 from pgot.checkpoints import Interrupted, TrainerState
 from pgot.config import Config, ConfigError, save_config
+from pgot.devices import on_cpu, processes
 from pgot.embeddings import PromptEmbeds, encode_prompts
 from pgot.evaluate import ground_truth_problems, ground_truth_quality
 from pgot.files import atomic_write, atomic_write_json, hold_folder
@@ -192,7 +193,8 @@ def fit(cfg: Config) -> tuple[Path, SD3Model]:
             :class:`TooManyBadSteps`.
         Interrupted: SIGINT or SIGTERM (after the checkpoint of the step in flight, when training had started).
     """
-    preflight(cfg, "train")  # every input checked before any weight loads
+    # every input checked before any weight loads (a collective under accelerate launch)
+    preflight(cfg, "train", processes(cfg.model.device))
     accelerator = _accelerator(cfg)
     try:
         with hold_folder(  # a run refused before its first record leaves no trace (files.hold_folder)
@@ -763,7 +765,7 @@ def _accelerator(cfg: Config) -> Accelerator:
     t = cfg.train
     logging.getLogger("accelerate").setLevel(max(logging.WARNING, logging.getLogger("accelerate").getEffectiveLevel()))
     acc = Accelerator(
-        cpu=not torch.cuda.is_available() or cfg.model.device == "cpu",  # gloo on CPU, NCCL on GPUs
+        cpu=on_cpu(cfg.model.device),  # gloo on CPU, NCCL on GPUs
         mixed_precision=t.mixed_precision,
         log_with=list(t.log_with) or None,
         project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs")),

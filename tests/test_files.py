@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from pgot.files import (
+    GRACE_S,
     LOCK_FILE,
     FolderLock,
     FolderLockedError,
@@ -24,6 +25,7 @@ from pgot.files import (
     atomic_write_json,
     atomic_write_parquet,
     atomic_write_text,
+    folder_in_use,
     hold_folder,
     read_holder,
     remove_temporaries,
@@ -103,6 +105,52 @@ def test_a_held_folder_is_refused_naming_the_holder(tmp_path):
         proc.wait()
 
 
+_LOOK = """
+import sys, time
+import filelock
+lock = filelock.FileLock(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    lock.acquire()  # what folder_in_use does to look: take the lock, release it
+    print("held", flush=True)
+    time.sleep(float(sys.argv[3]))  # a look stretched by a busy machine
+    lock.release()
+    sys.stdin.readline()
+"""
+
+
+def test_another_process_looking_at_the_lock_is_not_a_holder(tmp_path):
+    """Rule: a lock taken for less than GRACE_S (another process's preflight looking, folder_in_use) is not a
+    holder: neither folder_in_use nor FolderLock.acquire(timeout=0) refuses the folder because of it."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    cmd = [sys.executable, "-c", _LOOK, str(folder / LOCK_FILE), "2", str(GRACE_S / 4)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert folder_in_use(folder, key="train.output_dir", what="a pgot-train run") is None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "held"
+        with FolderLock(folder, key="train.output_dir", what="a pgot-train run") as lock:
+            assert read_holder(folder) == lock.holder
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_holder_is_reported_after_the_grace(tmp_path):
+    folder = tmp_path / "run"
+    proc = _holder(folder)
+    try:
+        start = time.monotonic()
+        message = folder_in_use(folder, key="train.output_dir", what="a pgot-train run")
+        assert time.monotonic() - start >= GRACE_S * 0.9
+        assert message.startswith(f"train.output_dir={folder} is in use by another process (pid {proc.pid} on host ")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_the_lock_of_a_killed_holder_is_taken_over_with_a_warning(tmp_path, caplog):
     folder = tmp_path / "store"
     proc = _holder(folder)
@@ -176,7 +224,7 @@ def test_under_two_processes_only_the_main_one_holds_and_no_rank_races_ahead(tmp
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     lines = sorted(out.splitlines())
-    assert [x.split(":")[0] for x in lines] == ["rank 0", "rank 0", "rank 1", "rank 1"]
+    assert [x.split(":")[0] for x in lines] == ["rank 0", "rank 0", "rank 1", "rank 1"], (out, err[-3000:])
     refused = [x for x in lines if "refused" in x]
     assert len(refused) == 2 and all(f"precompute.store={folder} is in use by another process (pid {os.getpid()}" in x
                                      for x in refused)  # fmt: skip
@@ -187,22 +235,30 @@ def test_under_two_processes_only_the_main_one_holds_and_no_rank_races_ahead(tmp
 
 
 def test_every_stage_locks_its_output_folder_before_loading_anything(tmp_path, monkeypatch):
-    """The same mechanism for the three folders: a store, a run folder (tests/test_train.py), an eval folder."""
+    """The same mechanism for the three folders: a store, a run folder (tests/test_train.py), an eval folder. The
+    preflight says so first; a holder that comes after the preflight is refused by the lock itself."""
     import pgot.model
+    import pgot.preflight
     from pgot import evaluate, precompute
-    from pgot.config import load_config
+    from pgot.config import ConfigError, load_config
 
     monkeypatch.setattr(pgot.model, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     monkeypatch.setattr(precompute, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     store, out = tmp_path / "store", tmp_path / "eval"
-    with FolderLock(store, key="precompute.store", what="pgot-precompute"):
-        cfg = load_config(ROOT / "tests" / "configs" / "tiny_precompute.yaml", [f"precompute.store={store}"])
-        with pytest.raises(FolderLockedError, match=f"precompute.store={store} is in use by another process"):
-            precompute.run(cfg)
-    with FolderLock(out, key="eval.output_dir", what="pgot-eval"):
-        cfg = load_config(ROOT / "tests" / "configs" / "tiny_eval.yaml", [f"eval.output_dir={out}"])
-        with pytest.raises(FolderLockedError, match=f"eval.output_dir={out} is in use by another process"):
-            evaluate.run(cfg)
+    runs = [
+        (precompute.run, "tiny_precompute.yaml", f"precompute.store={store}"),
+        (evaluate.run, "tiny_eval.yaml", f"eval.output_dir={out}"),
+    ]
+    for run, config, override in runs:
+        key, folder = override.split("=")
+        cfg = load_config(ROOT / "tests" / "configs" / config, [override])
+        with FolderLock(folder, key=key, what="a test"):
+            with pytest.raises(ConfigError, match=f"{key}={folder} is in use by another process"):
+                run(cfg)  # the preflight
+            with monkeypatch.context() as m:  # the holder came after the preflight looked
+                m.setattr(pgot.preflight, "folder_in_use", lambda *a, **k: None)
+                with pytest.raises(FolderLockedError, match=f"{key}={folder} is in use by another process"):
+                    run(cfg)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="pgot-eval runs in one process, but it was started as one of 2"):
         evaluate.run(cfg)

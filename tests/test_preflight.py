@@ -16,6 +16,7 @@ import pgot.rewards
 import pgot.train
 from pgot import cli, preflight
 from pgot.config import ConfigError, RewardConfig, load_config
+from pgot.files import LOCK_FILE, FolderLock
 from pgot.frontier import compare_settings
 from pgot.precompute import store_meta
 
@@ -570,3 +571,45 @@ def test_output_folder_of_another_stage_is_refused(main, key, other, tmp_path, c
         f"mix with it. Set {key} to a folder of its own (a new one, or one pgot-{stage} wrote)."
     ]
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+# --------------------------------------------------------------------------------------------
+# The output folder under several processes, and a held folder
+# --------------------------------------------------------------------------------------------
+
+
+def _stage_config(main, tmp_path: Path, *extra: str):
+    config, *overrides = _stage_args(main, tmp_path)[1:]
+    return load_config(config, [*overrides, *extra])
+
+
+@pytest.mark.parametrize("main, key", _OUTPUTS, ids=[k for _, k in _OUTPUTS])
+def test_a_held_output_folder_is_reported_by_every_stage(main, key, tmp_path, capsys, no_weights):
+    """--check says that another process holds the folder (its lock), in each stage, naming the holder."""
+    folder = tmp_path / "held"
+    with FolderLock(folder, key=key, what="a test") as lock:  # another file description: another holder
+        assert main([*_stage_args(main, tmp_path), f"{key}={folder}", "--check"]) == 2
+        assert _errors(capsys) == [
+            f"{key}={folder} is in use by another process ({lock.holder.describe()}). Two processes writing one folder "
+            f"would mix their files: wait for it to finish, or set {key} to another folder. The lock "
+            f"({folder / LOCK_FILE}) is released when its holder exits, however it exits."
+        ]
+
+
+@pytest.mark.parametrize("main, key", _OUTPUTS, ids=[k for _, k in _OUTPUTS])
+def test_only_the_main_process_checks_the_output_folder(main, key, tmp_path, no_weights):
+    """The processes of a launch other than the main one (``folders=False``) neither try to create the output
+    folder nor look at its lock: the main process takes it right after the preflight, and two processes
+    looking at once would see each other. The main process's check finds both problems."""
+    stage = _STAGE_OF[main]
+    (tmp_path / "file").write_text("x")
+    under_a_file = _stage_config(main, tmp_path, f"{key}={tmp_path / 'file' / 'out'}")
+    assert [p for p in preflight.check_inputs(under_a_file, stage) if key in p]
+    assert preflight.check_inputs(under_a_file, stage, folders=False) == []
+    folder = tmp_path / "held"
+    held = _stage_config(main, tmp_path, f"{key}={folder}")
+    with FolderLock(folder, key=key, what="a test"):
+        assert [p for p in preflight.check_inputs(held, stage) if "is in use by another process" in p]
+        assert preflight.check_inputs(held, stage, folders=False) == []
+    missing = _stage_config(main, tmp_path, f"{key}={tmp_path / 'new' / 'out'}")
+    assert preflight.check_inputs(missing, stage, folders=False) == [] and not (tmp_path / "new").exists()

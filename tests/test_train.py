@@ -328,6 +328,19 @@ def test_two_processes_with_a_slowed_rank_save_whole_checkpoints_and_resume_exac
     assert _strip(_lines(out)) == _strip(_lines(run))
 
 
+def test_a_problem_one_process_finds_stops_every_process_with_one_error(tmp_path: Path) -> None:
+    """The preflight is a collective: a problem only rank 1 finds (an input missing on one node) stops both ranks
+    before anything is written, with one copy of the error, and the main process, slowed so that rank 1 is done
+    first, is not left waiting for it in a collective (where only the launcher's SIGKILL ends it)."""
+    save_config(_cfg(tmp_path / "run", None, **{"train.strategy": "online"}), tmp_path / "cfg.yaml")
+    out = _launch(tmp_path / "cfg.yaml", PGOT_TEST_PROBLEM_RANK="1", PGOT_TEST_SLOW_RANK="0", PGOT_TEST_SLOW_S="2")
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: process 1: a problem only process 1 sees"], out.stderr[-3000:]
+    assert "SIGKILL" not in out.stderr, out.stderr[-3000:]  # what the launcher sends a process stuck in a collective
+    assert not (tmp_path / "run").exists()
+
+
 def test_sigkill_and_resume_is_exact(tmp_path: Path, store: Path) -> None:
     """A run killed after a checkpoint and resumed ends with the same LoRA and metrics as an uninterrupted run."""
     extra = {"train.max_steps": 6, "train.checkpoint_every": 2, "train.keep_checkpoints": 2, "train.probe_every": 3,

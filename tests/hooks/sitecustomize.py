@@ -7,6 +7,10 @@ by environment variables, so the same file serves every test:
   starts ``PGOT_TEST_SLOW_S`` seconds (default 1) late: accelerate's ``save_state`` (checkpoints),
   ``pgot.checkpoints.load`` (resume, agent revert) and ``pgot.frontier.write_shard`` (precompute shards). A
   missing barrier then shows deterministically: the other ranks rename, prune or merge before it has written.
+  Its preflight checks (``pgot.preflight.check_inputs``) start late too: the main process would otherwise take
+  the output folder's lock while that rank still looks at the folder.
+- ``PGOT_TEST_PROBLEM_RANK=<rank>``: the preflight checks of that rank find one more problem, ``a problem only
+  process <rank> sees`` (an input missing on one node).
 - ``PGOT_TEST_SIGNAL=<step>:<SIGNAL>[:<rank>]``: the worker of that rank (without a rank: a single-process run)
   sends itself ``SIGNAL`` when training step ``<step>`` starts (inside its first rollout), so the signal is in
   flight during that step.
@@ -40,11 +44,24 @@ if _WORKER and os.environ.get("PGOT_TEST_SLOW_RANK") == _RANK:
 
     import pgot.checkpoints
     import pgot.frontier
+    import pgot.preflight
 
     _s = float(os.environ.get("PGOT_TEST_SLOW_S", "1"))
     accelerate.Accelerator.save_state = _delayed(accelerate.Accelerator.save_state, _s)
     pgot.checkpoints.load = _delayed(pgot.checkpoints.load, _s)
     pgot.frontier.write_shard = _delayed(pgot.frontier.write_shard, _s)
+    pgot.preflight.check_inputs = _delayed(pgot.preflight.check_inputs, _s)
+
+if _WORKER and os.environ.get("PGOT_TEST_PROBLEM_RANK") == _RANK:
+    import pgot.preflight
+
+    _check_inputs = pgot.preflight.check_inputs
+
+    @functools.wraps(_check_inputs)
+    def _one_more_problem(*args, _check_inputs=_check_inputs, **kwargs):
+        return [*_check_inputs(*args, **kwargs), f"a problem only process {_RANK} sees"]
+
+    pgot.preflight.check_inputs = _one_more_problem
 
 if os.environ.get("PGOT_TEST_SIGNAL"):
     _step, _name, *_only = os.environ["PGOT_TEST_SIGNAL"].split(":")
