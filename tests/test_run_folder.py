@@ -73,7 +73,7 @@ def test_refused_training_leaves_no_trace_in_the_folder_it_created(tmp_path, mon
 
     import pgot.train
 
-    monkeypatch.setattr(pgot.train, "preflight", lambda cfg, stage: None)
+    monkeypatch.setattr(pgot.train, "preflight", lambda *args: None)
     cfg = _cfg(tmp_path / "new" / "run", f"train.resume={tmp_path / 'nowhere'}", "train.strategy=online")
     with pytest.raises(ValueError, match="train.resume"):
         pgot.train.run(cfg)

@@ -756,8 +756,10 @@ def test_two_runs_in_one_folder(tmp_path: Path, store: Path, capsys: pytest.Capt
     first (host, pid, start, command) and exit 2; the first runs to the end alone."""
     out = tmp_path / "run"
     save_config(_cfg(out, store, **{**RESUME, "train.max_steps": 6}), tmp_path / "cfg.yaml")
+    # the first run holds the folder for 6 s at least (6 steps, each 1 s late): longer than files.GRACE_S
     first = subprocess.Popen([sys.executable, "-m", "pgot", "train", "--config", str(tmp_path / "cfg.yaml")],
-                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             env=_env(PGOT_TEST_STEP_S="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while not (out / LOCK_RECORD).exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -14,6 +14,8 @@ by environment variables, so the same file serves every test:
 - ``PGOT_TEST_SIGNAL=<step>:<SIGNAL>[:<rank>]``: the worker of that rank (without a rank: a single-process run)
   sends itself ``SIGNAL`` when training step ``<step>`` starts (inside its first rollout), so the signal is in
   flight during that step.
+- ``PGOT_TEST_STEP_S=<seconds>``: in a single-process run, each training step starts that late, so a run holds its
+  folder for a known least time (longer than :data:`pgot.files.GRACE_S`, for the tests of a second run).
 
 The ``accelerate launch`` process itself (no ``LOCAL_RANK``) is never hooked.
 """
@@ -77,3 +79,16 @@ if os.environ.get("PGOT_TEST_SIGNAL"):
             return _rollout(r, step, micro)
 
         pgot.train._rollout = _signalling_rollout
+
+if os.environ.get("PGOT_TEST_STEP_S") and not _WORKER:
+    import pgot.train
+
+    _rollout_late = pgot.train._rollout
+
+    @functools.wraps(_rollout_late)
+    def _late_rollout(r, step, micro, _rollout=_rollout_late, _s=float(os.environ["PGOT_TEST_STEP_S"])):
+        if micro == 0:
+            time.sleep(_s)
+        return _rollout(r, step, micro)
+
+    pgot.train._rollout = _late_rollout
