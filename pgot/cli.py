@@ -293,10 +293,16 @@ def _stage_main(command: str, run: Callable[[Config], object], argv: Sequence[st
             return 0
         cfg = _load(args, command)
         if args.check:
+            from pgot.devices import processes
             from pgot.preflight import preflight
 
-            preflight(cfg, command)
-            print(f"{parser.prog}: the config and every input it names are in place (nothing was run).")
+            # under accelerate launch, the run's collective check (pgot-eval refuses a launch before any check)
+            state = None if command == "eval" else processes(cfg.model.device)
+            preflight(cfg, command, state)
+            if state is None or state.is_local_main_process:
+                print(f"{parser.prog}: the config and every input it names are in place (nothing was run).")
+            if state is not None:
+                state.destroy_process_group()
             return 0
         run(cfg)
         return 0

@@ -955,17 +955,23 @@ def run(cfg: Config) -> Path:
     """
     from pgot.preflight import preflight  # it imports this module
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:  # before the preflight: several processes would try eval.output_dir at once
-        raise ValueError(
-            f"pgot-eval runs in one process, but it was started as one of {world} (accelerate launch / torchrun): "
-            "every process would evaluate every model into the same eval.output_dir. Start it as a plain command: "
-            "pgot-eval --config ..."
-        )
-    preflight(cfg, "eval")  # every input checked before any weight loads or any image is generated
+    preflight(cfg, "eval")  # every input checked before any weight loads or any image is generated; one process
     # a refusal before any score is written leaves no trace (config.yaml, the lock, a folder this run created)
     with hold_folder(cfg.eval.output_dir, key="eval.output_dir", what="pgot-eval", scratch=("config.yaml",)):
         return _run(cfg)
+
+
+def launch_problems() -> list[str]:
+    """pgot-eval runs in one process: the line that says so when this one was started as one of several
+    (``accelerate launch`` / ``torchrun``: ``WORLD_SIZE`` > 1), else nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return []
+    return [
+        f"pgot-eval runs in one process, but it was started as one of {world} (accelerate launch / torchrun): "
+        "every process would evaluate every model into the same eval.output_dir. Start it as a plain command: "
+        "pgot-eval --config ..."
+    ]
 
 
 def _run(cfg: Config) -> Path:

@@ -84,7 +84,8 @@ def preflight(cfg: Config, stage: str, processes: PartialState | None = None) ->
 
     Raises:
         ConfigError: (a ``ValueError``) listing every problem, one line each; under several processes, on every
-            process, the same lines (a line only another process found names it: ``process 3: ...``).
+            process, the same lines (a line only another process found names it: ``process 3: ...``), after the
+            process group is ended.
     """
     several = processes is not None and processes.num_processes > 1
     main = not several or processes.is_main_process
@@ -94,7 +95,9 @@ def preflight(cfg: Config, stage: str, processes: PartialState | None = None) ->
         problems = _everyones(problems)
     if problems:
         error = ConfigError(list(dict.fromkeys(problems)), config=cfg)
-        error.quiet = several and not processes.is_local_main_process  # one copy per machine on the terminal
+        if several:
+            error.quiet = not processes.is_local_main_process  # one copy per machine on the terminal
+            processes.destroy_process_group()  # every process stops here: end the group, as end_training would
         raise error
 
 
@@ -127,7 +130,8 @@ def check_inputs(cfg: Config, stage: str, skip: Sequence[str] = (), folders: boo
     if not c.named("model.device"):  # every stage: a named device must exist here (pgot.devices.device_problems)
         c.add(device_problems(cfg.model.device))
     if stage == "eval":
-        checks = [c.eval]
+        launched = evaluate.launch_problems()  # then nothing else: every process would try eval.output_dir at once
+        checks = [lambda: c.add(launched)] if launched else [c.eval]
     else:
         checks = [lambda: c.prompts("train" if stage == "train" else ""), c.model, c.rewards]
         checks.append(c.precompute if stage == "precompute" else c.train)

@@ -613,3 +613,18 @@ def test_only_the_main_process_checks_the_output_folder(main, key, tmp_path, no_
         assert preflight.check_inputs(held, stage, folders=False) == []
     missing = _stage_config(main, tmp_path, f"{key}={tmp_path / 'new' / 'out'}")
     assert preflight.check_inputs(missing, stage, folders=False) == [] and not (tmp_path / "new").exists()
+
+
+def test_eval_started_as_one_of_several_processes_is_refused_before_any_check(
+    tmp_path, capsys, monkeypatch, no_weights
+):
+    """pgot-eval runs in one process: under a launch its --check (and its run) says so and tries nothing else, so
+    the processes do not try eval.output_dir at once."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    folder = tmp_path / "deep" / "eval"
+    assert cli.eval_main([*_stage_args(cli.eval_main, tmp_path), f"eval.output_dir={folder}", "--check"]) == 2
+    assert _errors(capsys) == [
+        "pgot-eval runs in one process, but it was started as one of 2 (accelerate launch / torchrun): every process "
+        "would evaluate every model into the same eval.output_dir. Start it as a plain command: pgot-eval --config ..."
+    ]
+    assert not (tmp_path / "deep").exists()

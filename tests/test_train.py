@@ -153,11 +153,11 @@ def _env(**extra: str) -> dict[str, str]:
     }
 
 
-def _launch(config: Path, processes: int = 2, **env: str) -> subprocess.CompletedProcess:
-    """``accelerate launch`` of pgot-train on CPU processes (gloo)."""
+def _launch(config: Path, *args: str, processes: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of pgot-train (with ``args``) on CPU processes (gloo)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "pgot", "train", "--config", str(config)]  # fmt: skip
+           "--main_process_port", str(_free_port()), "-m", "pgot", "train", "--config", str(config), *args]  # fmt: skip
     return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=240)
 
 
@@ -339,6 +339,19 @@ def test_a_problem_one_process_finds_stops_every_process_with_one_error(tmp_path
     assert errors == ["error: process 1: a problem only process 1 sees"], out.stderr[-3000:]
     assert "SIGKILL" not in out.stderr, out.stderr[-3000:]  # what the launcher sends a process stuck in a collective
     assert not (tmp_path / "run").exists()
+
+
+def test_check_under_a_launch_is_the_runs_collective_check(tmp_path: Path) -> None:
+    """pgot-train --check under accelerate launch: the same collective preflight as the run; a config in place
+    is said once per machine and nothing is written; a problem of one process is every process's error."""
+    save_config(_cfg(tmp_path / "run", None, **{"train.strategy": "online"}), tmp_path / "cfg.yaml")
+    ok = _launch(tmp_path / "cfg.yaml", "--check")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.stdout.count("in place") == 1 and not (tmp_path / "run").exists()
+    bad = _launch(tmp_path / "cfg.yaml", "--check", PGOT_TEST_PROBLEM_RANK="1")
+    assert bad.returncode != 0
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: process 1: a problem only process 1 sees"], bad.stderr[-3000:]
 
 
 def test_sigkill_and_resume_is_exact(tmp_path: Path, store: Path) -> None:
