@@ -161,7 +161,7 @@ def read_state(folder: str | Path) -> TrainerState:
     folder = Path(folder)
     try:
         return TrainerState.from_dict(json.loads((folder / STATE_FILE).read_text()))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:  # unreadable, not JSON, not a state
         raise ValueError(
             f"checkpoint {folder} has no readable {STATE_FILE} ({exc}). Resume from another checkpoint "
             f"(train.resume=<folder>) or delete {folder}."

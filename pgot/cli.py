@@ -271,9 +271,16 @@ def _load(args: argparse.Namespace, stage: str | None) -> Config:
     except ConfigError as exc:
         if stage is None or exc.config is None:
             raise
-        from pgot.preflight import check_inputs  # imports the model libraries: only when there is a config
+        cfg, known = exc.config, exc.problems
+    # imports the model libraries: only when there is a config
+    from pgot.devices import processes
+    from pgot.preflight import preflight
 
-        raise ConfigError(exc.problems + check_inputs(exc.config, stage, skip=exc.problems), exc.config) from None
+    # the run's preflight with these problems: under accelerate launch a collective, so only the main process tries
+    # the output folder (several processes trying one folder at once see each other) and the error is said once per
+    # machine (pgot-eval refuses a launch before any check)
+    preflight(cfg, stage, None if stage == "eval" else processes(cfg.model.device), known)
+    raise AssertionError("the preflight raises with known problems")  # pgot's invariant: not reached
 
 
 def _stage_main(command: str, run: Callable[[Config], object], argv: Sequence[str] | None) -> int:

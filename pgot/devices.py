@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 __all__ = ["DTYPES", "device_problems", "on_cpu", "processes", "resolve_device", "resolve_dtype"]
 
@@ -24,8 +25,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def on_cpu(device: str | None) -> bool:
     """Whether a run with ``model.device=device`` works on the CPU (gloo between processes) rather than on CUDA
-    (NCCL): no CUDA here, or ``cpu`` named."""
-    return not torch.cuda.is_available() or str(device) == "cpu"
+    (NCCL): no CUDA here, ``cpu`` named, or started by ``accelerate launch --cpu`` (``ACCELERATE_USE_CPU``, which
+    accelerate reads only when it creates the processes' state: :func:`processes` creates it first)."""
+    return not torch.cuda.is_available() or str(device) == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU")
 
 
 def processes(device: str | None) -> PartialState:

@@ -208,7 +208,7 @@ class FolderLock:
         key: the config key that names the folder, as typed (``train.output_dir``), for the errors.
         what: what the holder does there, for the errors (``a pgot-train run``).
 
-    Use :meth:`acquire` / :meth:`release`, or ``with FolderLock(...):`` (acquire without waiting).
+    Use :meth:`acquire` / :meth:`release`, or ``with FolderLock(...):`` (acquire, waiting only :data:`GRACE_S`).
     """
 
     def __init__(self, folder: str | Path, *, key: str, what: str):
@@ -337,7 +337,9 @@ def hold_folder(
     """Hold ``folder``'s :class:`FolderLock` for the duration of the block; a collective under accelerate.
 
     Only the main process takes the lock. Every process leaves the call together, after the main process has
-    taken the lock (a broadcast: nobody races ahead into the folder), or with the same error when it could not.
+    taken the lock (a broadcast: nobody races ahead into the folder), or with the same error when it could not
+    (an ``OSError`` of the main process's file system is raised there as it came, and as a ``ValueError`` naming it
+    on the others).
 
     **A refused run leaves no trace.** When the block raises a ``ValueError`` (a user mistake found after the
     folder was taken) and the run wrote nothing but ``scratch`` (what it writes before any result, e.g. its
@@ -360,21 +362,30 @@ def hold_folder(
     Raises:
         FolderLockedError: on every process, when another process holds the folder and ``wait`` is False.
         ValueError: on every process, when the folder cannot be created or written.
+        OSError: on the main process, when its file system fails otherwise (the others raise a ``ValueError``).
     """
     main = accelerator is None or accelerator.is_main_process
     lock = FolderLock(folder, key=key, what=what) if main else None
-    before = _entries(folder) if main else None
+    before = None
+    failure: OSError | None = None  # the file system failed on the main process: raised there as it came
     told = False
     while True:
         status: tuple[str, str] = ("ok", "")
         if lock is not None:
             try:
+                if before is None:
+                    before = _entries(folder)
                 lock.acquire(timeout=_WAIT_POLL_S if wait else 0)
             except FolderLockedError as exc:
                 status = ("wait" if wait else "locked", str(exc))
             except ValueError as exc:
                 status = ("error", str(exc))
+            except OSError as exc:  # no space for the record, a read-only or failing disk: every process stops
+                failure = exc
+                status = ("error", f"{key}={folder}: the main process could not take the folder ({exc!r}).")
         status = _share(accelerator, status)
+        if failure is not None:
+            raise failure
         if status[0] != "wait":
             break
         if main and not told:

@@ -38,6 +38,7 @@ Each problem is one line that names the config key as typed on the command line 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -70,7 +71,9 @@ _TRACKERS: dict[str, Callable[[], bool]] = {"tensorboard": is_tensorboard_availa
 _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
-def preflight(cfg: Config, stage: str, processes: PartialState | None = None) -> None:
+def preflight(
+    cfg: Config, stage: str, processes: PartialState | None = None, known: Sequence[str] | None = None
+) -> None:
     """Check ``cfg`` for ``stage`` (config rules and every input) and raise one error listing every problem.
 
     Nothing is loaded or left behind: no weights; an output folder is created only to see that it can be, and
@@ -81,18 +84,35 @@ def preflight(cfg: Config, stage: str, processes: PartialState | None = None) ->
         stage: ``precompute``, ``train`` or ``eval``.
         processes: the processes of an ``accelerate launch`` run (accelerate's ``PartialState``): then every
             process must call this (a collective; see the module's docstring); None: this process alone.
+        known: the config's problems when they are known already (:func:`pgot.config.load_config` raised them,
+            with the config as far as it could be built): they replace :func:`pgot.config.check`'s.
 
     Raises:
         ConfigError: (a ``ValueError``) listing every problem, one line each; under several processes, on every
             process, the same lines (a line only another process found names it: ``process 3: ...``), after the
             process group is ended.
+        Exception: a check that failed in an unforeseen way (not a ``ValueError`` / ``OSError`` of an input) is
+            raised as it came; under several processes after the collective, with the others stopping on a line
+            that names it, so no process is left waiting for this one.
     """
     several = processes is not None and processes.num_processes > 1
     main = not several or processes.is_main_process
-    problems = check(cfg, stage)
-    problems += check_inputs(cfg, stage, skip=problems, folders=main)
+    failure: Exception | None = None
+    try:
+        problems = list(known) if known is not None else check(cfg, stage)
+        problems += check_inputs(cfg, stage, skip=problems, folders=main)
+    except Exception as exc:  # re-raised below, after the collective the other processes wait in
+        if not several:
+            raise
+        failure = exc
+        problems = [
+            f"the checks stopped with {type(exc).__name__}: {exc} (a bug in pgot's preflight; please report it)"
+        ]
     if several:
         problems = _everyones(problems)
+    if failure is not None:
+        processes.destroy_process_group()
+        raise failure
     if problems:
         error = ConfigError(list(dict.fromkeys(problems)), config=cfg)
         if several:
@@ -190,9 +210,22 @@ def output_folder(path: str, key: str, stage: str | None = None) -> list[str]:
     return run_folder.other_stage_problems(p, key, stage) if stage else []
 
 
-def _try_write(folder: Path) -> OSError | None:
+def _try_write(folder: Path, attempts: int = 5) -> OSError | None:
     """Create ``folder`` (with its missing parents) and a file in it, then remove what was created; the error the
-    operating system gave, or None."""
+    operating system gave, or None.
+
+    Another process may create or remove the same folders meanwhile (another command's check or run into a
+    sibling folder, ``runs/sweep/a`` and ``runs/sweep/b``): a folder it created first is not ours (kept, and no
+    error), and a parent that its check removed again is created again (``attempts`` times in all).
+    """
+    for attempt in range(attempts):
+        err = _try_write_once(folder)
+        if not isinstance(err, FileNotFoundError) or attempt == attempts - 1:
+            return err
+    return None  # not reached
+
+
+def _try_write_once(folder: Path) -> OSError | None:
     created: list[Path] = []
     try:
         missing = []
@@ -201,7 +234,14 @@ def _try_write(folder: Path) -> OSError | None:
             missing.append(q)
             q = q.parent
         for d in reversed(missing):
-            d.mkdir()
+            try:
+                d.mkdir()
+            except FileExistsError:
+                if d.is_dir():
+                    continue  # another process created it first: not ours to remove
+                if os.path.lexists(d):  # a file, or a link to nothing: what the check is there to find
+                    raise
+                raise FileNotFoundError(errno.ENOENT, "created and removed by another process", str(d)) from None
             created.append(d)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".pgot-check-")
         os.close(fd)

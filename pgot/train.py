@@ -807,6 +807,10 @@ def _start(cfg: Config, acc: Accelerator) -> run_folder.Start:
             box[0] = dataclasses.asdict(run_folder.Start(problems=exc.problems))
         except ValueError as exc:
             box[0] = dataclasses.asdict(run_folder.Start(problems=[str(exc)]))
+        except OSError as exc:  # removing what an attempt left failed: every process stops, none waits for this one
+            box[0] = dataclasses.asdict(
+                run_folder.Start(problems=[f"train.output_dir={cfg.train.output_dir} cannot be prepared: {exc!r}."])
+            )
     broadcast_object_list(box, from_process=0)
     start = run_folder.Start(**box[0])
     if start.problems:

@@ -120,3 +120,13 @@ def test_interrupted_carries_the_exit_code():
     assert isinstance(stop, KeyboardInterrupt) and not isinstance(stop, Exception)  # never caught by except Exception
     assert (stop.exit_code, str(stop), stop.checkpoint) == (143, "stopped", None)
     assert checkpoints.Interrupted("x").exit_code == 130
+
+
+@pytest.mark.parametrize("text", ["[]", '{"agent": 3}', '{"step": 1, "agent": []}'])
+def test_a_state_file_of_another_shape_is_an_unreadable_checkpoint(tmp_path, text):
+    """JSON that is not a trainer state is the one-line error of an unreadable checkpoint, not a traceback (the
+    preflight and the run folder's rules read it on the main process only)."""
+    (tmp_path / "step-000002").mkdir()
+    (tmp_path / "step-000002" / checkpoints.STATE_FILE).write_text(text)
+    with pytest.raises(ValueError, match=f"checkpoint .*step-000002 has no readable {checkpoints.STATE_FILE}"):
+        checkpoints.read_state(tmp_path / "step-000002")

@@ -22,3 +22,17 @@ def test_auto_rules():
         ValueError, match=r"rewards\.0\.dtype must be one of auto, float32, bfloat16, float16; got 'fp8'"
     ):
         resolve_dtype("fp8", "cpu", key="rewards.0.dtype")
+
+
+def test_accelerate_launch_cpu_runs_on_the_cpu(monkeypatch):
+    """``accelerate launch --cpu`` sets ACCELERATE_USE_CPU, which accelerate reads only when it creates the
+    processes' state; pgot creates that state first (pgot.devices.processes), so it must read the flag too."""
+    from pgot.devices import on_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert not on_cpu("auto") and on_cpu("cpu")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what accelerate launch --cpu exports
+    assert on_cpu("auto") and on_cpu("cuda")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    assert not on_cpu("auto")

@@ -262,3 +262,39 @@ def test_every_stage_locks_its_output_folder_before_loading_anything(tmp_path, m
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="pgot-eval runs in one process, but it was started as one of 2"):
         evaluate.run(cfg)
+
+
+def test_a_file_system_failure_of_the_main_process_stops_every_process(tmp_path, monkeypatch):
+    """Rule: whatever stops the main process in hold_folder reaches the others through the broadcast they wait
+    in: an OSError the lock does not foresee (no space for the record, a read-only or failing disk) is raised on
+    the main process as it came, and as a ValueError naming it on the others."""
+    from pgot import files
+
+    class Processes:
+        num_processes = 2
+
+        def __init__(self, rank):
+            self.is_main_process = self.is_local_main_process = rank == 0
+
+    shared = []
+
+    def broadcast(box, from_process=0):
+        if shared:
+            box[0] = shared[0]
+        else:
+            shared.append(box[0])
+        return box
+
+    def no_space(self, timeout=0):
+        raise OSError(28, "No space left on device", str(self.folder / files.LOCK_RECORD))
+
+    monkeypatch.setattr(files, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(files.FolderLock, "acquire", no_space)
+    folder = tmp_path / "store"
+    with pytest.raises(OSError, match="No space left on device"):
+        with hold_folder(folder, key="precompute.store", what="pgot-precompute", accelerator=Processes(0)):
+            pytest.fail("entered")
+    assert shared  # the main process took part in the broadcast before raising
+    with pytest.raises(ValueError, match=f"precompute.store={folder}: the main process could not take the folder"):
+        with hold_folder(folder, key="precompute.store", what="pgot-precompute", accelerator=Processes(1)):
+            pytest.fail("entered")

@@ -628,3 +628,92 @@ def test_eval_started_as_one_of_several_processes_is_refused_before_any_check(
         "would evaluate every model into the same eval.output_dir. Start it as a plain command: pgot-eval --config ..."
     ]
     assert not (tmp_path / "deep").exists()
+
+
+class _Launch:
+    """One process of a 2-process ``accelerate launch`` as the preflight sees it (accelerate's PartialState)."""
+
+    num_processes = 2
+
+    def __init__(self, rank: int):
+        self.is_main_process = self.is_local_main_process = rank == 0
+        self.ended = False
+
+    def destroy_process_group(self) -> None:
+        self.ended = True
+
+
+def test_a_process_whose_checks_fail_unforeseen_still_joins_the_collective(tmp_path, monkeypatch):
+    """Rule: an exception that is not an input's problem (a bug, a damaged file of an unforeseen shape) does not
+    leave the collective: the failing process raises it after the gather, the others stop on a line naming it,
+    and every process ends the group, so none waits for the failing one until the launcher kills it."""
+    cfg = _stage_config(cli.train_main, tmp_path)
+    gathered = []
+
+    def gather(obj):
+        gathered.append(obj)
+        return [*obj, []]  # rank 1 found nothing
+
+    def broken(*args, **kwargs):
+        raise AttributeError("'list' object has no attribute 'items'")
+
+    monkeypatch.setattr(preflight, "check_inputs", broken)
+    monkeypatch.setattr(preflight, "gather_object", gather)
+    main = _Launch(0)
+    with pytest.raises(AttributeError, match="no attribute 'items'"):
+        preflight.preflight(cfg, "train", main)
+    assert gathered and main.ended
+    failed_line = gathered[0][0][0]
+    monkeypatch.setattr(preflight, "check_inputs", lambda *a, **k: [])
+    monkeypatch.setattr(preflight, "gather_object", lambda obj: [[failed_line], *obj])  # rank 0 failed
+    other = _Launch(1)
+    with pytest.raises(ConfigError) as err:
+        preflight.preflight(cfg, "train", other)
+    assert err.value.problems == [failed_line] and "AttributeError" in failed_line and other.ended
+    assert err.value.quiet  # said by the main process of this machine
+
+
+def test_config_problems_under_a_launch_are_the_collective_preflight(tmp_path, monkeypatch, capsys, no_weights):
+    """A config with a problem of its own (load_config raises) under accelerate launch: the CLI's check of the
+    inputs is the run's collective preflight, so a process other than the main one neither tries the output
+    folder (several processes creating one folder at once see each other) nor prints the error twice."""
+    import pgot.devices
+
+    folder = tmp_path / "new" / "run"
+    other = _Launch(1)
+    monkeypatch.setattr(pgot.devices, "processes", lambda device: other)
+    monkeypatch.setattr(preflight, "gather_object", lambda obj: [["main's line"], *obj])
+    args = [*_stage_args(cli.train_main, tmp_path), f"train.output_dir={folder}", "train.max_steps=-1", "--check"]
+    assert cli.train_main(args) == 2
+    assert capsys.readouterr().err == ""  # the main process of this machine says it
+    assert other.ended and not (tmp_path / "new").exists()
+
+
+def test_two_checks_of_one_new_folder_at_once_do_not_see_each_other(tmp_path, monkeypatch):
+    """Rule: the trial creation shares the missing folders with other processes doing the same (two runs into
+    runs/sweep/a and runs/sweep/b, the processes of a launch): a folder another process created first is neither
+    an error nor removed by this check; a parent that another check removed again is created again."""
+    real_mkdir = Path.mkdir
+    sweep = tmp_path / "runs" / "sweep"
+
+    def other_creates_first(self, *args, **kwargs):
+        if self == sweep and not self.exists():
+            real_mkdir(self)  # the other process, just before this one
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_creates_first)
+    assert preflight.output_folder(str(sweep / "a"), "train.output_dir", "train") == []
+    assert sweep.is_dir() and not (sweep / "a").exists()  # the other's folder stays; this check's is gone
+
+    removed = []
+
+    def other_removes_once(self, *args, **kwargs):
+        if self == sweep / "b" and not removed:
+            removed.append(self)
+            os.rmdir(self.parent)  # the other check, cleaning up what it created
+        return real_mkdir(self, *args, **kwargs)
+
+    os.rmdir(sweep)
+    monkeypatch.setattr(Path, "mkdir", other_removes_once)
+    assert preflight.output_folder(str(sweep / "b"), "train.output_dir", "train") == []
+    assert removed and not sweep.exists() and (tmp_path / "runs").is_dir()  # runs/ was there before this check
