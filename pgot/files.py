@@ -5,7 +5,7 @@ the identity of what produced a set of rows (cached evaluation scores, study pag
 ``meta.json``, ``scores.parquet``, ``trainer_state.json``, PNGs, agent records) is written to a temporary file in
 the same folder and renamed over the target with ``os.replace``, which POSIX makes atomic: a reader sees the old
 file or the new one, never a half-written one, and a process killed mid-write leaves at most a
-``.<name>.<pid>.tmp`` file behind (:func:`remove_temporaries` clears them).
+``.<name>.<pid>.<token>.tmp`` file behind (:func:`remove_temporaries` clears them).
 
 **Folder locks.** A run folder (``train.output_dir``), a frontier store (``precompute.store``) and an evaluation
 folder (``eval.output_dir``) each belong to one pgot process at a time: :func:`hold_folder` takes an exclusive
@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import socket
@@ -64,9 +65,12 @@ __all__ = [
 
 
 def temporary_name(path: str | Path) -> Path:
-    """The temporary sibling ``.<name>.<pid>.tmp`` that :func:`atomic_write` writes before renaming."""
+    """A new temporary sibling ``.<name>.<pid>.<token>.tmp`` for :func:`atomic_write` to write before renaming.
+
+    The random token keeps two writers of one file apart where the pid does not: processes of several machines on
+    a shared file system (containers repeat pids), threads of one process."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any], *, fsync: bool = True) -> Path:

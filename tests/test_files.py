@@ -55,7 +55,15 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
 
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(p, fail)
-    assert p.read_text() == "old" and not temporary_name(p).exists()
+    assert p.read_text() == "old" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_each_write_has_a_temporary_of_its_own(tmp_path):
+    """Two writers of one file (threads of a process, processes of several machines with one pid) never share a
+    temporary file."""
+    names = {temporary_name(tmp_path / "meta.json") for _ in range(100)}
+    assert len(names) == 100
+    assert all(n.name.startswith(f".meta.json.{os.getpid()}.") and n.name.endswith(".tmp") for n in names)
 
 
 def test_remove_temporaries(tmp_path):
@@ -118,12 +126,16 @@ for _ in range(int(sys.argv[2])):
 """
 
 
-def test_another_process_looking_at_the_lock_is_not_a_holder(tmp_path):
+def test_another_process_looking_at_the_lock_is_not_a_holder(tmp_path, monkeypatch):
     """Rule: a lock taken for less than GRACE_S (another process's preflight looking, folder_in_use) is not a
-    holder: neither folder_in_use nor FolderLock.acquire(timeout=0) refuses the folder because of it."""
+    holder: neither folder_in_use nor FolderLock.acquire(timeout=0) refuses the folder because of it. (The grace
+    is raised to 30 s here, so that a loaded machine cannot stretch the 0.5-s look past it.)"""
+    import pgot.files
+
+    monkeypatch.setattr(pgot.files, "GRACE_S", 30.0)
     folder = tmp_path / "run"
     folder.mkdir()
-    cmd = [sys.executable, "-c", _LOOK, str(folder / LOCK_FILE), "2", str(GRACE_S / 4)]
+    cmd = [sys.executable, "-c", _LOOK, str(folder / LOCK_FILE), "2", "0.5"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
     try:
         assert proc.stdout.readline().strip() == "held"

@@ -14,10 +14,12 @@ by environment variables, so the same file serves every test:
 - ``PGOT_TEST_SIGNAL=<step>:<SIGNAL>[:<rank>]``: the worker of that rank (without a rank: a single-process run)
   sends itself ``SIGNAL`` when training step ``<step>`` starts (inside its first rollout), so the signal is in
   flight during that step.
-- ``PGOT_TEST_STEP_S=<seconds>``: in a single-process run, each training step starts that late, so a run holds its
-  folder for a known least time (longer than :data:`pgot.files.GRACE_S`, for the tests of a second run).
+- ``PGOT_TEST_STEP_S=<seconds>``: in a process not started by ``accelerate launch`` (a single-process run), each
+  training step starts that late, so a run holds its folder for a known least time (longer than
+  :data:`pgot.files.GRACE_S`, for the tests of a second run).
 
-The ``accelerate launch`` process itself (no ``LOCAL_RANK``) is never hooked.
+The ``accelerate launch`` process itself (no ``LOCAL_RANK``) is hooked by nothing but ``PGOT_TEST_STEP_S``, which
+it never uses.
 """
 
 from __future__ import annotations
