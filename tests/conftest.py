@@ -4,7 +4,6 @@ empty working directory for every test."""
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,19 +43,3 @@ def _in_an_empty_working_directory(tmp_path_factory: pytest.TempPathFactory, mon
     command, run before its second, must not change what the tests see). Shipped configs are found by name from
     anywhere (:func:`pgot.config.find_config`); tests reach repository files through absolute paths."""
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps one process state per interpreter (a singleton, with its device and its cpu flag); pgot
-    creates it in every run and every ``--check``. Each test starts and ends without one, so none inherits
-    another's."""
-
-    def reset() -> None:
-        state = sys.modules.get("accelerate.state")
-        if state is not None:
-            state.AcceleratorState._reset_state(reset_partial_state=True)
-
-    reset()
-    yield
-    reset()

@@ -10,8 +10,10 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 import yaml
+from accelerate.state import AcceleratorState
 
 from pgot import cli, metrics, probes, tables, train
 from pgot.config import load_config
@@ -22,6 +24,13 @@ TESTBED = ROOT / "configs" / "testbed"
 TINY = ROOT / "tests" / "configs" / "tiny_debug.yaml"
 SETS = {"JDR2": ["tb_align", "tb_pref"], "JDR4": ["tb_align", "tb_pref", "saturation", "contrast"]}
 SHORT = ["prompts.limit=6", "model.device=cpu"]  # 6 prompts: 4 to train on, 2 held out (prompts.eval_fraction=0.25)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _rows(printed: str) -> dict[str, str]:

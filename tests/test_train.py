@@ -77,6 +77,16 @@ def _cfg(out: Path, store: Path | None, **extra: object):
     return load_config(DEBUG, _overrides(out, store, **extra))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """Each run creates its Accelerator; forget the previous one's singleton state."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from accelerate.state import AcceleratorState
