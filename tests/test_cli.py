@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -282,3 +284,23 @@ def test_commands_make_openmp_threads_wait_passively_unless_told(given, expected
     code = "import os, sys, pgot.cli; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=env)
     assert out.stdout.strip() == expected
+
+
+def test_eval_under_a_launch_says_its_refusal_once_per_machine(tmp_path):
+    """brk-launch defect: pgot-eval under accelerate launch is refused by every process, and every process prints
+    the refusal (README: errors under a launch are shown once per machine; pgot/cli.py:_load passes no processes
+    to the preflight for eval, so no copy is quiet)."""
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "pgot", "eval", "--config", str(root / "tests" / "configs" / "tiny_eval.yaml"),
+           f"eval.output_dir={tmp_path / 'eval'}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    refusals = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(refusals) == 1, done.stderr[-3000:]
+    assert "one process" in refusals[0]
+    assert not (tmp_path / "eval").exists()

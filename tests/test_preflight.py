@@ -15,7 +15,8 @@ import pgot.model
 import pgot.rewards
 import pgot.train
 from pgot import cli, preflight
-from pgot.config import ConfigError, RewardConfig, load_config
+from pgot.checkpoints import TrainerState, write_state
+from pgot.config import ConfigError, RewardConfig, load_config, save_config
 from pgot.files import LOCK_FILE, FolderLock
 from pgot.frontier import compare_settings
 from pgot.precompute import store_meta
@@ -717,3 +718,19 @@ def test_two_checks_of_one_new_folder_at_once_do_not_see_each_other(tmp_path, mo
     monkeypatch.setattr(Path, "mkdir", other_removes_once)
     assert preflight.output_folder(str(sweep / "b"), "train.output_dir", "train") == []
     assert removed and not sweep.exists() and (tmp_path / "runs").is_dir()  # runs/ was there before this check
+
+
+def test_check_refuses_a_resume_with_another_number_of_processes(tmp_path, capsys):
+    """brk-launch defect: the run refuses a checkpoint written by another number of processes
+    (pgot.checkpoints.load), but --check (pgot.run_folder.folder_problems via the preflight) passes it, so --check
+    passes a config the run refuses."""
+    out = tmp_path / "run"
+    overrides = [f"train.output_dir={out}", f"train.store={tmp_path / 'store'}", "train.precompute_if_missing=true"]
+    ckpt = out / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    save_config(load_config(DEBUG, overrides), out / "config.yaml")
+    write_state(ckpt, TrainerState(step=1, num_processes=2))  # written by a 2-process launch
+    code = cli.train_main(["--check", "--config", DEBUG, *overrides])  # this one: 1 process
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "2 process" in err
