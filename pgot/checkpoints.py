@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pgot.agent import AgentState
+from pgot.devices import every_process
 from pgot.files import atomic_write, atomic_write_json
 from pgot.model import SD3Model, save_lora
 
@@ -58,6 +59,7 @@ __all__ = [
     "discard_after",
     "list_checkpoints",
     "load",
+    "process_count_problem",
     "prune",
     "read_state",
     "resume_folder",
@@ -241,6 +243,34 @@ def save(
     return final
 
 
+def process_count_problem(folder: str | Path, num_processes: int, state: TrainerState | None = None) -> str | None:
+    """Why a run of ``num_processes`` processes cannot resume from the checkpoint ``folder``, or None when it can.
+
+    Rule: a checkpoint resumes only in a run of as many processes as wrote it: each process draws its own prompts
+    and the batch is ``train.prompts_per_step`` per process, so another count would be another run. (A state
+    written before ``num_processes`` was recorded counts its ``random_states_<rank>.pkl`` files.)
+
+    Args:
+        folder: a checkpoint folder.
+        num_processes: the processes of the run that would resume.
+        state: its trainer state when read already.
+
+    Raises:
+        ValueError: the state cannot be read (:func:`read_state`).
+    """
+    folder = Path(folder)
+    state = state or read_state(folder)
+    written = state.num_processes or len(list(folder.glob("random_states_*.pkl")))
+    if written == num_processes:
+        return None
+    return (
+        f"checkpoint {folder} was written by a run of {written} process(es); this one has {num_processes}. Each "
+        f"process draws its own prompts and the batch is train.prompts_per_step per process, so this would be another "
+        f"run: launch it with {written} process(es) (accelerate launch --num_processes {written}), or choose a new "
+        "train.output_dir."
+    )
+
+
 def load(accelerator: Accelerator, folder: str | Path, params: Sequence[torch.nn.Parameter]) -> TrainerState:
     """LoRA, optimizer, scheduler and RNG from ``folder`` on every process (a collective); its trainer state.
 
@@ -250,28 +280,27 @@ def load(accelerator: Accelerator, folder: str | Path, params: Sequence[torch.nn
     """
     folder = Path(folder)
     state = read_state(folder)
-    written = state.num_processes or len(list(folder.glob("random_states_*.pkl")))  # 0: a state from before the field
-    if written != accelerator.num_processes:
-        raise ValueError(
-            f"checkpoint {folder} was written by a run of {written} process(es); this one has "
-            f"{accelerator.num_processes}. Each process draws its own prompts and the batch is train.prompts_per_step "
-            f"per process, so this would be another run: launch it with {written} process(es) "
-            f"(accelerate launch --num_processes {written}), or choose a new train.output_dir."
-        )
-    missing = _missing_files(folder, written)
+    problem = process_count_problem(folder, accelerator.num_processes, state)
+    if problem:
+        raise every_process(ValueError(problem))  # every process reads the same checkpoint
+    missing = _missing_files(folder, state.num_processes or accelerator.num_processes)
     if missing:
-        raise ValueError(
-            f"checkpoint {folder} is incomplete: it lacks {', '.join(missing)}, so resuming from it would not be exact. "
-            f"Resume from an earlier checkpoint with train.resume=<folder>, or delete {folder} to resume from the one "
-            "before it."
+        raise every_process(
+            ValueError(
+                f"checkpoint {folder} is incomplete: it lacks {', '.join(missing)}, so resuming from it would not be exact. "
+                f"Resume from an earlier checkpoint with train.resume=<folder>, or delete {folder} to resume from the one "
+                "before it."
+            )
         )
     try:
         accelerator.load_state(str(folder))
     except FileNotFoundError as exc:
-        raise ValueError(
-            f"checkpoint {folder} is incomplete: it lacks {Path(exc.filename or '?').name}, so it cannot be resumed. "
-            f"Resume from an earlier checkpoint with train.resume=<folder>, or delete {folder} to resume from the one "
-            "before it."
+        raise every_process(
+            ValueError(
+                f"checkpoint {folder} is incomplete: it lacks {Path(exc.filename or '?').name}, so it cannot be "
+                f"resumed. Resume from an earlier checkpoint with train.resume=<folder>, or delete {folder} to resume "
+                "from the one before it."
+            )
         ) from None
     saved = load_file(str(folder / LORA_STATE))
     with torch.no_grad():

@@ -29,6 +29,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -183,10 +184,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
-def _fail(problems: Sequence[str], code: int = 2) -> int:
+def _fail(problems: Sequence[str], code: int = 2, prefix: str = "error: ") -> int:
     for line in problems:
         for part in str(line).splitlines() or [""]:
-            print(f"error: {part}", file=sys.stderr)
+            print(f"{prefix}{part}", file=sys.stderr)
     return code
 
 
@@ -205,16 +206,23 @@ def _guard(work: Callable[[], int | None]) -> int:
 
     SIGINT (Ctrl-C) and SIGTERM (what schedulers send on preemption) stop a command cleanly with a line saying
     what a rerun does, and exit code 128 + the signal number: 130 and 143 (training finishes the step in flight
-    and checkpoints it first, :mod:`pgot.train`)."""
+    and checkpoints it first, :mod:`pgot.train`).
+
+    Under ``accelerate launch``, an error every process raises alike (:func:`pgot.devices.every_process`) is printed
+    once per machine, by its first process (``LOCAL_RANK`` 0); the others wait to be ended by the launcher, which
+    ends every process as soon as one exits (:func:`_leave_after_the_first`). A process that prints its report
+    ignores SIGINT and SIGTERM meanwhile, so the launcher cannot cut it short."""
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM: like Ctrl-C
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)} if main_thread else {}  # like Ctrl-C
+    if main_thread:
+        previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     try:
         return work() or 0
     except KeyboardInterrupt as exc:  # pgot.checkpoints.Interrupted says what a rerun does
         signum = int(getattr(exc, "signum", signal.SIGINT))
         name = signal.Signals(signum).name
-        print(str(exc) or f"interrupted by {name}; finished work is kept and a rerun continues it", file=sys.stderr)
-        return 128 + signum
+        text = str(exc) or f"interrupted by {name}; finished work is kept and a rerun continues it"
+        return _report(exc, [text], 128 + signum, prefix="", main_thread=main_thread)
     except BrokenPipeError:  # the reader of stdout went away (`pgot config list | head`): nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 0
@@ -227,16 +235,48 @@ def _guard(work: Callable[[], int | None]) -> int:
             raise
         log.debug("the error below, with its traceback", exc_info=True)
         code = 2 if getattr(exc, "user_error", True) else 1
-        if getattr(exc, "quiet", False):  # the same error on every process of a launch: one machine's copy is shown
-            return code
-        if problems:
-            return _fail(problems, code)
-        if isinstance(exc, OSError):
-            return _fail([_os_error(exc)], code)
-        return _fail([str(exc) or type(exc).__name__], code)
+        lines = problems or [_os_error(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__]
+        return _report(exc, lines, code, prefix="error: ", main_thread=main_thread)
     finally:
-        if main_thread and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+QUIET_WAIT_S = 30.0
+"""How long a process of a launch that leaves an error to its machine's first process waits to be ended by the
+launcher before it prints the error itself and exits (:func:`_leave_after_the_first`)."""
+
+
+def _report(exc: BaseException, lines: Sequence[str], code: int, *, prefix: str, main_thread: bool) -> int:
+    """Print ``lines`` (each line of each, after ``prefix``) to stderr and return ``code``; see :func:`_guard`."""
+    if main_thread:  # the report is not cut short: the launcher ends every process as soon as one exits
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+    if getattr(exc, "every_process", False) and _launched() and os.environ.get("LOCAL_RANK", "0") != "0":
+        _leave_after_the_first(main_thread)
+    return _fail(lines, code, prefix)
+
+
+def _launched() -> bool:
+    """Whether this process is one of several of ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    except ValueError:
+        return False
+
+
+def _leave_after_the_first(main_thread: bool) -> None:
+    """A process whose error its machine's first process prints as well: wait to be ended by the launcher (SIGINT
+    and SIGTERM end it at once, silently). ``accelerate launch`` ends every process as soon as one exits, so a
+    process leaving first could end the printing one before it printed. After :data:`QUIET_WAIT_S` (the first
+    process is stuck or gone) it goes on and prints the error too."""
+    if main_thread:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+    time.sleep(QUIET_WAIT_S)
+    if main_thread:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _terminate(signum: int, frame: object) -> None:

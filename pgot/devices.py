@@ -6,11 +6,15 @@ bfloat16 on CUDA, float32 elsewhere.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
-__all__ = ["DTYPES", "device_problems", "on_cpu", "processes", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "device_problems", "every_process", "on_cpu", "processes", "resolve_device", "resolve_dtype"]
+
+_E = TypeVar("_E", bound=BaseException)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Dtype names accepted by the ``dtype`` config keys."""
@@ -35,6 +39,14 @@ def processes(device: str | None) -> PartialState:
     ``PartialState``, on the CPU or CUDA as :func:`on_cpu` says; the run's ``Accelerator`` then shares it).
     Nothing is loaded: what :func:`pgot.preflight.preflight` needs to check as a collective."""
     return PartialState(cpu=on_cpu(device))
+
+
+def every_process(error: _E) -> _E:
+    """Mark ``error`` as raised alike by every process of a launch (from one decision: a broadcast, an all-reduce,
+    the same file read by all), and return it. The CLI then prints it once per machine, on the machine's first
+    process, and the others leave after it (:func:`pgot.cli.main`'s error handling); alone, a process prints it."""
+    error.every_process = True
+    return error
 
 
 def device_problems(device: str | None, key: str = "model.device") -> list[str]:

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import filelock
 from accelerate.utils import broadcast_object_list
 
+from pgot.devices import every_process
+
 if TYPE_CHECKING:
     import pandas as pd
     from accelerate import Accelerator
@@ -397,8 +399,7 @@ def hold_folder(
             told = True
     if status[0] in ("locked", "error"):
         error = (FolderLockedError if status[0] == "locked" else ValueError)(status[1])
-        error.quiet = accelerator is not None and not accelerator.is_local_main_process  # one copy per machine
-        raise error
+        raise every_process(error) if accelerator is not None else error
     refused = False
     try:
         yield lock

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 import pgot
 from pgot import frontier as store_io
 from pgot.config import Config, ConfigError
-from pgot.devices import on_cpu, processes
+from pgot.devices import every_process, on_cpu, processes
 from pgot.files import hold_folder
 from pgot.generate import generate, sigmas
 from pgot.images import save_png
@@ -111,9 +111,11 @@ def store_meta(cfg: Config, fingerprint: str, model_path: str, dtype: str, sigma
 def _check_prompt_texts(done: dict[int, str], ids: list[int], prompts: list[str], store: Path) -> None:
     for pid, text in zip(ids, prompts, strict=True):
         if pid in done and done[pid] != text:
-            raise ValueError(
-                f"prompt id {pid} is {text!r} in prompts.path but {done[pid]!r} in precompute.store={store}: the prompt "
-                f"set changed since that store was built. Set precompute.store to a new folder or delete {store}."
+            raise every_process(
+                ValueError(
+                    f"prompt id {pid} is {text!r} in prompts.path but {done[pid]!r} in precompute.store={store}: the prompt "
+                    f"set changed since that store was built. Set precompute.store to a new folder or delete {store}."
+                )
             )
 
 
@@ -165,7 +167,9 @@ def build_store(cfg: Config, accelerator: Accelerator, *, wait: bool = False) ->
             prompts.
     """
     if not cfg.rewards:
-        raise ValueError("rewards is empty; list at least one reward, e.g. rewards: [{name: colorfulness}].")
+        raise every_process(
+            ValueError("rewards is empty; list at least one reward, e.g. rewards: [{name: colorfulness}].")
+        )
     with hold_folder(
         cfg.precompute.store, key="precompute.store", what="pgot-precompute", accelerator=accelerator, wait=wait
     ):
@@ -180,7 +184,9 @@ def _build(cfg: Config, accelerator: Accelerator) -> Path:
     prompt_set = load_prompts(cfg.prompts)
     ids, texts = [int(i) for i in prompt_set.ids], list(prompt_set.prompts)
     if len(set(ids)) != len(ids):
-        raise ValueError(f"prompts.path={cfg.prompts.path} yields duplicate prompt ids; each prompt must appear once.")
+        raise every_process(
+            ValueError(f"prompts.path={cfg.prompts.path} yields duplicate prompt ids; each prompt must appear once.")
+        )
 
     model = load_model(cfg.model, device=accelerator.device)
     sig = sigmas(model, cfg.draft.num_steps, shift=cfg.draft.shift, resolution=cfg.model.resolution)
@@ -200,15 +206,19 @@ def _build(cfg: Config, accelerator: Accelerator) -> Path:
             sigmas=meta["sampler"]["sigmas"], dtype=dtype, extend=True,
         )  # fmt: skip
         if problems:
-            raise ConfigError(
-                [f"precompute.store={store} was built with other settings, so it cannot be resumed or extended:"]
-                + problems
+            raise every_process(
+                ConfigError(
+                    [f"precompute.store={store} was built with other settings, so it cannot be resumed or extended:"]
+                    + problems
+                )
             )
         meta["created"] = existing.get("created", meta["created"])
     elif len(rows):
-        raise ValueError(
-            f"precompute.store={store} holds samples but no {store_io.META_FILE}, so their settings are unknown. "
-            f"Set precompute.store to a new folder, or delete {store} to rebuild it."
+        raise every_process(
+            ValueError(
+                f"precompute.store={store} holds samples but no {store_io.META_FILE}, so their settings are unknown. "
+                f"Set precompute.store to a new folder, or delete {store} to rebuild it."
+            )
         )
     done = set(zip(rows["prompt_id"].tolist(), rows["sample_index"].tolist(), strict=True))
     stored = rows.drop_duplicates("prompt_id") if len(rows) else rows

@@ -15,9 +15,10 @@ weights:
 * ``precompute``: ``precompute.store`` can be written, and a store that is already there was built with the same
   settings (:func:`pgot.frontier.compare_settings`, model fingerprint included), so a rerun extends it;
 * ``train``: ``train.output_dir`` can be written and holds no other run (unless ``train.resume``); ``train.resume``
-  names a checkpoint; the frontier store exists (or ``train.precompute_if_missing``), was built with the same
-  settings and holds every training prompt; the trackers of ``train.log_with`` are installed; the agent has its
-  key (``$agent.api_key_env``), its script and its reference images;
+  names a checkpoint, written by as many processes as this run has; the frontier store exists (or
+  ``train.precompute_if_missing``), was built with the same settings and holds every training prompt; the
+  trackers of ``train.log_with`` are installed; the agent has its key (``$agent.api_key_env``), its script and its
+  reference images;
 * ``eval``: the run's own checks before it loads weights, called, not copied: :func:`pgot.evaluate.generation_problems`
   (the LoRA files of ``eval.models`` and soups and their base model, distinct model names, the prompts
   ``eval.ground_truth`` must judge, ``eval.baseline``) or :func:`pgot.evaluate.manifest_models` (the manifest, the
@@ -57,7 +58,7 @@ from pgot import frontier as store_io
 from pgot import rewards as reward_models
 from pgot.agent import load_script
 from pgot.config import STAGES, Config, ConfigError, check
-from pgot.devices import device_problems, resolve_device, resolve_dtype
+from pgot.devices import device_problems, every_process, resolve_device, resolve_dtype
 from pgot.files import folder_in_use
 from pgot.model import check_lora_file, check_model_folder, folder_fingerprint
 from pgot.prompts import PromptSet, load_prompts, split
@@ -100,7 +101,8 @@ def preflight(
     failure: Exception | None = None
     try:
         problems = list(known) if known is not None else check(cfg, stage)
-        problems += check_inputs(cfg, stage, skip=problems, folders=main)
+        count = processes.num_processes if processes is not None else 1
+        problems += check_inputs(cfg, stage, skip=problems, folders=main, num_processes=count)
     except Exception as exc:  # re-raised below, after the collective the other processes wait in
         if not several:
             raise
@@ -116,8 +118,9 @@ def preflight(
     if problems:
         error = ConfigError(list(dict.fromkeys(problems)), config=cfg)
         if several:
-            error.quiet = not processes.is_local_main_process  # one copy per machine on the terminal
             processes.destroy_process_group()  # every process stops here: end the group, as end_training would
+        if several or stage == "eval":  # the same lines on every process (pgot-eval: its refusal of a launch)
+            every_process(error)
         raise error
 
 
@@ -130,7 +133,9 @@ def _everyones(problems: list[str]) -> list[str]:
     return lines
 
 
-def check_inputs(cfg: Config, stage: str, skip: Sequence[str] = (), folders: bool = True) -> list[str]:
+def check_inputs(
+    cfg: Config, stage: str, skip: Sequence[str] = (), folders: bool = True, num_processes: int = 1
+) -> list[str]:
     """Every problem with the files, folders and environment ``stage`` needs, one line each.
 
     Args:
@@ -140,13 +145,14 @@ def check_inputs(cfg: Config, stage: str, skip: Sequence[str] = (), folders: boo
             so a wrong value gives one line, not two.
         folders: check the output folder (write it, look for its lock's holder and the run it holds); False on
             the processes of a launch other than the main one (see the module's docstring).
+        num_processes: the processes the run will have (a checkpoint resumes only in a run of as many).
 
     Returns:
         One line per problem; empty when every input is in place.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}.")
-    c = _Checks(cfg, skip, folders)
+    c = _Checks(cfg, skip, folders, num_processes)
     if not c.named("model.device"):  # every stage: a named device must exist here (pgot.devices.device_problems)
         c.add(device_problems(cfg.model.device))
     if stage == "eval":
@@ -260,10 +266,11 @@ def _try_write_once(folder: Path) -> OSError | None:
 class _Checks:
     """The checks of one config; ``problems`` collects their lines."""
 
-    def __init__(self, cfg: Config, skip: Sequence[str], folders: bool = True):
+    def __init__(self, cfg: Config, skip: Sequence[str], folders: bool = True, num_processes: int = 1):
         self.cfg = cfg
         self.skip = list(skip)
         self.folders = folders
+        self.num_processes = num_processes
         self.problems: list[str] = []
         self.prompt_set: PromptSet | None = None
         self.model_ok = False
@@ -414,7 +421,8 @@ class _Checks:
             and self.output_folder(t.output_dir, "train.output_dir", "train", "a pgot-train run")
             and not self.named("train.resume")
         ):
-            self.add(run_folder.folder_problems(self.cfg))  # the run-folder rules training applies (resume, config)
+            # the run-folder rules training applies (resume, config, process count)
+            self.add(run_folder.folder_problems(self.cfg, self.num_processes))
         self.train_store()
         for tracker in t.log_with:
             available = _TRACKERS.get(tracker)

@@ -150,13 +150,14 @@ class Start:
     problems: list[str] = field(default_factory=list)  # a refusal, raised on every process
 
 
-def folder_problems(cfg: Config) -> list[str]:
+def folder_problems(cfg: Config, num_processes: int = 1) -> list[str]:
     """Why ``train.output_dir`` cannot be used with ``cfg`` (the rules of :func:`prepare`, read
     only: the preflight reports them before anything loads). Empty when the run may start or resume.
 
     A folder that holds a run (or an attempt at one) with ``train.resume`` empty; ``train.resume`` naming no
     checkpoint, or another run's checkpoint while the folder holds one; a config that differs from the run's in keys
-    outside :data:`RESUMABLE_KEYS`; ``train.max_steps`` below the checkpoint's step.
+    outside :data:`RESUMABLE_KEYS`; ``train.max_steps`` below the checkpoint's step; a checkpoint written by
+    another number of processes than ``num_processes`` (:func:`pgot.checkpoints.process_count_problem`).
     """
     t = cfg.train
     run_dir = Path(t.output_dir)
@@ -190,7 +191,11 @@ def folder_problems(cfg: Config) -> list[str]:
     problems = config_changes(cfg, source, target)
     if problems:
         return problems
-    step = checkpoints.read_state(target).step
+    state = checkpoints.read_state(target)
+    step = state.step
+    count = checkpoints.process_count_problem(target, num_processes, state)
+    if count:
+        return [count]
     if step > t.max_steps:
         return [
             f"train.max_steps={t.max_steps} is below the step of the checkpoint to resume ({step}, {target}): a run "
@@ -200,7 +205,7 @@ def folder_problems(cfg: Config) -> list[str]:
     return []
 
 
-def prepare(cfg: Config) -> Start:
+def prepare(cfg: Config, num_processes: int = 1) -> Start:
     """The rules for a run folder (main process): :func:`folder_problems` refuses; then, with ``train.resume``
     ``latest`` or a checkpoint folder:
 
@@ -213,7 +218,7 @@ def prepare(cfg: Config) -> Start:
     Raises:
         ConfigError: one line per problem of :func:`folder_problems`.
     """
-    problems = folder_problems(cfg)
+    problems = folder_problems(cfg, num_processes)
     if problems:
         raise ConfigError(problems)
     t = cfg.train

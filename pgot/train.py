@@ -104,7 +104,7 @@ from pgot import checkpoints, metrics, objectives, precompute, probes, rewards, 
 from pgot.agent import Agent, AgentState, Decision, build_agent
 from pgot.checkpoints import Interrupted, TrainerState
 from pgot.config import Config, ConfigError, save_config
-from pgot.devices import on_cpu, processes
+from pgot.devices import every_process, on_cpu, processes
 from pgot.embeddings import PromptEmbeds, encode_prompts
 from pgot.evaluate import ground_truth_problems, ground_truth_quality
 from pgot.files import atomic_write, atomic_write_json, hold_folder
@@ -127,11 +127,17 @@ _TIMING_KEYS = ("step_time", "peak_memory_gb")  # vary between runs: not compare
 
 
 class TooManyBadSteps(ValueError):
-    """Too many consecutive steps with a NaN / infinite loss, reward or LoRA gradient (the CLI prints it as one line)."""
+    """Too many consecutive steps with a NaN / infinite loss, reward or LoRA gradient (the CLI prints it as one line).
+    Decided from all-reduced flags: raised alike by every process (:func:`pgot.devices.every_process`)."""
+
+    every_process = True
 
 
 class NonFiniteWeights(ValueError):
-    """An optimizer step made a LoRA weight NaN or infinite; nothing was saved from it (the CLI prints one line)."""
+    """An optimizer step made a LoRA weight NaN or infinite; nothing was saved from it (the CLI prints one line).
+    The weights are the same on every process: raised alike by all (:func:`pgot.devices.every_process`)."""
+
+    every_process = True
 
 
 @dataclass
@@ -294,11 +300,13 @@ def _stop(r: Run, signum: int) -> None:
     if r.saved_at != (r.state.step, r.state.steps_run):
         _save_checkpoint(r)
     path = r.checkpoint_dir / checkpoints.checkpoint_name(r.state.step)
-    raise Interrupted(
-        f"stopped by {signal.Signals(signum).name} after step {r.state.step} of {r.cfg.train.max_steps}, with the "
-        f"checkpoint {path}. Run the same command with train.resume=latest to continue from it (exactly).",
-        signum,
-        checkpoint=path,
+    raise every_process(
+        Interrupted(
+            f"stopped by {signal.Signals(signum).name} after step {r.state.step} of {r.cfg.train.max_steps}, with the "
+            f"checkpoint {path}. Run the same command with train.resume=latest to continue from it (exactly).",
+            signum,
+            checkpoint=path,
+        )
     )
 
 
@@ -445,10 +453,12 @@ def _targets(r: Run, active: list) -> torch.Tensor:
             out.append(1.0)
         else:
             i = r.cfg.reward_names.index(rc.name)
-            raise ValueError(
-                f"train.objective=weighted_sum with train.target_form={r.cfg.train.target_form} needs a target for "
-                f"{rc.name}, and the store {r.cfg.train.store or '(none)'} has no finite maximum of it. Set "
-                f"rewards.{i}.target, or train.target_form=linear."
+            raise every_process(
+                ValueError(
+                    f"train.objective=weighted_sum with train.target_form={r.cfg.train.target_form} needs a target for "
+                    f"{rc.name}, and the store {r.cfg.train.store or '(none)'} has no finite maximum of it. Set "
+                    f"rewards.{i}.target, or train.target_form=linear."
+                )
             )
     return torch.tensor(out)
 
@@ -802,7 +812,7 @@ def _start(cfg: Config, acc: Accelerator) -> run_folder.Start:
     box: list[dict[str, Any] | None] = [None]
     if acc.is_main_process:
         try:
-            box[0] = dataclasses.asdict(run_folder.prepare(cfg))
+            box[0] = dataclasses.asdict(run_folder.prepare(cfg, acc.num_processes))
         except ConfigError as exc:
             box[0] = dataclasses.asdict(run_folder.Start(problems=exc.problems))
         except ValueError as exc:
@@ -814,7 +824,7 @@ def _start(cfg: Config, acc: Accelerator) -> run_folder.Start:
     broadcast_object_list(box, from_process=0)
     start = run_folder.Start(**box[0])
     if start.problems:
-        raise ConfigError(start.problems)
+        raise every_process(ConfigError(start.problems))
     return start
 
 
@@ -839,13 +849,16 @@ def setup(cfg: Config, acc: Accelerator) -> Run:
             default_shift=model.scheduler.config.get("shift"), sigmas=sig.tolist(),
         )  # fmt: skip
         if problems:
-            raise ConfigError(problems)
+            raise every_process(ConfigError(problems))  # the same store and model on every process
     prompt_set = load_prompts(cfg.prompts)
     if cfg.prompts.eval_fraction > 0:
         prompt_set, _ = split(prompt_set, cfg.prompts.eval_fraction, cfg.prompts.split_seed)
     if not prompt_set.prompts:
-        raise ValueError(
-            f"prompts.path={cfg.prompts.path} gives no training prompts; check prompts.limit and prompts.eval_fraction."
+        raise every_process(
+            ValueError(
+                f"prompts.path={cfg.prompts.path} gives no training prompts; check prompts.limit and "
+                "prompts.eval_fraction."
+            )
         )
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler

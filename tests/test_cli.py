@@ -304,3 +304,66 @@ def test_eval_under_a_launch_says_its_refusal_once_per_machine(tmp_path):
     assert len(refusals) == 1, done.stderr[-3000:]
     assert "one process" in refusals[0]
     assert not (tmp_path / "eval").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Errors every process of a launch raises alike: printed once per machine
+# --------------------------------------------------------------------------------------------
+
+_RAISE = """
+import os, sys
+from pgot import cli
+from pgot.devices import every_process
+cli.QUIET_WAIT_S = float(sys.argv[1])
+
+def work():
+    print("ready", file=sys.stderr, flush=True)
+    raise every_process(ValueError("the same problem on every process"))
+
+sys.exit(cli._guard(work))
+"""
+
+
+def _raising_process(local_rank: str, wait_s: float) -> subprocess.Popen:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "WORLD_SIZE": "2", "LOCAL_RANK": local_rank, "RANK": local_rank}
+    proc = subprocess.Popen([sys.executable, "-c", _RAISE, str(wait_s)], env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline().strip() == "ready"
+    return proc
+
+
+def test_an_error_of_every_process_is_printed_by_the_first_process_of_the_machine():
+    """Rule: the machine's first process (LOCAL_RANK 0) prints it and exits 2; another one prints nothing and waits
+    to be ended by the launcher (SIGTERM ends it silently): leaving first, it would make the launcher end the
+    printing one before it printed."""
+    first = _raising_process("0", 60)
+    assert first.wait(timeout=60) == 2
+    assert first.stderr.read() == "error: the same problem on every process\n"
+    other = _raising_process("1", 60)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            other.wait(timeout=1.0)  # still waiting for the launcher
+    finally:
+        other.terminate()  # what the launcher sends once the first process exited
+    assert other.wait(timeout=60) == -15 and other.stderr.read() == ""
+
+
+def test_an_error_of_every_process_is_printed_anyway_when_nobody_ends_the_process():
+    """Past QUIET_WAIT_S (the first process is stuck or gone), the waiting process prints the error itself."""
+    other = _raising_process("1", 0.2)
+    assert other.wait(timeout=60) == 2
+    assert other.stderr.read() == "error: the same problem on every process\n"
+
+
+def test_an_error_of_one_process_is_printed_by_it(monkeypatch, capsys):
+    """An error not marked as every process's is printed where it happens, whatever the rank."""
+    from pgot import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+
+    def work():
+        raise ValueError("only here")
+
+    assert cli._guard(work) == 2
+    assert capsys.readouterr().err == "error: only here\n"
