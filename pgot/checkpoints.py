@@ -22,8 +22,10 @@ checkpoint holds everything else the next step reads (LoRA, AdamW moments, sched
 run resumed from the checkpoint at step s on the same number of processes continues bit for bit as if it had
 never stopped (tested on CPU).
 
-**Stopping** (:class:`Interrupted`): ``pgot-train`` turns SIGINT and SIGTERM into a stop at the end of the step
-in flight, with a checkpoint of that step (see :mod:`pgot.train`).
+**Stopping** (:class:`StopSignals`, :class:`Interrupted`): ``pgot-train`` turns SIGINT and SIGTERM into a stop
+at the end of the step in flight, with a checkpoint of that step (see :mod:`pgot.train`); ``pgot-precompute`` into
+a stop after the batch in flight, its shard written (see :mod:`pgot.precompute`). Every process of a launch agrees
+on the stop through a collective it runs anyway, so all stop at the same point with the same message.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import json
 import logging
 import shutil
 import signal
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +57,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "STATE_FILE",
     "Interrupted",
+    "StopSignals",
     "TrainerState",
     "checkpoint_name",
     "clear_temporaries",
@@ -96,6 +101,59 @@ class Interrupted(KeyboardInterrupt):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class StopSignals:
+    """SIGINT and SIGTERM inside the block: the first one is remembered (:attr:`signum`) for the caller to stop at
+    its next safe point; every process agrees on it through a collective (``pgot-train``: after the step in flight,
+    with a checkpoint, the flag riding in the gradient all-reduce; ``pgot-precompute``: after the batch in flight,
+    its shard written, through one all-reduce per round of batches), then raises :class:`Interrupted`.
+
+    A repeat within :attr:`repeat_s` seconds is the same request: schedulers and terminals signal every process of
+    a job, and ``accelerate launch`` forwards the signal it gets to each worker as well. A signal after that stops
+    at once: a ``KeyboardInterrupt`` with the signal's number as ``signum``, which the caller turns into an
+    :class:`Interrupted` saying what a rerun does. Outside the main thread (where Python cannot install handlers)
+    signals keep their meaning. The handlers in place before the block are restored when it ends.
+
+    Args:
+        when: when the caller stops, for the warning logged on the first signal, e.g. ``after the step in flight,
+            with a checkpoint``.
+
+    Attributes:
+        signum: the first signal's number, 0 while none came.
+        repeat_s: seconds (monotonic clock) after the first signal during which another one is the same request.
+    """
+
+    repeat_s = 5.0
+
+    def __init__(self, when: str = "at the next safe point") -> None:
+        self.when = when
+        self.signum = 0
+        self._first = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum and time.monotonic() - self._first < self.repeat_s:
+            return  # the same request, delivered twice (scheduler or terminal, and the launcher)
+        if self.signum:
+            stop = KeyboardInterrupt()
+            stop.signum = signum  # the caller turns it into Interrupted, saying what a rerun does
+            raise stop
+        self.signum, self._first = signum, time.monotonic()
+        log.warning(
+            "%s received: stopping %s (send it again after %g s to stop at once)",
+            signal.Signals(signum).name, self.when, self.repeat_s,
+        )  # fmt: skip
 
 
 @dataclass

@@ -23,6 +23,17 @@ with a batch size that does not divide N). A batch that holds items already in t
 more prompts) is generated whole and only its missing rows are kept. The main process merges the shards, marks
 each prompt's front among its N samples and computes the per-reward statistics at the end.
 
+**Stopping** (SIGINT: Ctrl-C; SIGTERM: a scheduler's preemption or time limit). The batches are done in rounds of
+one batch per process; after each round every process joins one all-reduce of a stop flag (the signal's number,
+a max; none on one process). The first signal is remembered (:class:`pgot.checkpoints.StopSignals`): the process
+finishes the batch in flight and writes its shard, and at the end of that round every process raises the same
+:class:`~pgot.checkpoints.Interrupted` ("stopped by SIGTERM after k of n batches; ..."), so a signal that only one
+process gets stops them all alike (the CLI exits with 128 + the signal number). The merge is not run; a rerun
+resumes from the shards. A repeat within ``StopSignals.repeat_s`` seconds is the same request (the launcher
+forwards what it gets); a later one stops at once. A signal after the last round's agreement lets the merge finish:
+the store is complete. Before the first batch (loading the model and rewards) a signal stops at once, as in
+``pgot-train``'s set-up.
+
 **The store's settings are committed with its first shard**: ``meta.json`` is written just before the first
 shard, so a precompute that fails before finishing one batch (a missing reward checkpoint, a typo) leaves no
 settings behind, and the next run, with any settings, starts the store afresh. A store with samples resumes
@@ -34,18 +45,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 import pgot
 from pgot import frontier as store_io
+from pgot.checkpoints import Interrupted, StopSignals
 from pgot.config import Config, ConfigError
 from pgot.devices import every_process, on_cpu, processes
 from pgot.files import hold_folder
@@ -60,6 +75,9 @@ from pgot.rewards import score
 log = logging.getLogger(__name__)
 
 __all__ = ["build_store", "run", "store_meta"]
+
+_RERUN = "Run the same command to continue (prompts already sampled are not sampled again)."
+"""What a rerun does after a stop: the end of every stop message."""
 
 
 def _now() -> str:
@@ -139,6 +157,7 @@ def run(cfg: Config) -> Path:
 
     Raises:
         ValueError: no rewards configured, or the store was built with other settings or prompts.
+        Interrupted: SIGINT or SIGTERM (after the batch in flight, its shard written; see the module docstring).
     """
     # every input checked before any weight loads (a collective under accelerate launch)
     preflight(cfg, "precompute", processes(cfg.model.device))
@@ -165,22 +184,34 @@ def build_store(cfg: Config, accelerator: Accelerator, *, wait: bool = False) ->
     Raises:
         ValueError: no rewards; the store is in use by another process; it was built with other settings or
             prompts.
+        Interrupted: SIGINT or SIGTERM, on every process alike after the batch in flight (its shard written), or
+            at once on a second signal or before the first batch; the message says what a rerun does.
     """
     if not cfg.rewards:
         raise every_process(
             ValueError("rewards is empty; list at least one reward, e.g. rewards: [{name: colorfulness}].")
         )
-    with hold_folder(
-        cfg.precompute.store, key="precompute.store", what="pgot-precompute", accelerator=accelerator, wait=wait
-    ):
-        return _build(cfg, accelerator)
+    try:
+        with hold_folder(
+            cfg.precompute.store, key="precompute.store", what="pgot-precompute", accelerator=accelerator, wait=wait
+        ):
+            return _build(cfg, accelerator)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI, outside the rounds' agreement
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        raise Interrupted(
+            f"interrupted by {signal.Signals(signum).name}; the store {cfg.precompute.store} keeps every batch "
+            f"finished before. {_RERUN}",
+            signum,
+        ) from None
 
 
 def _build(cfg: Config, accelerator: Accelerator) -> Path:
     pc = cfg.precompute
     store = Path(pc.store)
     n = pc.samples_per_prompt
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     prompt_set = load_prompts(cfg.prompts)
     ids, texts = [int(i) for i in prompt_set.ids], list(prompt_set.prompts)
     if len(set(ids)) != len(ids):
@@ -234,19 +265,23 @@ def _build(cfg: Config, accelerator: Accelerator) -> Path:
 
     batches = _batches(len(ids), n, pc.batch_size)
     pending = [b for b in batches if any((ids[j], i) not in done for j, i in b)]
-    mine = pending[rank::world]
     if accelerator.is_main_process:
         log.info(
             "precompute: %d prompts x %d samples in %s; %d of %d batches of %d to do on %d process(es)",
             len(ids), n, store, len(pending), len(batches), pc.batch_size, world,
         )  # fmt: skip
     reward_models = build_rewards(cfg.rewards, device=accelerator.device)
-    _generate_shards(cfg, model, reward_models, ids, texts, mine, done, meta, rank, accelerator.is_main_process)
-
-    accelerator.wait_for_everyone()  # every process's shards are complete before the merge reads them
-    if accelerator.is_main_process:
-        _merge(store, cfg, meta)
-    accelerator.wait_for_everyone()  # the merged store exists for everyone before anyone reads it
+    with StopSignals("after the batch in flight, its shard written") as signals:
+        _generate_shards(cfg, model, reward_models, ids, texts, pending, done, meta, accelerator, signals,
+                         finished_before=len(batches) - len(pending), num_batches=len(batches))  # fmt: skip
+        accelerator.wait_for_everyone()  # every process's shards are complete before the merge reads them
+        if accelerator.is_main_process:
+            _merge(store, cfg, meta)
+        accelerator.wait_for_everyone()  # the merged store exists for everyone before anyone reads it
+    if signals.signum:
+        log.warning(
+            "%s came after the last batch; the store %s is complete", signal.Signals(signals.signum).name, store
+        )
     return store
 
 
@@ -262,50 +297,112 @@ def _generate_shards(
     reward_models: list,
     ids: list[int],
     texts: list[str],
-    batches: list[list[tuple[int, int]]],
+    pending: list[list[tuple[int, int]]],
     done: set[tuple[int, int]],
     meta: dict,
-    rank: int,
-    is_main: bool,
+    accelerator: Accelerator,
+    signals: StopSignals,
+    *,
+    finished_before: int,
+    num_batches: int,
 ) -> None:
-    """Generate and score this process's batches; write each batch's new rows as one shard (``meta.json`` first)."""
-    pc = cfg.precompute
-    store, names = Path(pc.store), cfg.reward_names
+    """Generate and score this process's share of the ``pending`` batches; write each batch's new rows as one shard
+    (``meta.json`` first).
+
+    Rounds of one batch per process: in round r, process ``rank`` does ``pending[r * world + rank]`` (that is,
+    ``pending[rank::world]`` in order), then joins the round's stop agreement (:func:`_agree_stop`; a process
+    without a batch in the last round only joins it).
+
+    Args:
+        pending: every batch still to do (the same list on every process), as (prompt index, sample index) items.
+        done: (prompt id, sample index) pairs already in the store; their rows are not written again.
+        signals: the stop request of this process (:class:`~pgot.checkpoints.StopSignals`).
+        finished_before: batches of the tiling finished before this run (for the stop message).
+        num_batches: batches in the whole tiling (for the stop message).
+
+    Raises:
+        Interrupted: on every process, after the round in which a process received SIGINT or SIGTERM.
+    """
+    store = Path(cfg.precompute.store)
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     shard_index = store_io.next_shard_index(store, rank)
-    total = sum(len(b) for b in batches)
+    total = sum(len(b) for b in pending[rank::world])
     bar = tqdm(total=total, unit="img", desc="precompute", disable=not is_main, dynamic_ncols=True)
     start, nan_rows = time.perf_counter(), 0
-    for batch in batches:
-        pj = [j for j, _ in batch]
-        prompts = [texts[j] for j in pj]
-        pids = [ids[j] for j in pj]
-        idx = [i for _, i in batch]
-        with torch.no_grad():
-            images = generate(
-                model, prompts, torch.tensor(pids), torch.tensor(idx), pc.seed, **dataclasses.asdict(cfg.draft) | {"k": 0},
-                resolution=cfg.model.resolution, cache_dir=cfg.model.embedding_cache or None,
-            )  # fmt: skip
-            # images: (b, 3, H, W) in [0, 1]
-            scores = score(reward_models, images, prompts).float().cpu()  # (b, M)
-        new = [k for k, (pid, i) in enumerate(zip(pids, idx, strict=True)) if (pid, i) not in done]  # the rest: dups
-        nan_rows += int(scores[new].isnan().any(dim=1).sum())
-        if pc.save_images:
-            _save_images(store, images[new], [pids[k] for k in new], [idx[k] for k in new])
-        if not (store / store_io.META_FILE).is_file():
-            store_io.write_meta(store, meta)  # the settings are committed with the first shard, by whoever writes it
-        rows = store_io.sample_rows([pids[k] for k in new], [prompts[k] for k in new], pc.seed, [idx[k] for k in new],
-                                    scores[new], names)  # fmt: skip
-        store_io.write_shard(store, rows, rank, shard_index, key="precompute.store")
-        shard_index += 1
-        if len(model.embed_cache) > 1024:  # bound host memory on large prompt sets
-            model.embed_cache.clear()
-        bar.update(len(batch))
-    bar.close()
+    try:
+        for first in range(0, world * math.ceil(len(pending) / world), world):  # one round: a batch per process
+            if first + rank < len(pending):
+                batch = pending[first + rank]
+                nan_rows += _do_batch(cfg, model, reward_models, ids, texts, batch, done, meta, rank, shard_index)
+                shard_index += 1
+                bar.update(len(batch))
+            signum = _agree_stop(accelerator, signals.signum)  # the same on every process
+            if signum:
+                finished = finished_before + min(len(pending), first + world)
+                raise every_process(
+                    Interrupted(
+                        f"stopped by {signal.Signals(signum).name} after {finished} of {num_batches} batches; the "
+                        f"store {store} keeps every finished batch. {_RERUN}",
+                        signum,
+                    )
+                )
+    finally:
+        bar.close()  # an error or the stop message starts a line of its own
     if nan_rows:
         log.warning("process %d: %d samples have a NaN reward (kept in the store, never on a frontier)", rank, nan_rows)
     elapsed = time.perf_counter() - start
     if is_main and total:
         log.info("process %d: %d images in %.1fs (%.2f img/s)", rank, total, elapsed, total / max(elapsed, 1e-9))
+
+
+def _do_batch(
+    cfg: Config,
+    model: Any,
+    reward_models: list,
+    ids: list[int],
+    texts: list[str],
+    batch: list[tuple[int, int]],
+    done: set[tuple[int, int]],
+    meta: dict,
+    rank: int,
+    shard_index: int,
+) -> int:
+    """Generate and score one batch and write its new rows as shard ``shard_index`` of this process (``meta.json``
+    first, when no process has written it yet). Returns the number of new rows with a NaN reward."""
+    pc = cfg.precompute
+    store = Path(pc.store)
+    pj = [j for j, _ in batch]
+    prompts = [texts[j] for j in pj]
+    pids = [ids[j] for j in pj]
+    idx = [i for _, i in batch]
+    with torch.no_grad():
+        images = generate(
+            model, prompts, torch.tensor(pids), torch.tensor(idx), pc.seed, **dataclasses.asdict(cfg.draft) | {"k": 0},
+            resolution=cfg.model.resolution, cache_dir=cfg.model.embedding_cache or None,
+        )  # fmt: skip
+        # images: (b, 3, H, W) in [0, 1]
+        scores = score(reward_models, images, prompts).float().cpu()  # (b, M)
+    new = [k for k, (pid, i) in enumerate(zip(pids, idx, strict=True)) if (pid, i) not in done]  # the rest: dups
+    if pc.save_images:
+        _save_images(store, images[new], [pids[k] for k in new], [idx[k] for k in new])
+    if not (store / store_io.META_FILE).is_file():
+        store_io.write_meta(store, meta)  # the settings are committed with the first shard, by whoever writes it
+    rows = store_io.sample_rows([pids[k] for k in new], [prompts[k] for k in new], pc.seed, [idx[k] for k in new],
+                                scores[new], cfg.reward_names)  # fmt: skip
+    store_io.write_shard(store, rows, rank, shard_index, key="precompute.store")
+    if len(model.embed_cache) > 1024:  # bound host memory on large prompt sets
+        model.embed_cache.clear()
+    return int(scores[new].isnan().any(dim=1).sum())
+
+
+def _agree_stop(accelerator: Accelerator, signum: int) -> int:
+    """The stop decision of a round, identical on every process: the largest signal number any process received
+    (0: none). One all-reduce (max) of one integer under ``accelerate launch``; no collective on one process."""
+    if accelerator.num_processes == 1:
+        return signum
+    flag = torch.tensor([signum], dtype=torch.int64, device=accelerator.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def _merge(store: Path, cfg: Config, meta: dict) -> None:

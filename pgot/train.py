@@ -86,7 +86,6 @@ import logging
 import math
 import shutil
 import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -102,7 +101,7 @@ from safetensors.torch import load_file, save_file
 
 from pgot import checkpoints, metrics, objectives, precompute, probes, rewards, run_folder, tables
 from pgot.agent import Agent, AgentState, Decision, build_agent
-from pgot.checkpoints import Interrupted, TrainerState
+from pgot.checkpoints import Interrupted, StopSignals, TrainerState
 from pgot.config import Config, ConfigError, save_config
 from pgot.devices import every_process, on_cpu, processes
 from pgot.embeddings import PromptEmbeds, encode_prompts
@@ -226,7 +225,7 @@ def fit(cfg: Config) -> tuple[Path, SD3Model]:
 def train(r: Run) -> None:
     """The method, one optimizer step per iteration: sample, score, loss, step, log, check."""
     t, acc = r.cfg.train, r.accelerator
-    with _StopSignals() as signals:
+    with StopSignals("after the step in flight, with a checkpoint") as signals:
         if r.decision_due:  # the checkpoint was written, the agent's decision on it was not: decide it now
             _consult_agent(r)
         while r.state.step < t.max_steps:
@@ -255,44 +254,6 @@ def train(r: Run) -> None:
                 _consult_agent(r)  # continue / switch to online / remove a reward and revert to the approved checkpoint
             if stop and r.state.step < t.max_steps:
                 _stop(r, signals.signum or signal.SIGTERM)  # a checkpoint of this state, then Interrupted
-
-
-class _StopSignals:
-    """SIGINT and SIGTERM while the loop runs: the first one is remembered and the run stops after the step in
-    flight, with a checkpoint (every process agrees through the gradient all-reduce). A repeat within
-    :attr:`repeat_s` seconds is the same request: schedulers and terminals signal every process of a job, and
-    ``accelerate launch`` forwards the signal it gets to each worker as well. A signal after that stops at once.
-    Outside the main thread (where Python cannot install handlers) signals keep their default meaning."""
-
-    repeat_s = 5.0
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._first = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signum and time.monotonic() - self._first < self.repeat_s:
-            return  # the same request, delivered twice (scheduler or terminal, and the launcher)
-        if self.signum:
-            stop = KeyboardInterrupt()
-            stop.signum = signum  # fit() turns it into Interrupted, naming the last checkpoint
-            raise stop
-        self.signum, self._first = signum, time.monotonic()
-        log.warning(
-            "%s received: stopping after the step in flight, with a checkpoint (send it again after %g s to stop at "
-            "once)", signal.Signals(signum).name, self.repeat_s,
-        )  # fmt: skip
 
 
 def _stop(r: Run, signum: int) -> None:

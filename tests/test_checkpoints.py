@@ -8,8 +8,11 @@ test with a slowed rank in tests/test_train.py; here one process checks the file
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -130,3 +133,37 @@ def test_a_state_file_of_another_shape_is_an_unreadable_checkpoint(tmp_path, tex
     (tmp_path / "step-000002" / checkpoints.STATE_FILE).write_text(text)
     with pytest.raises(ValueError, match=f"checkpoint .*step-000002 has no readable {checkpoints.STATE_FILE}"):
         checkpoints.read_state(tmp_path / "step-000002")
+
+
+def test_a_repeated_signal_is_one_request_and_a_later_one_stops_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Schedulers signal every process of a job and accelerate launch forwards the signal to each worker too: a
+    repeat within StopSignals.repeat_s is the same request; one after it stops at once (KeyboardInterrupt with the
+    signal's number). The handlers before the block are restored."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with checkpoints.StopSignals() as signals:
+        assert signals.signum == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.signum == signal.SIGTERM  # remembered: the caller stops at its next safe point
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy: ignored
+        assert signals.signum == signal.SIGTERM
+        monkeypatch.setattr(checkpoints.StopSignals, "repeat_s", 0.0)
+        with pytest.raises(KeyboardInterrupt) as e:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert e.value.signum == signal.SIGINT
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+
+
+def test_stop_signals_outside_the_main_thread_leave_the_handlers_alone() -> None:
+    """Python installs signal handlers only in the main thread: elsewhere the block changes nothing."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    seen = []
+
+    def body() -> None:
+        with checkpoints.StopSignals() as signals:
+            seen.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), signals.signum))
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [(*before, 0)]

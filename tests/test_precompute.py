@@ -1,5 +1,6 @@
 """pgot-precompute end to end on the tiny model (CPU): fronts, stats, resume, two processes (one slowed), kill
-and resume, a failed precompute that leaves nothing behind, one precompute per store.
+and resume, a failed precompute that leaves nothing behind, one precompute per store, SIGINT / SIGTERM (after the
+batch in flight, on every process alike; a second signal; one during the merge).
 
 Batches are a fixed tiling of the (prompt, sample) grid, so a store is bit-identical whatever the process count
 or resume point, also with a batch size that does not divide ``samples_per_prompt``: stores are compared
@@ -12,6 +13,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -346,3 +348,142 @@ def test_a_store_left_mid_prompt_serves_fewer_prompts_and_is_finished_later(refe
         pd.read_parquet(reference3 / fr.SAMPLES_FILE), pd.read_parquet(store / fr.SAMPLES_FILE), check_exact=True
     )
     assert meta_without_times(store) == meta_without_times(reference3) and not fr.has_shards(store)
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping with SIGINT / SIGTERM: after the batch in flight, on every process alike
+# --------------------------------------------------------------------------------------------
+
+
+def _signal_during(monkeypatch, signals: dict[int, str]) -> None:
+    """This process sends itself ``signals[k]`` when it starts generating its k-th batch (1-based), as the
+    ``PGOT_TEST_PRECOMPUTE_SIGNAL`` hook does in subprocesses."""
+    from pgot import precompute
+
+    real, calls = precompute.generate, [0]
+
+    def signalling(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] in signals:
+            os.kill(os.getpid(), getattr(signal, signals[calls[0]]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(precompute, "generate", signalling)
+
+
+def _shards(store: Path) -> list[Path]:
+    return sorted((store / fr.SHARDS_DIR).glob("shard-*.parquet"))
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_batch_in_flight_and_the_rerun_continues(
+    reference, tmp_path, monkeypatch, capsys, sig
+):
+    """SIGINT (Ctrl-C) or SIGTERM during batch 2 of 3: the batch is finished and its shard written, nothing is
+    merged, the command says what a rerun does and exits 130 / 143; the rerun (no batch sampled again) gives the
+    store of an uninterrupted run, bit for bit."""
+    store = tmp_path / "store"
+    args = ["--config", str(DEBUG_CONFIG), *BASE, f"precompute.store={store}"]
+    _signal_during(monkeypatch, {2: sig})
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert cli.precompute_main(args) == 128 + getattr(signal, sig)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
+    err = capsys.readouterr().err
+    line = (
+        f"stopped by {sig} after 2 of 3 batches; the store {store} keeps every finished batch. Run the same command "
+        "to continue (prompts already sampled are not sampled again)."
+    )
+    assert line in err.splitlines(), err[-3000:]
+    assert "Traceback" not in err
+    assert len(_shards(store)) == 2 and not (store / fr.SAMPLES_FILE).exists()  # the merge is not run on a stop
+    assert fr.read_meta(store)["completed"] is None
+
+    from pgot import precompute
+
+    calls = []
+    real = precompute.generate  # the signalling wrapper: it signals no more (its batch 2 is past)
+    monkeypatch.setattr(precompute, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert cli.precompute_main(args) == 0
+    assert len(calls) == 1  # only batch 3 is sampled
+    assert_same_store(reference, store)
+
+
+def test_a_second_signal_after_repeat_s_stops_at_once(reference, tmp_path, monkeypatch, capsys):
+    """SIGTERM, then SIGINT after StopSignals.repeat_s (0 here), both during batch 2: the second stops at once,
+    before batch 2's shard; exit 130 and a line saying what the store keeps; the rerun completes it bit-exact."""
+    from pgot import precompute
+    from pgot.checkpoints import StopSignals
+
+    store = tmp_path / "store"
+    args = ["--config", str(DEBUG_CONFIG), *BASE, f"precompute.store={store}"]
+    real, calls = precompute.generate, [0]
+
+    def twice(*a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # remembered
+            os.kill(os.getpid(), signal.SIGINT)  # after repeat_s: stops at once
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(StopSignals, "repeat_s", 0.0)
+        m.setattr(precompute, "generate", twice)
+        assert cli.precompute_main(args) == 130
+    err = capsys.readouterr().err
+    assert (
+        f"interrupted by SIGINT; the store {store} keeps every batch finished before. Run the same command to "
+        "continue (prompts already sampled are not sampled again)." in err.splitlines()
+    ), err[-3000:]
+    assert "Traceback" not in err and len(_shards(store)) == 1  # batch 2 was not finished: no shard
+    assert cli.precompute_main(args) == 0
+    assert_same_store(reference, store)
+
+
+def test_a_signal_during_the_merge_lets_it_finish(reference, tmp_path, monkeypatch, caplog):
+    """After the last round's agreement there is nothing left to stop: a signal during the merge is remembered,
+    the merge finishes and the store is complete (exit 0), with a warning."""
+    store = tmp_path / "store"
+    real = fr.merge_shards
+
+    def signalling(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fr, "merge_shards", signalling)
+    with caplog.at_level("WARNING", logger="pgot.precompute"):
+        assert cli.precompute_main(["--config", str(DEBUG_CONFIG), *BASE, f"precompute.store={store}"]) == 0
+    assert f"SIGTERM came after the last batch; the store {store} is complete" in caplog.text
+    assert_same_store(reference, store)
+
+
+def test_two_processes_stop_together_when_one_gets_the_signal(reference, tmp_path):
+    """2 CPU processes; SIGTERM to rank 1 only, during its first batch, with rank 1 slowed by 1 s per shard write
+    (rank 0 waits in the round's agreement): both finish round 1 (batches 1 and 2 of 3) and stop with the same
+    line and exit code 143, no gloo error, no SIGKILL from the launcher (whose own report of the failed processes is
+    its ChildFailedError traceback); the rerun gives the uninterrupted store."""
+    store = tmp_path / "store"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        "-m", "pgot", "precompute", "--config", str(DEBUG_CONFIG), *BASE, f"precompute.store={store}",
+    ]  # fmt: skip
+    env = subprocess_env(PGOT_TEST_SLOW_RANK="1", PGOT_TEST_SLOW_S="1", PGOT_TEST_PRECOMPUTE_SIGNAL="1:SIGTERM:1")
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert out.returncode != 0
+    line = (
+        f"stopped by SIGTERM after 2 of 3 batches; the store {store} keeps every finished batch. Run the same "
+        "command to continue (prompts already sampled are not sampled again)."
+    )
+    # both stopped alike; the line is printed once, by the machine's first process (pgot.devices.every_process)
+    assert out.stderr.count(line) == 1, out.stderr[-3000:]
+    # the launcher's report: a rank that exited 1 had a traceback; 143 is the stop, and the launcher's own SIGTERM
+    # to the other rank, once one has exited, may catch that rank after its message, on its way out (-15)
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", out.stderr)
+    assert codes and set(codes) <= {"143", "-15"} and "143" in codes, out.stderr[-3000:]
+    for bad in ("RuntimeError", "gloo", "Connection closed", "SIGKILL", "terminate called"):  # no worker traceback
+        assert bad not in out.stderr, out.stderr[-3000:]
+    assert [p.name[:11] for p in _shards(store)] == ["shard-00000", "shard-00001"]  # each rank's round-1 batch
+    assert not (store / fr.SAMPLES_FILE).exists()
+    run(store)  # the rerun (one process here): batch 3 only
+    assert_same_store(reference, store)

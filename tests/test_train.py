@@ -718,23 +718,6 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_rerun_continues
     assert _strip(_metrics(out)) == _strip(_metrics(reference))
 
 
-def test_a_repeated_signal_is_one_request_and_a_later_one_stops_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Schedulers signal every process of a job and accelerate launch forwards the signal to each worker too: a
-    repeat within StopSignals.repeat_s is the same request; one after it stops at once."""
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with train._StopSignals() as signals:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert signals.signum == signal.SIGTERM  # remembered: the loop stops after the step in flight
-        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy: ignored
-        assert signals.signum == signal.SIGTERM
-        monkeypatch.setattr(train._StopSignals, "repeat_s", 0.0)
-        with pytest.raises(KeyboardInterrupt) as e:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-        assert e.value.signum == signal.SIGINT
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
-
-
 def test_interrupted_before_the_first_checkpoint_reruns_afresh(
     tmp_path: Path, store: Path, reference: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,6 +14,10 @@ by environment variables, so the same file serves every test:
 - ``PGOT_TEST_SIGNAL=<step>:<SIGNAL>[:<rank>]``: the worker of that rank (without a rank: a single-process run)
   sends itself ``SIGNAL`` when training step ``<step>`` starts (inside its first rollout), so the signal is in
   flight during that step.
+- ``PGOT_TEST_PRECOMPUTE_SIGNAL=<batch>:<SIGNAL>[:<rank>]``: the worker of that rank (without a rank: a
+  single-process run) sends itself ``SIGNAL`` when it starts generating the ``<batch>``-th batch it does in this
+  run (1-based, counting that process's batches: ``pgot.precompute.generate`` is wrapped), so the signal is in
+  flight during that batch, before its shard is written.
 - ``PGOT_TEST_STEP_S=<seconds>``: in a process not started by ``accelerate launch`` (a single-process run), each
   training step starts that late, so a run holds its folder for a known least time (longer than
   :data:`pgot.files.GRACE_S`, for the tests of a second run).
@@ -81,6 +85,23 @@ if os.environ.get("PGOT_TEST_SIGNAL"):
             return _rollout(r, step, micro)
 
         pgot.train._rollout = _signalling_rollout
+
+if os.environ.get("PGOT_TEST_PRECOMPUTE_SIGNAL"):
+    _batch, _sig, *_on = os.environ["PGOT_TEST_PRECOMPUTE_SIGNAL"].split(":")
+    if (_WORKER and _on and _on[0] == _RANK) or (not _WORKER and not _on):
+        import pgot.precompute
+
+        _generate = pgot.precompute.generate
+        _calls = [0]
+
+        @functools.wraps(_generate)
+        def _signalling_generate(*args, _generate=_generate, **kwargs):
+            _calls[0] += 1
+            if _calls[0] == int(_batch):
+                os.kill(os.getpid(), getattr(signal, _sig))
+            return _generate(*args, **kwargs)
+
+        pgot.precompute.generate = _signalling_generate
 
 if os.environ.get("PGOT_TEST_STEP_S") and not _WORKER:
     import pgot.train
