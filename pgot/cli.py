@@ -206,7 +206,7 @@ def _guard(work: Callable[[], int | None]) -> int:
 
     SIGINT (Ctrl-C) and SIGTERM (what schedulers send on preemption) stop a command cleanly with a line saying
     what a rerun does, and exit code 128 + the signal number: 130 and 143 (training finishes the step in flight
-    and checkpoints it first, :mod:`pgot.train`).
+    and checkpoints it first, :mod:`pgot.train`; precompute finishes the batch in flight, :mod:`pgot.precompute`).
 
     Under ``accelerate launch``, an error every process raises alike (:func:`pgot.devices.every_process`) is printed
     once per machine, by its first process (``LOCAL_RANK`` 0); the others wait to be ended by the launcher, which
