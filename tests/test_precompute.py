@@ -192,17 +192,22 @@ def test_refuses_a_store_built_otherwise(reference, tmp_path):
         run(small, f"prompts.path={prompts}", "precompute.samples_per_prompt=2", "precompute.batch_size=2")
 
 
-def test_two_processes_give_the_same_store(reference, tmp_path):
-    """2 CPU processes, rank 1 slowed by 1 s before each shard it writes: the merge waits for every shard."""
-    store = tmp_path / "store"
+def _launch(store: Path, **env: str) -> subprocess.CompletedProcess:
+    """pgot-precompute of the debug config into ``store`` on 2 CPU processes (accelerate launch, gloo), run from
+    the store's parent folder, with the test hooks' ``env``."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
         "-m", "pgot", "precompute", "--config", str(DEBUG_CONFIG), *BASE, f"precompute.store={store}",
     ]  # fmt: skip
-    env = subprocess_env(PGOT_TEST_SLOW_RANK="1", PGOT_TEST_SLOW_S="1")
-    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, env=subprocess_env(**env), cwd=store.parent, capture_output=True, text=True, timeout=240)
+
+
+def test_two_processes_give_the_same_store(reference, tmp_path):
+    """2 CPU processes, rank 1 slowed by 1 s before each shard it writes: the merge waits for every shard."""
+    store = tmp_path / "store"
+    out = _launch(store, PGOT_TEST_SLOW_RANK="1", PGOT_TEST_SLOW_S="1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "terminate called" not in out.stderr
     # the store carries no trace of the layout: identical to the single-process one
@@ -462,14 +467,7 @@ def test_two_processes_stop_together_when_one_gets_the_signal(reference, tmp_pat
     line and exit code 143, no gloo error, no SIGKILL from the launcher (whose own report of the failed processes is
     its ChildFailedError traceback); the rerun gives the uninterrupted store."""
     store = tmp_path / "store"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        "-m", "pgot", "precompute", "--config", str(DEBUG_CONFIG), *BASE, f"precompute.store={store}",
-    ]  # fmt: skip
-    env = subprocess_env(PGOT_TEST_SLOW_RANK="1", PGOT_TEST_SLOW_S="1", PGOT_TEST_PRECOMPUTE_SIGNAL="1:SIGTERM:1")
-    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    out = _launch(store, PGOT_TEST_SLOW_RANK="1", PGOT_TEST_SLOW_S="1", PGOT_TEST_PRECOMPUTE_SIGNAL="1:SIGTERM:1")
     assert out.returncode != 0
     line = (
         f"stopped by SIGTERM after 2 of 3 batches; the store {store} keeps every finished batch. Run the same "
