@@ -761,7 +761,10 @@ def _ensure_store(cfg: Config, acc: Accelerator) -> Frontier | None:
     broadcast_object_list(box, from_process=0)  # one decision for every process: build_store is a collective
     if not box[0] and cfg.train.precompute_if_missing:
         if acc.is_main_process:
-            print(f"frontier store {path} is missing; precomputing it first (train.precompute_if_missing=true)")
+            print(
+                f"frontier store {path} is missing; precomputing it first, or waiting for the run that holds it "
+                "(train.precompute_if_missing=true)"
+            )
         store_cfg = dataclasses.replace(cfg, precompute=dataclasses.replace(cfg.precompute, store=str(path)))
         precompute.build_store(store_cfg, acc, wait=True)
     return load_store(path)  # says what is missing and how to build it
