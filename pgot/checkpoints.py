@@ -341,7 +341,7 @@ def load(accelerator: Accelerator, folder: str | Path, params: Sequence[torch.nn
     problem = process_count_problem(folder, accelerator.num_processes, state)
     if problem:
         raise every_process(ValueError(problem))  # every process reads the same checkpoint
-    missing = _missing_files(folder, state.num_processes or accelerator.num_processes)
+    missing = _missing_files(folder, accelerator.num_processes)  # as many as wrote it (process_count_problem)
     if missing:
         raise every_process(
             ValueError(

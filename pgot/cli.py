@@ -252,17 +252,12 @@ def _report(exc: BaseException, lines: Sequence[str], code: int, *, prefix: str,
     if main_thread:  # the report is not cut short: the launcher ends every process as soon as one exits
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)
-    if getattr(exc, "every_process", False) and _launched() and os.environ.get("LOCAL_RANK", "0") != "0":
-        _leave_after_the_first(main_thread)
+    if getattr(exc, "every_process", False) and os.environ.get("LOCAL_RANK", "0") != "0":
+        from pgot.devices import launch_size  # only for errors of a launch: the module that raised imported it
+
+        if launch_size() > 1:
+            _leave_after_the_first(main_thread)
     return _fail(lines, code, prefix)
-
-
-def _launched() -> bool:
-    """Whether this process is one of several of ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
-    except ValueError:
-        return False
 
 
 def _leave_after_the_first(main_thread: bool) -> None:

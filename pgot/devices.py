@@ -6,13 +6,23 @@ bfloat16 on CUDA, float32 elsewhere.
 
 from __future__ import annotations
 
+import os
 from typing import TypeVar
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
-__all__ = ["DTYPES", "device_problems", "every_process", "on_cpu", "processes", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DTYPES",
+    "device_problems",
+    "every_process",
+    "launch_size",
+    "on_cpu",
+    "processes",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 _E = TypeVar("_E", bound=BaseException)
 
@@ -41,10 +51,19 @@ def processes(device: str | None) -> PartialState:
     return PartialState(cpu=on_cpu(device))
 
 
+def launch_size() -> int:
+    """How many processes ``accelerate launch`` / ``torchrun`` started this one among (``WORLD_SIZE``); 1 when it
+    was not started by them (or the variable is not a number)."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
+    except ValueError:
+        return 1
+
+
 def every_process(error: _E) -> _E:
     """Mark ``error`` as raised alike by every process of a launch (from one decision: a broadcast, an all-reduce,
     the same file read by all), and return it. The CLI then prints it once per machine, on the machine's first
-    process, and the others leave after it (:func:`pgot.cli.main`'s error handling); alone, a process prints it."""
+    process, and the others leave after it (``pgot.cli._guard``); alone, a process prints it."""
     error.every_process = True
     return error
 

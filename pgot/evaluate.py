@@ -67,6 +67,7 @@ import yaml
 
 from pgot import human_eval, metrics, plots, tables
 from pgot.arrays import table_tensor
+from pgot.devices import launch_size, resolve_device
 from pgot.files import atomic_write, atomic_write_json, atomic_write_parquet, hold_folder, source_hash
 from pgot.images import load_image, save_png
 from pgot.model import check_lora_file, load_lora, load_lora_soup, load_model, resolve_lora_file
@@ -432,8 +433,6 @@ def _generate_and_score(
 ) -> None:
     from tqdm.auto import tqdm
 
-    from pgot.devices import resolve_device
-
     e = cfg.eval
     prompts, ids = _eval_prompts(cfg)
     n = e.samples_per_prompt
@@ -604,8 +603,6 @@ def read_manifest(
 def _rescore(
     cfg: Config, specs_order: list[str], manifest: pd.DataFrame, scores_path: Path, rewards_factory: Any
 ) -> None:
-    from pgot.devices import resolve_device
-
     existing = read_scores(scores_path)
     for name in specs_order:
         rows = manifest[manifest["model"] == name].reset_index(drop=True)
@@ -906,8 +903,6 @@ def _score_generated(
 
 
 def _preference_section(cfg: Config, factory: Any) -> tables.Section:
-    from pgot.devices import resolve_device
-
     e = cfg.eval
     data = human_eval.read_preference_data(e.preference_data)
     device = resolve_device(cfg.model.device)
@@ -964,7 +959,7 @@ def run(cfg: Config) -> Path:
 def launch_problems() -> list[str]:
     """pgot-eval runs in one process: the line that says so when this one was started as one of several
     (``accelerate launch`` / ``torchrun``: ``WORLD_SIZE`` > 1), else nothing."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = launch_size()
     if world <= 1:
         return []
     return [

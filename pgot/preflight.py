@@ -224,11 +224,11 @@ def _try_write(folder: Path, attempts: int = 5) -> OSError | None:
     sibling folder, ``runs/sweep/a`` and ``runs/sweep/b``): a folder it created first is not ours (kept, and no
     error), and a parent that its check removed again is created again (``attempts`` times in all).
     """
-    for attempt in range(attempts):
+    for _ in range(attempts - 1):
         err = _try_write_once(folder)
-        if not isinstance(err, FileNotFoundError) or attempt == attempts - 1:
+        if not isinstance(err, FileNotFoundError):
             return err
-    return None  # not reached
+    return _try_write_once(folder)
 
 
 def _try_write_once(folder: Path) -> OSError | None:
